@@ -1,0 +1,128 @@
+"""Command line: parse, call one public function, print. Bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .errors import USAGE_EXIT_CODE, LoratuneError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="optimization config YAML (default: the embedded demo: the seed's space on the tiny model)")
+    p.add_argument("--trials", type=_positive_int, help="number of trials, the baseline included")
+    p.add_argument("--output", default="configs/optimization_results.json",
+                   help="results file (or directory); best_config.yaml and the checkpoint go beside it")
+    p.add_argument("--model", help="base model: hub id or local directory")
+    p.add_argument("--data", help="training data file (a validation split is held out from it)")
+    p.add_argument("--seed", type=int, help="seed of the search and of each trial's training")
+    p.add_argument("--workers", type=_positive_int, help="trials to run at once")
+    p.add_argument("--command", help="external training command with {parameter} placeholders; "
+                                     "its last JSON line on stdout holds the metrics")
+    p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from .api import run_optimization
+
+    run_optimization(num_trials=args.trials, model_name=args.model, output_dir=args.output, config=args.config,
+                     data_path=args.data, seed=args.seed, workers=args.workers, command=args.command,
+                     overwrite=args.overwrite, quiet=args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    from .api import resume_optimization
+
+    resume_optimization(args.checkpoint, additional_trials=args.trials, quiet=args.quiet)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .api import finetune
+
+    metrics = finetune(args.config, output_dir=args.output_dir, overwrite=args.overwrite, quiet=args.quiet)
+    if not args.quiet:
+        print(f"validation loss {metrics['val_loss']:.4f} after {metrics['steps']} steps "
+              f"({metrics['tokens_per_s']:.0f} tokens/s, padding {metrics['padding_fraction']:.1%}); "
+              f"wrote {metrics['config']['output_dir']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loratune", description="Bayesian optimization of LoRA fine-tuning hyperparameters (Meta Ax).")
+    sub = parser.add_subparsers(dest="command_name", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="search hyperparameters (the seed's ax_optimization.py)")
+    add_optimize_arguments(p)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("resume", help="continue a study from its checkpoint")
+    p.add_argument("checkpoint", nargs="?", default="configs/optimization_checkpoint.json",
+                   help="optimization_checkpoint.json or the directory that holds it")
+    p.add_argument("--trials", type=_non_negative_int, default=0, help="additional trials beyond those planned")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("finetune", help="fine-tune with a training config (e.g. best_config.yaml)")
+    add_finetune_arguments(p)
+    p.set_defaults(func=cmd_finetune)
+    return parser
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--output-dir", help="where the adapter and metrics.json go (overrides output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Call a command; turn loratune's errors into one line and an exit code."""
+    from .study import StudyAborted
+
+    try:
+        func(args)
+    except StudyAborted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except LoratuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

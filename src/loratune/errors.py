@@ -1,0 +1,18 @@
+"""The one exception type that users see as a single line, and its exit code."""
+
+from __future__ import annotations
+
+USAGE_EXIT_CODE = 2
+
+
+class LoratuneError(Exception):
+    """A problem with the user's input (config, data, model, search space, output directory).
+
+    The CLI prints it as one line, ``error: <message>``, and exits with code 2. The message names
+    the problem and where it is: a file, a field, a row.
+    """
+
+
+def where(source: str | None, field: str) -> str:
+    """``"cfg.yaml: training.learning_rate"`` or just the field when there is no file."""
+    return f"{source}: {field}" if source else field

@@ -1,0 +1,161 @@
+"""The only module that imports Ax: a thin layer over ``ax.Client`` in loratune's terms.
+
+It speaks user parameter values (decoded from Ax's encoding, see search_space.py) and metric names,
+and keeps what Ax does not persist (the random seed, the early-stopping strategy) reapplied on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from typing import Any
+
+from .errors import LoratuneError
+from .search_space import Param, SearchSpace, to_ax
+
+
+def _quiet_ax() -> None:
+    """Ax logs every trial at INFO through its own handler; our loop prints what matters."""
+    import ax  # noqa: F401  (installs Ax's handler, which we then turn down)
+
+    for name in ("ax", "botorch", "gpytorch", "linear_operator"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+        for handler in logging.getLogger(name).handlers:
+            handler.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(ax|botorch|gpytorch|linear_operator)(\.|$)")
+
+
+def ax_parameter(p: Param) -> Any:
+    from ax import ChoiceParameterConfig, RangeParameterConfig
+
+    if p.log2_encoded:
+        if p.kind == "choice":
+            exps = sorted(int(round(math.log2(v))) for v in p.values)
+            if exps == list(range(exps[0], exps[-1] + 1)):
+                return RangeParameterConfig(name=p.ax_name, bounds=(exps[0], exps[-1]), parameter_type="int")
+            return ChoiceParameterConfig(name=p.ax_name, values=exps, parameter_type="int", is_ordered=True)
+        return RangeParameterConfig(name=p.ax_name, bounds=(math.log2(p.low), math.log2(p.high)), parameter_type="float")
+    if p.kind == "range":
+        return RangeParameterConfig(name=p.name, bounds=(p.low, p.high), parameter_type="int" if p.integer else "float",
+                                    scaling="log" if p.log else "linear")
+    values = p.values
+    kind = "bool" if isinstance(values[0], bool) else "str" if isinstance(values[0], str) else "int" if p.integer else "float"
+    return ChoiceParameterConfig(name=p.name, values=values, parameter_type=kind,
+                                 is_ordered=kind in ("int", "float") and len(values) > 1)
+
+
+def objective_string(objectives: list[str], minimize: list[bool]) -> str:
+    return ", ".join(("-" if m else "") + o for o, m in zip(objectives, minimize, strict=True))
+
+
+class Optimizer:
+    """Ask Ax for trials, tell it results, save and load its state."""
+
+    def __init__(self, client: Any, space: SearchSpace, seed: int | None):
+        self.client, self.space, self.seed = client, space, seed
+
+    @classmethod
+    def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool],
+               outcome_constraints: list[str], seed: int | None, init_trials: int | None = None) -> Optimizer:
+        _quiet_ax()
+        from ax import Client
+
+        client = Client(random_seed=seed)
+        params, constraints = to_ax(space)
+        try:
+            client.configure_experiment(parameters=params, parameter_constraints=constraints or None, name="loratune")
+            client.configure_optimization(objective=objective_string(objectives, minimize),
+                                          outcome_constraints=outcome_constraints or None)
+        except Exception as exc:  # Ax validates here: report its reason in one line
+            raise LoratuneError(f"search space: Ax rejected it: {str(exc).splitlines()[0]}") from None
+        opt = cls(client, space, seed)
+        opt._configure_generation(init_trials)
+        return opt
+
+    def _configure_generation(self, init_trials: int | None) -> None:
+        self.client.configure_generation_strategy(initialization_budget=init_trials,
+                                                  initialization_random_seed=self.seed)
+
+    # -- asking and telling ---------------------------------------------------------------
+
+    def ask(self, n: int) -> dict[int, dict]:
+        """Up to n new trials as {index: user parameters}; none while Ax waits for data."""
+        from ax.exceptions.core import DataRequiredError
+        from ax.exceptions.generation_strategy import MaxParallelismReachedException
+
+        try:
+            trials = self.client.get_next_trials(max_trials=n)
+        except (DataRequiredError, MaxParallelismReachedException):
+            return {}
+        return {i: self.space.decode(dict(p)) for i, p in trials.items()}
+
+    def attach(self, values: dict, baseline: bool = False) -> int:
+        encoded = self.space.encode(values)
+        return self.client.attach_baseline(encoded) if baseline else self.client.attach_trial(encoded)
+
+    def complete(self, index: int, metrics: dict[str, float]) -> None:
+        self.client.complete_trial(index, raw_data=metrics)
+
+    def progress(self, index: int, metrics: dict[str, float], progression: int) -> None:
+        self.client.attach_data(index, raw_data=metrics, progression=progression)
+
+    def should_stop(self, index: int) -> bool:
+        return bool(self.client.should_stop_trial_early(index))
+
+    def early_stopped(self, index: int) -> None:
+        self.client.mark_trial_early_stopped(index)
+
+    def failed(self, index: int, reason: str) -> None:
+        self.client.mark_trial_failed(index, failed_reason=reason[:500])
+
+    def abandoned(self, index: int) -> None:
+        """Never propose this point again (a deterministic out-of-memory, for instance)."""
+        self.client.mark_trial_abandoned(index)
+
+    def set_percentile_early_stopping(self, percentile: float, min_progression: int, min_curves: int) -> None:
+        from ax.early_stopping.strategies import PercentileEarlyStoppingStrategy
+
+        self.client.set_early_stopping_strategy(PercentileEarlyStoppingStrategy(
+            percentile_threshold=percentile, min_progression=min_progression, min_curves=min_curves))
+
+    # -- results ----------------------------------------------------------------------------
+
+    def pareto(self) -> list[tuple[dict, dict, int]]:
+        """The observed Pareto front: [(user parameters, metrics, trial index)]."""
+        front = self.client.get_pareto_frontier(use_model_predictions=False)
+        return [(self.space.decode(dict(p)), {k: (v[0] if isinstance(v, tuple) else v) for k, v in m.items()}, i)
+                for p, m, i, _ in front]
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            self.client.save_to_json_file(path)
+            with open(path) as f:
+                return json.load(f)
+        finally:
+            os.unlink(path)
+
+    @classmethod
+    def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, init_trials: int | None) -> Optimizer:
+        """Rebuild from ``snapshot()``; the seed is reapplied, as Ax does not store it."""
+        _quiet_ax()
+        from ax import Client
+
+        fd, path = tempfile.mkstemp(suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(snapshot, f)
+            client = Client.load_from_json_file(path)
+        except Exception as exc:
+            raise LoratuneError(f"checkpoint: the Ax experiment in it cannot be loaded ({str(exc).splitlines()[0][:160]})") from None
+        finally:
+            os.unlink(path)
+        client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
+        return cls(client, space, seed)

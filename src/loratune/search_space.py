@@ -1,0 +1,338 @@
+"""Our parameter specs and constraints, and how they map to what Ax accepts.
+
+Users write the seed's short form (``lora_rank: [8, 16, 32, 64]``, ``learning_rate: [1e-5, 5e-4]``)
+or a mapping (``{low: 1e-5, high: 5e-4, log: true}``, ``{values: [...]}``). Each parameter names a
+training-config field: ``lora_rank`` -> ``lora.rank``, ``learning_rate`` -> ``training.learning_rate``,
+or a dotted ``section.field``.
+
+Ax only takes linear parameter constraints. A product of positive parameters, such as the seed's
+``lora_rank * batch_size <= 128``, is linear in log2 space: the parameters it names are given to Ax
+as their base-2 exponents (``log2(lora_rank) + log2(batch_size) <= 7``) and decoded on the way back,
+so Ax never proposes a point that breaks the constraint.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SECTIONS, FinetuneConfig, _coerce, unknown_field_message, validate
+from .errors import LoratuneError
+
+Value = int | float | str | bool
+
+
+@dataclass
+class Param:
+    name: str
+    target: str  # dotted training-config field
+    kind: str  # "range" | "choice" | "fixed"
+    values: list[Value] = field(default_factory=list)  # choice / fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    log2_encoded: bool = False  # given to Ax as a base-2 exponent (for product constraints)
+
+    @property
+    def ax_name(self) -> str:
+        return f"log2_{self.name}" if self.log2_encoded else self.name
+
+    def candidates(self) -> list[Value]:
+        return self.values if self.kind != "range" else [self.low, self.high]
+
+
+@dataclass
+class Constraint:
+    text: str
+    terms: dict[str, float]  # linear: coefficient per parameter; product: exponent per parameter
+    op: str  # "<=" or ">="
+    bound: float
+    product: bool
+
+
+@dataclass
+class SearchSpace:
+    params: list[Param]
+    constraints: list[Constraint] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def encode(self, values: dict[str, Value]) -> dict[str, Value]:
+        """User values -> Ax parameters."""
+        return {p.ax_name: _to_exponent(p, values[p.name]) if p.log2_encoded else values[p.name] for p in self.params}
+
+    def decode(self, ax_values: dict[str, Value]) -> dict[str, Value]:
+        """Ax parameters -> user values."""
+        return {p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
+                for p in self.params}
+
+    def contains(self, values: dict[str, Value]) -> bool:
+        for p in self.params:
+            v = values.get(p.name)
+            if v is None:
+                return False
+            if p.kind == "range" and not (p.low <= v <= p.high):
+                return False
+            if p.kind != "range" and v not in p.values:
+                return False
+        return all(satisfies(c, values) for c in self.constraints)
+
+
+def _to_exponent(p: Param, value: Value) -> float | int:
+    exponent = math.log2(value)
+    return int(round(exponent)) if p.kind == "choice" else exponent
+
+
+def _from_exponent(p: Param, exponent: Value) -> Value:
+    if p.kind == "choice":
+        return 2 ** int(exponent)
+    # floor keeps an integer inside a "<=" product bound that its exponent satisfies
+    return int(math.floor(2 ** exponent + 1e-9)) if p.integer else 2 ** exponent
+
+
+def satisfies(c: Constraint, values: dict[str, Value]) -> bool:
+    if c.product:
+        lhs = math.prod(float(values[n]) ** e for n, e in c.terms.items())
+    else:
+        lhs = sum(k * float(values[n]) for n, k in c.terms.items())
+    tol = 1e-9 * max(1.0, abs(c.bound))
+    return lhs <= c.bound + tol if c.op == "<=" else lhs >= c.bound - tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def resolve_target(name: str, where: str) -> str:
+    """``lora_rank`` / ``lora.rank`` / ``learning_rate`` -> the dotted training-config field."""
+    fields = {s: [f.name for f in dataclasses.fields(getattr(FinetuneConfig(), s))] for s in SECTIONS}
+    if "." in name:
+        section, _, fname = name.partition(".")
+        if section in fields and fname in fields[section]:
+            return name
+    for section in SECTIONS:
+        if name.startswith(section + "_") and name[len(section) + 1:] in fields[section]:
+            return f"{section}.{name[len(section) + 1:]}"
+    owners = [s for s in SECTIONS if name in fields[s]]
+    if len(owners) == 1:
+        return f"{owners[0]}.{name}"
+    known = [f"{s}.{f}" for s in SECTIONS for f in fields[s]] + [f"{s}_{f}" for s in SECTIONS for f in fields[s]]
+    known += [f for s in SECTIONS for f in fields[s]]
+    raise LoratuneError(f"{where}: {unknown_field_message(name, known)}: not a training-config field")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_param(name: str, spec: Any, where: str) -> Param:
+    at = f"{where}.{name}"
+    target = resolve_target(name, at)
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"low", "high", "log", "values", "value"}
+        if unknown:
+            raise LoratuneError(f"{at}: {unknown_field_message(sorted(unknown)[0], ['low', 'high', 'log', 'values', 'value'])}")
+        if "value" in spec:
+            return Param(name, target, "fixed", [spec["value"]])
+        if "values" in spec:
+            return _choice(name, target, spec["values"], at)
+        if "low" not in spec or "high" not in spec:
+            raise LoratuneError(f"{at}: a range needs both 'low' and 'high'")
+        return _range(name, target, spec["low"], spec["high"], spec.get("log"), at)
+    if not isinstance(spec, list):
+        spec = [spec]
+    if len(spec) == 2 and any(isinstance(v, float) for v in spec) and all(isinstance(v, int | float) for v in spec):
+        return _range(name, target, spec[0], spec[1], None, at)
+    return _choice(name, target, spec, at)
+
+
+def _range(name: str, target: str, low: Any, high: Any, log: Any, at: str) -> Param:
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise LoratuneError(f"{at}: range bounds must be numbers, got {low!r} and {high!r}") from None
+    if not low < high:
+        raise LoratuneError(f"{at}: lower bound {low:g} must be below upper bound {high:g}")
+    integer = typing.get_type_hints(type(_section(target)))[target.split(".")[1]] is int
+    if log is None:  # learning rates and ranges that span orders of magnitude are searched in log space
+        log = low > 0 and (target == "training.learning_rate" or high / low >= 100)
+    if log and low <= 0:
+        raise LoratuneError(f"{at}: a log-scale range needs a positive lower bound, got {low:g}")
+    if integer:
+        low, high = float(math.ceil(low)), float(math.floor(high))
+    return Param(name, target, "range", low=low, high=high, log=bool(log), integer=integer)
+
+
+def _choice(name: str, target: str, values: Any, at: str) -> Param:
+    if not isinstance(values, list) or not values:
+        raise LoratuneError(f"{at}: empty choice: give at least one value")
+    if len(set(map(repr, values))) != len(values):
+        raise LoratuneError(f"{at}: choice values repeat: {values}")
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1 and not kinds <= {int, float}:
+        raise LoratuneError(f"{at}: choice values must all be of one type, got {values}")
+    kind = "fixed" if len(values) == 1 else "choice"
+    return Param(name, target, kind, list(values), integer=all(_is_int(v) for v in values))
+
+
+def _section(target: str):
+    return getattr(FinetuneConfig(), target.split(".")[0])
+
+
+def apply(base: FinetuneConfig, values: dict[str, Value], space: SearchSpace, source: str | None = None) -> FinetuneConfig:
+    """A copy of ``base`` with the trial's parameter values set on their fields."""
+    cfg = copy.deepcopy(base)
+    for p in space.params:
+        section, fname = p.target.split(".")
+        tp = typing.get_type_hints(type(getattr(cfg, section)))[fname]
+        value = values[p.name]
+        try:
+            value = _coerce(value, tp)
+        except ValueError:
+            raise LoratuneError(f"{source or 'search_space'}.{p.name}: value {value!r} does not fit {p.target}") from None
+        setattr(getattr(cfg, section), fname, value)
+    return cfg
+
+
+def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, where: str = "search_space") -> SearchSpace:
+    if not isinstance(spec, dict) or not spec:
+        raise LoratuneError(f"{where}: expected a mapping of parameter names to ranges or choices")
+    params = [parse_param(str(name), s, where) for name, s in spec.items()]
+    targets = [p.target for p in params]
+    for p in params:
+        if targets.count(p.target) > 1:
+            raise LoratuneError(f"{where}.{p.name}: {p.target} is searched twice")
+        for value in p.candidates():  # every value must make a valid training config
+            try:
+                validate(apply(base, {q.name: (value if q is p else q.candidates()[0]) for q in params},
+                               SearchSpace(params), where))
+            except LoratuneError as exc:
+                raise LoratuneError(f"{where}.{p.name}: value {value!r}: {str(exc).split(': ', 1)[-1]}") from None
+    space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
+    _encode_for_products(space)
+    check_feasible(space)
+    return space
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints
+
+
+def parse_constraint(text: str, params: list[Param]) -> Constraint:
+    """Parse ``a * b <= 128`` or ``2*a + b >= 3`` without evaluating user text."""
+    where = f"constraint '{text}'"
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise LoratuneError(f"{where}: syntax error; write e.g. 'lora_rank * batch_size <= 128'") from None
+    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in (ast.LtE, ast.GtE, ast.Lt, ast.Gt)):
+        raise LoratuneError(f"{where}: must be one comparison with <= or >=")
+    op = "<=" if isinstance(tree.ops[0], ast.LtE | ast.Lt) else ">="
+    names = {p.name: p for p in params}
+    lhs, rhs = _polynomial(tree.left, names, where), _polynomial(tree.comparators[0], names, where)
+    poly = dict(lhs)
+    for mono, k in rhs.items():
+        poly[mono] = poly.get(mono, 0.0) - k
+    bound = -poly.pop((), 0.0)
+    poly = {m: k for m, k in poly.items() if k != 0}
+    if not poly:
+        raise LoratuneError(f"{where}: names no parameter")
+    if all(len(m) <= 1 for m in poly):
+        return Constraint(text, {m[0]: k for m, k in poly.items()}, op, bound, product=False)
+    if len(poly) == 1:
+        (mono, k), = poly.items()
+        if k < 0:
+            op, k, bound = ("<=" if op == ">=" else ">="), -k, -bound
+        if bound <= 0:
+            raise LoratuneError(f"{where}: a product of parameters must be compared with a positive number")
+        terms = {n: float(mono.count(n)) for n in set(mono)}
+        return Constraint(text, terms, op, bound / k, product=True)
+    raise LoratuneError(f"{where}: only linear constraints or a single product of parameters are supported")
+
+
+def _polynomial(node: ast.AST, names: dict[str, Param], where: str) -> dict[tuple[str, ...], float]:
+    """A sum of monomials: {(sorted names...): coefficient}."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        return {(): float(node.value)}
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise LoratuneError(f"{where}: {unknown_field_message(node.id, names)}: not a searched parameter")
+        return {(node.id,): 1.0}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return {m: -k for m, k in _polynomial(node.operand, names, where).items()}
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult):
+        a, b = _polynomial(node.left, names, where), _polynomial(node.right, names, where)
+        if isinstance(node.op, ast.Mult):
+            out: dict[tuple[str, ...], float] = {}
+            for ma, ka in a.items():
+                for mb, kb in b.items():
+                    m = tuple(sorted(ma + mb))
+                    out[m] = out.get(m, 0.0) + ka * kb
+            return out
+        sign = 1.0 if isinstance(node.op, ast.Add) else -1.0
+        out = dict(a)
+        for m, k in b.items():
+            out[m] = out.get(m, 0.0) + sign * k
+        return out
+    raise LoratuneError(f"{where}: only numbers, parameter names, +, - and * are allowed")
+
+
+def _encode_for_products(space: SearchSpace) -> None:
+    """Parameters in a product constraint go to Ax as base-2 exponents."""
+    by_name = {p.name: p for p in space.params}
+    for c in space.constraints:
+        for name in c.terms if c.product else ():
+            p = by_name[name]
+            if p.kind == "fixed":
+                continue
+            values = p.candidates()
+            if any(not isinstance(v, int | float) or v <= 0 for v in values):
+                raise LoratuneError(f"constraint '{c.text}': {name} must be positive to appear in a product")
+            if p.kind == "choice" and not all(_is_int(v) and v & (v - 1) == 0 for v in values):
+                raise LoratuneError(f"constraint '{c.text}': {name} must be a range or a choice of powers of two "
+                                    f"to appear in a product, got {values}")
+            p.log2_encoded = True
+    for c in space.constraints:
+        if not c.product and any(by_name[n].log2_encoded or by_name[n].log or by_name[n].kind == "choice"
+                                 for n in c.terms if by_name[n].kind != "fixed"):
+            raise LoratuneError(f"constraint '{c.text}': Ax takes linear constraints only over linear-scale ranges; "
+                                "write it as a product (e.g. 'a * b <= 128') or make the parameters ranges")
+
+
+def check_feasible(space: SearchSpace) -> None:
+    """Refuse a constraint that no point of the space satisfies (checked at the corners and choices)."""
+    grid = [[]]
+    for p in space.params:
+        grid = [g + [v] for g in grid for v in p.candidates()][:20000]
+    names = space.names
+    for c in space.constraints:
+        if not any(satisfies(c, dict(zip(names, g, strict=True))) for g in grid):
+            raise LoratuneError(f"constraint '{c.text}': no point of the search space satisfies it")
+
+
+def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
+    """Ax parameter configs and constraint strings (imports Ax lazily, via optimizer.py)."""
+    from .optimizer import ax_parameter
+
+    constraints = []
+    by_name = {p.name: p for p in space.params}
+    for c in space.constraints:
+        scale = math.log2 if c.product else float
+        bound, terms = scale(c.bound), []
+        for name, k in c.terms.items():
+            p = by_name[name]
+            if p.kind == "fixed":  # a fixed value moves to the right-hand side
+                bound -= k * scale(p.values[0])
+            else:
+                terms.append(f"{k:g}*{p.ax_name}")
+        if terms:
+            constraints.append(f"{' + '.join(terms)} {c.op} {bound:.12g}")
+    return [ax_parameter(p) for p in space.params], constraints
