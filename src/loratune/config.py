@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ def build(cls: type, data: Any, source: str | None, prefix: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise LoratuneError(f"{where(source, prefix or 'config')}: expected a mapping, got {type(data).__name__}")
+        raise LoratuneError(f"{where(source, prefix.rstrip('.') or 'config')}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -331,13 +332,28 @@ def get_field(cfg: FinetuneConfig, dotted: str) -> Any:
 # Files
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; read it as the number everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a syntax error is one LoratuneError line."""
     path = Path(path)
     if not path.is_file():
         raise LoratuneError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

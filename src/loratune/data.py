@@ -50,12 +50,15 @@ def load_rows(path: str, field: str) -> list[dict]:
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(file.suffix.lower())
     if kind is None:
         raise LoratuneError(f"{field}: unsupported file type '{file.suffix}' for {path} (use .jsonl, .json or .csv)")
+    if file.stat().st_size == 0:
+        raise LoratuneError(f"{field}: dataset {path} is empty")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
         rows = datasets.load_dataset(kind, data_files=str(file), split="train").to_list()
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise LoratuneError(f"{field}: cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LoratuneError(f"{field}: cannot read {path}: {reason}") from None
     if not rows:
         raise LoratuneError(f"{field}: dataset {path} is empty")
     return rows

@@ -84,12 +84,12 @@ class Optimizer:
 
     def ask(self, n: int) -> dict[int, dict]:
         """Up to n new trials as {index: user parameters}; none while Ax waits for data."""
-        from ax.exceptions.core import DataRequiredError
+        from ax.exceptions.core import DataRequiredError, SearchSpaceExhausted
         from ax.exceptions.generation_strategy import MaxParallelismReachedException
 
         try:
             trials = self.client.get_next_trials(max_trials=n)
-        except (DataRequiredError, MaxParallelismReachedException):
+        except (DataRequiredError, MaxParallelismReachedException, SearchSpaceExhausted):
             return {}
         return {i: self.space.decode(dict(p)) for i, p in trials.items()}
 

@@ -211,9 +211,10 @@ def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, 
         if targets.count(p.target) > 1:
             raise LoratuneError(f"{where}.{p.name}: {p.target} is searched twice")
         for value in p.candidates():  # every value must make a valid training config
+            trial = apply(base, {q.name: (value if q is p else q.candidates()[0]) for q in params},
+                          SearchSpace(params), where)
             try:
-                validate(apply(base, {q.name: (value if q is p else q.candidates()[0]) for q in params},
-                               SearchSpace(params), where))
+                validate(trial)
             except LoratuneError as exc:
                 raise LoratuneError(f"{where}.{p.name}: value {value!r}: {str(exc).split(': ', 1)[-1]}") from None
     space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
@@ -246,14 +247,15 @@ def parse_constraint(text: str, params: list[Param]) -> Constraint:
     if not poly:
         raise LoratuneError(f"{where}: names no parameter")
     if all(len(m) <= 1 for m in poly):
-        return Constraint(text, {m[0]: k for m, k in poly.items()}, op, bound, product=False)
+        linear = {m[0]: k for m, k in poly.items()}
+        return Constraint(text, {n: linear[n] for n in names if n in linear}, op, bound, product=False)
     if len(poly) == 1:
         (mono, k), = poly.items()
         if k < 0:
             op, k, bound = ("<=" if op == ">=" else ">="), -k, -bound
         if bound <= 0:
             raise LoratuneError(f"{where}: a product of parameters must be compared with a positive number")
-        terms = {n: float(mono.count(n)) for n in set(mono)}
+        terms = {n: float(mono.count(n)) for n in names if n in mono}
         return Constraint(text, terms, op, bound / k, product=True)
     raise LoratuneError(f"{where}: only linear constraints or a single product of parameters are supported")
 

@@ -80,6 +80,10 @@ class Study:
         self.elapsed_before = 0.0  # wall time of earlier sessions of this study
         self.failures_in_a_row = 0
         self.source = source
+        if self.evaluation == "finetune":
+            from .training import preflight
+
+            preflight(cfg.base())
 
     # -- setting up ---------------------------------------------------------------------------
 

@@ -88,6 +88,15 @@ def _load_pretrained(loader, path: str, **kwargs):
         raise LoratuneError(f"model.name: cannot load '{path}' (not a local model and not reachable on the hub: {reason})") from None
 
 
+def preflight(cfg: FinetuneConfig) -> None:
+    """Find bad input before any trial starts: the model must resolve and the data must load and
+    tokenize. Costs a tokenizer load; a study calls it once so that trials never fail on it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load_pretrained(AutoTokenizer, resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    load_examples(tokenizer, cfg.data, cfg.training.seed)
+
+
 def setup(cfg: FinetuneConfig) -> Setup:
     import torch
     import transformers

@@ -1,0 +1,26 @@
+# Two commands set up a fresh machine and do the work:
+#   make demo   - install, then run the demo study (20 trials on the offline tiny model) and retrain its best config
+#   make test   - install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# Without a GPU, take the CPU build of torch first: nothing then pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet "torch==2.13.0"; fi
+	$(PY) -m pip install --quiet -r requirements.txt -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) ax_optimization.py --trials 20 --output configs/optimization_results.json --overwrite
+	$(PY) finetune_lora.py --config configs/best_config.yaml --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .

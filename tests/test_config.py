@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from loratune.config import (
+    FinetuneConfig,
+    StudyConfig,
+    load_finetune_config,
+    load_study_config,
+)
+from loratune.errors import LoratuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_demo():
+    cfg = FinetuneConfig()
+    assert cfg.model.name == "builtin:tiny-qwen2"
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.training.learning_rate, cfg.training.batch_size) == (16, 32, 2e-4, 1)
+    assert (cfg.training.warmup_ratio, cfg.training.weight_decay, cfg.training.optimizer) == (0.1, 0.01, "adamw")
+
+
+def test_load_reads_nested_fields_and_yaml_1_1_floats(tmp_path):
+    cfg = load_finetune_config(write(tmp_path, "lora: {rank: 8}\ntraining:\n  learning_rate: 3e-4\n  epochs: 0.5\n"))
+    assert cfg.lora.rank == 8
+    assert cfg.training.learning_rate == pytest.approx(3e-4)  # YAML reads "3e-4" as a string
+    assert cfg.training.epochs == 0.5
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("lora: {rnak: 8}\n", "cfg.yaml: lora: unknown field 'rnak' (did you mean 'rank'?)"),
+    ("trainig: {epochs: 1}\n", "unknown field 'trainig' (did you mean 'training'?)"),
+    ("lora: {rank: eight}\n", "cfg.yaml: lora.rank: expected an integer, got 'eight'"),
+    ("training: {learning_rate: 0}\n", "cfg.yaml: training.learning_rate: must be > 0, got 0.0"),
+    ("lora: {rank: 0}\n", "cfg.yaml: lora.rank: must be a positive integer, got 0"),
+    ("model: {quantization: 3bit}\n", "model.quantization: expected 'none' or '4bit' or '8bit', got '3bit'"),
+    ("training: {gradient_accumulation: some}\n", "training.gradient_accumulation: expected an integer or 'auto'"),
+    ("lora: [1, 2]\n", "cfg.yaml: lora: expected a mapping, got list"),
+    ("- just\n- a list\n", "expected a mapping of settings at the top level"),
+    ("lora: {rank: 8\n", "cfg.yaml:2:1: invalid YAML"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(LoratuneError) as err:
+        load_finetune_config(write(tmp_path, text))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(LoratuneError, match="nope.yaml: config file not found"):
+        load_finetune_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("trials: 0\n", "trials: must be at least 1"),
+    ("objectives: [loss, speed]\nminimize: [true, true]\n", "unknown field 'speed'"),
+    ("objectives: [loss, inference_time]\nminimize: [true]\n", "minimize: needs one flag per objective (2)"),
+    ("early_stopping: {check_at: 1.5}\n", "early_stopping.check_at: must be in (0, 1]"),
+    ("early_stopping: {treshold: 0.7}\n", "did you mean 'threshold'"),
+])
+def test_bad_study_config(tmp_path, text, message):
+    with pytest.raises(LoratuneError) as err:
+        load_study_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# python "), f"{path.name} must begin with the command that runs it"
+        if "optimization" in path.name:
+            load_study_config(path)
+        else:
+            load_finetune_config(path)
+
+
+def test_shipped_optimization_config_is_the_embedded_default():
+    shipped = load_study_config(ROOT / "configs" / "optimization_config.yaml")
+    assert shipped == StudyConfig()

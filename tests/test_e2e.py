@@ -1,0 +1,42 @@
+"""A few real trials on the tiny demo model, from the seed's commands, then the retrain."""
+
+import json
+
+import yaml
+from conftest import ROOT, run_cli
+
+from loratune.config import load_finetune_config
+from loratune.training import plan
+
+
+def test_seed_commands_end_to_end(tiny_model, tmp_path):
+    out = tmp_path / "configs"
+    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "3", "--output", str(out / "optimization_results.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Trial 1/3 (#0): rank=16, alpha=32, lr=0.0002, bs=1 → loss=" in proc.stdout
+    assert "(baseline)" in proc.stdout and "Top trials" in proc.stdout
+
+    results = json.loads((out / "optimization_results.json").read_text())
+    trials = results["trials"]
+    assert [t["state"] for t in trials] == ["completed"] * 3
+    for t in trials:  # every trial really trained: a curve that goes down, and its own process' metrics
+        losses = [p["val_loss"] for p in t["curve"]]
+        assert len(losses) == 10 and losses[-1] < losses[0]
+        assert t["metrics"]["loss"] == losses[-1] and t["metrics"]["inference_time"] > 0
+    best = min(trials, key=lambda t: t["metrics"]["loss"])
+    assert results["best_trial"] == best["index"] and results["best_loss"] == best["metrics"]["loss"]
+    # only the best trial keeps its adapter
+    kept = sorted(p.parent.parent.name for p in (out / "trials").glob("*/adapter/adapter_model.safetensors"))
+    assert kept == [str(best["index"])]
+
+    best_config = out / "best_config.yaml"
+    cfg = yaml.safe_load(best_config.read_text())
+    assert cfg["lora"]["rank"] == best["params"]["lora_rank"] and cfg["training"]["epochs"] == 3
+    assert cfg["training"]["learning_rate"] == best["params"]["learning_rate"]
+
+    retrain = run_cli(str(ROOT / "finetune_lora.py"), "--config", str(best_config), "--quiet")
+    assert retrain.returncode == 0, retrain.stderr
+    metrics = json.loads((out / "best_model" / "metrics.json").read_text())
+    assert metrics["steps"] == plan(load_finetune_config(best_config), 148)[1] == 111  # 3 epochs of 148 at 4 per step
+    assert metrics["val_loss"] < best["metrics"]["loss"]  # three epochs beat one
+    assert (out / "best_model" / "adapter" / "adapter_model.safetensors").exists()

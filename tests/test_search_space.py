@@ -1,0 +1,85 @@
+import itertools
+
+import pytest
+
+from loratune.config import FinetuneConfig, seed_search_space
+from loratune.errors import LoratuneError
+from loratune.search_space import apply, parse_search_space, resolve_target, satisfies, to_ax
+
+
+def space(spec=None, constraints=()):
+    return parse_search_space(spec or seed_search_space(), list(constraints), FinetuneConfig())
+
+
+def test_seed_space_forms():
+    s = space()
+    rank, alpha, lr, bs = s.params
+    assert (rank.kind, rank.values, rank.target) == ("choice", [8, 16, 32, 64], "lora.rank")
+    assert alpha.target == "lora.alpha"
+    assert (lr.kind, lr.low, lr.high, lr.log, lr.target) == ("range", 1e-5, 5e-4, True, "training.learning_rate")
+    assert (bs.kind, bs.values, bs.target) == ("choice", [1, 2, 4], "training.batch_size")
+
+
+def test_seed_custom_space_forms():
+    s = space({"lora_rank": [16], "lora_alpha": [32], "learning_rate": [5e-5, 3e-4], "batch_size": [1, 2]})
+    assert [p.kind for p in s.params] == ["fixed", "fixed", "range", "choice"]
+
+
+@pytest.mark.parametrize(("name", "target"), [
+    ("lora_rank", "lora.rank"), ("lora.dropout", "lora.dropout"), ("weight_decay", "training.weight_decay"),
+    ("training_epochs", "training.epochs"), ("data_max_length", "data.max_length"),
+])
+def test_any_training_field_can_be_searched(name, target):
+    assert resolve_target(name, "search_space") == target
+
+
+def test_apply_sets_fields_with_their_types():
+    cfg = apply(FinetuneConfig(), {"lora_rank": 32, "lora_alpha": 64, "learning_rate": 1e-4, "batch_size": 2}, space())
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.training.learning_rate, cfg.training.batch_size) == (32, 64.0, 1e-4, 2)
+    assert isinstance(cfg.lora.alpha, float)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"learning_rate": [5e-4, 1e-5]}, "search_space.learning_rate: lower bound 0.0005 must be below upper bound 1e-05"),
+    ({"lora_rank": []}, "search_space.lora_rank: empty choice"),
+    ({"lora_rank": [0, 8]}, "search_space.lora_rank: value 0: must be a positive integer"),
+    ({"learning_rate": [0.0, 1e-3]}, "search_space.learning_rate: value 0.0: must be > 0"),
+    ({"lora_rnak": [8, 16]}, "search_space.lora_rnak: unknown field 'lora_rnak' (did you mean 'lora_rank'?)"),
+    ({"lora_rank": ["big", "small"]}, "search_space.lora_rank: value 'big' does not fit lora.rank"),
+    ({"learning_rate": {"low": 1e-5}}, "a range needs both 'low' and 'high'"),
+])
+def test_impossible_search_spaces(spec, message):
+    with pytest.raises(LoratuneError) as err:
+        space(spec)
+    assert message in str(err.value)
+
+
+def test_product_constraint_goes_to_ax_in_log2_space():
+    s = space(constraints=["lora_rank * batch_size <= 128"])
+    params, constraints = to_ax(s)
+    assert [p.name for p in params] == ["log2_lora_rank", "lora_alpha", "learning_rate", "log2_batch_size"]
+    assert constraints == ["1*log2_lora_rank + 1*log2_batch_size <= 7"]
+    # the encoding is exact: every decoded point that Ax may propose satisfies the product
+    for r, b in itertools.product(range(3, 7), range(0, 3)):
+        values = s.decode({"log2_lora_rank": r, "lora_alpha": 16, "learning_rate": 1e-4, "log2_batch_size": b})
+        assert satisfies(s.constraints[0], values) == (r + b <= 7)
+        assert s.encode(values)["log2_lora_rank"] == r
+
+
+def test_linear_constraint_passes_through():
+    s = space({"lora_dropout": [0.0, 0.3], "weight_decay": [0.0, 0.1]}, ["lora_dropout + 2 * weight_decay <= 0.4"])
+    assert to_ax(s)[1] == ["1*lora_dropout + 2*weight_decay <= 0.4"]
+
+
+@pytest.mark.parametrize(("constraint", "message"), [
+    ("lora_rank * batch_sise <= 128", "unknown field 'batch_sise' (did you mean 'batch_size'?)"),
+    ("lora_rank * batch_size <= 4", "no point of the search space satisfies it"),
+    ("lora_rank ** batch_size <= 128", "only numbers, parameter names, +, - and * are allowed"),
+    ("lora_rank * batch_size <=", "syntax error"),
+    ("__import__('os').system('true') <= 1", "only numbers, parameter names"),
+    ("lora_rank * batch_size + lora_alpha <= 128", "only linear constraints or a single product"),
+])
+def test_bad_constraints(constraint, message):
+    with pytest.raises(LoratuneError) as err:
+        space(constraints=[constraint])
+    assert message in str(err.value)

@@ -1,0 +1,195 @@
+import json
+import sys
+
+import pytest
+from conftest import fake_loss
+
+from loratune import run_optimization
+from loratune.config import StudyConfig
+from loratune.errors import LoratuneError
+from loratune.optimizer import Optimizer
+from loratune.study import Study, StudyAborted
+from loratune.trial import TrialState
+
+SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
+         "batch_size": [1, 2, 4]}
+
+
+def optimize(tmp_path, trials=6, **kwargs):
+    kwargs.setdefault("evaluate", fake_loss)
+    kwargs.setdefault("search_space", SPACE)
+    return run_optimization(num_trials=trials, output_dir=tmp_path / "study", seed=kwargs.pop("seed", 0),
+                            quiet=True, **kwargs)
+
+
+def test_baseline_first_best_tracking_and_return_value(tmp_path):
+    results = optimize(tmp_path)
+    trials = results["trials"]
+    assert len(trials) == 6 and all(t["state"] == "completed" for t in trials)
+    assert trials[0]["baseline"] and trials[0]["params"] == {"lora_rank": 16, "lora_alpha": 32,
+                                                             "learning_rate": 2e-4, "batch_size": 1}
+    losses = [t["metrics"]["loss"] for t in trials]
+    assert results["best_loss"] == min(losses)
+    assert results["best_params"] == trials[losses.index(min(losses))]["params"]
+    assert results["best_loss"] == pytest.approx(fake_loss(results["best_params"]))
+    assert results["improvement"]["baseline"] == losses[0]
+    written = json.loads((tmp_path / "study" / "optimization_results.json").read_text())
+    assert written["best_params"] == results["best_params"] and len(written["trials"]) == 6
+
+
+def test_a_seed_makes_the_search_reproducible(tmp_path):
+    a = optimize(tmp_path / "a", seed=3)["trials"]
+    b = optimize(tmp_path / "b", seed=3)["trials"]
+    assert [t["params"] for t in a] == [t["params"] for t in b]
+
+
+def test_failures_are_recorded_and_the_study_goes_on(tmp_path):
+    def evaluate(params):
+        if params["batch_size"] == 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if params["lora_alpha"] == 128:
+            return float("nan")
+        return fake_loss(params)
+
+    cfg = StudyConfig(max_failures_in_a_row=8)
+    results = optimize(tmp_path, trials=8, evaluate=evaluate, config=cfg, search_space={**SPACE, "batch_size": [1, 4]})
+    states = {t["index"]: t["state"] for t in results["trials"]}
+    oom = [t for t in results["trials"] if t["state"] == "out_of_memory"]
+    nan = [t for t in results["trials"] if t["params"]["lora_alpha"] == 128 and t["params"]["batch_size"] != 4]
+    assert oom and all("out of memory" in t["reason"] for t in oom)
+    assert all(t["state"] == "failed" and "non-finite" in t["reason"] for t in nan)
+    assert len(states) == 8 and results["best_params"]["batch_size"] == 1
+    # an out-of-memory point is abandoned: never proposed again
+    points = [tuple(sorted(t["params"].items())) for t in results["trials"]]
+    for t in oom:
+        assert points.count(tuple(sorted(t["params"].items()))) == 1
+
+
+def test_repeated_failures_stop_the_study_with_everything_saved(tmp_path):
+    def evaluate(params):
+        raise ValueError("broken training code")
+
+    with pytest.raises(StudyAborted, match="stopped after 3 failed trials in a row; last: ValueError: broken"):
+        optimize(tmp_path, trials=10, evaluate=evaluate)
+    saved = json.loads((tmp_path / "study" / "optimization_results.json").read_text())
+    assert [t["state"] for t in saved["trials"]] == ["failed"] * 3
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    whole = optimize(tmp_path / "whole", trials=8)
+    optimize(tmp_path / "part", trials=5)
+    resumed = Study.load(tmp_path / "part" / "study" / "optimization_checkpoint.json", additional_trials=3,
+                         evaluate=fake_loss, quiet=True).resume()
+    # the same points, up to float round-off in the model fit after the JSON round trip
+    assert len(resumed["trials"]) == len(whole["trials"]) == 8
+    for r, w in zip(resumed["trials"], whole["trials"], strict=True):
+        assert r["params"].keys() == w["params"].keys()
+        for name, value in r["params"].items():
+            assert value == pytest.approx(w["params"][name], rel=1e-2)
+    assert resumed["best_loss"] == pytest.approx(whole["best_loss"], rel=1e-3)
+
+
+def test_a_trial_running_at_a_crash_is_run_again(tmp_path):
+    optimize(tmp_path, trials=3)
+    checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
+    data = json.loads(checkpoint.read_text())
+    # what a kill -9 during trial 2 leaves: its record still running, Ax's trial still RUNNING
+    opt = Optimizer.restore(data["ax"], Study.load(checkpoint, evaluate=fake_loss, quiet=True).space, 0, None)
+    (index, params), = opt.ask(1).items()
+    data["ax"] = opt.snapshot()
+    data["records"].append({**data["records"][-1], "index": index, "params": params, "state": "running",
+                            "metrics": {}, "baseline": False, "restarts": 0})
+    checkpoint.write_text(json.dumps(data))
+    results = Study.load(checkpoint, evaluate=fake_loss, quiet=True).resume()
+    rerun = results["trials"][3]
+    assert rerun["index"] == index and rerun["state"] == "completed" and rerun["restarts"] == 1
+    assert [t["state"] for t in results["trials"]] == ["completed"] * 4
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "checkpoint is corrupted"),
+    ('{"format": "something-else"}', "not a loratune checkpoint"),
+    ('{"format": "loratune-study", "version": 99}', "checkpoint version 99 is not supported"),
+])
+def test_corrupted_or_foreign_checkpoint(tmp_path, content, message):
+    path = tmp_path / "optimization_checkpoint.json"
+    path.write_text(content)
+    with pytest.raises(LoratuneError, match=message):
+        Study.load(path, evaluate=fake_loss)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    optimize(tmp_path, trials=2)
+    checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
+    before = checkpoint.read_text()
+    study = Study.load(checkpoint, evaluate=fake_loss, quiet=True)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError):
+        study.save()
+    assert checkpoint.read_text() == before  # the old checkpoint is intact, no temporary left behind
+    assert sorted(p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")) == [".loratune.lock"]
+
+
+def test_an_existing_study_is_never_overwritten(tmp_path):
+    optimize(tmp_path, trials=2)
+    before = (tmp_path / "study" / "optimization_results.json").read_text()
+    with pytest.raises(LoratuneError, match="already holds a study"):
+        optimize(tmp_path, trials=2)
+    assert (tmp_path / "study" / "optimization_results.json").read_text() == before
+
+
+def test_a_locked_output_directory_is_refused(tmp_path):
+    from loratune.storage import DirectoryLock
+
+    with DirectoryLock(tmp_path / "study"), pytest.raises(LoratuneError, match="another loratune run is using"):
+        optimize(tmp_path, trials=2)
+
+
+def test_callable_evaluation_needs_the_callable_to_resume(tmp_path):
+    optimize(tmp_path, trials=2)
+    with pytest.raises(LoratuneError, match="pass the same evaluate= to resume it"):
+        Study.load(tmp_path / "study")
+
+
+@pytest.mark.parametrize("trials", [0, -3])
+def test_non_positive_trials(tmp_path, trials):
+    with pytest.raises(LoratuneError, match="num_trials: must be a positive integer"):
+        optimize(tmp_path, trials=trials)
+
+
+def test_external_command_evaluator_fills_placeholders_without_a_shell(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, sys\n"
+        "args = dict(a.split('=', 1) for a in sys.argv[1:])\n"
+        "print('training...')\n"
+        "loss = 0.5 + abs(float(args['--lr']) - 3e-4) * 1000 + int(args['--rank']) / 1000\n"
+        "print(json.dumps({'loss': loss, 'seen': args['--tag']}))\n")
+    command = f"{sys.executable} {script} --lr={{learning_rate}} --rank={{lora_rank}} '--tag=$(touch {tmp_path}/pwned)'"
+    results = run_optimization(num_trials=3, output_dir=tmp_path / "study", evaluate=None, command=command,
+                               search_space={"learning_rate": [1e-4, 5e-4], "lora_rank": [8, 16]}, quiet=True)
+    assert [t["state"] for t in results["trials"]] == ["completed"] * 3
+    first = results["trials"][0]
+    assert first["metrics"]["loss"] == pytest.approx(0.5 + abs(first["params"]["learning_rate"] - 3e-4) * 1000
+                                                     + first["params"]["lora_rank"] / 1000)
+    assert not (tmp_path / "pwned").exists()
+    assert results["best_config"] is None  # no fine-tune config: the command is the user's own training
+
+
+def test_external_command_failures(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nprint('no metrics here')\nsys.exit(int(sys.argv[1]) % 2)\n")
+    results = run_optimization(num_trials=2, output_dir=tmp_path / "study", command=f"{sys.executable} {script} {{lora_rank}}",
+                               search_space={"lora_rank": [8, 9]}, quiet=True, seed=0)
+    reasons = sorted(t["reason"] for t in results["trials"])
+    assert reasons == ["command exited with code 1: no metrics here", "command printed no JSON line with metrics"]
+    assert all(t["state"] == TrialState.FAILED.value for t in results["trials"])
+
+
+def test_command_with_an_unknown_placeholder(tmp_path):
+    with pytest.raises(LoratuneError, match=r"--command: placeholder \{lr\} is not a searched parameter"):
+        run_optimization(num_trials=2, output_dir=tmp_path, command="python train.py --lr {lr}", quiet=True)

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from loratune.config import FinetuneConfig
+from loratune.errors import LoratuneError
+from loratune.training import finetune, plan
+
+
+def config(tmp_path, **training) -> FinetuneConfig:
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "run"))
+    cfg.training.learning_rate = 5e-4
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    return cfg
+
+
+def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_path):
+    metrics = finetune(config(tmp_path), quiet=True)
+    curve = metrics["curve"]
+    assert len(curve) == 10 and curve[-1]["progress"] == 1.0
+    assert curve[-1]["val_loss"] < 0.85 * curve[0]["val_loss"]  # the adapter learned the task
+    assert metrics["val_loss"] == curve[-1]["val_loss"]
+    assert (metrics["n_train"], metrics["n_validation"], metrics["steps"]) == (148, 37, 37)
+    assert metrics["tokens_seen"] > 10_000 and metrics["tokens_per_s"] > 0 and metrics["peak_memory_gb"] > 0
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["val_loss"] == metrics["val_loss"] and written["config"]["lora"]["rank"] == 16
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_same_seed_same_loss_other_seed_other_loss(tiny_model, tmp_path):
+    runs = [finetune(config(tmp_path / str(i), epochs=0.3, seed=seed), quiet=True)["val_loss"]
+            for i, seed in enumerate((1, 1, 2))]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_learning_rate_changes_the_loss(tiny_model, tmp_path):
+    low = finetune(config(tmp_path / "a", epochs=0.5, learning_rate=1e-5), quiet=True)["val_loss"]
+    high = finetune(config(tmp_path / "b", epochs=0.5, learning_rate=5e-4), quiet=True)["val_loss"]
+    assert high < low - 0.1
+
+
+def test_stop_request_ends_training_early(tiny_model, tmp_path):
+    checks = iter(range(1000))
+    metrics = finetune(config(tmp_path, epochs=0.5), quiet=True, stop_requested=lambda: next(checks) >= 3)
+    assert metrics["state"] == "early_stopped"
+    assert metrics["steps"] == 4 < metrics["planned_steps"]
+    assert metrics["curve"][-1]["step"] == 4
+
+
+def test_existing_run_is_not_overwritten(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"val_loss": 1}')
+    with pytest.raises(LoratuneError, match="already holds a run"):
+        finetune(config(tmp_path), quiet=True)
+    assert (out / "metrics.json").read_text() == '{"val_loss": 1}'
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("./no/such/model", "model.name: model directory does not exist: ./no/such/model"),
+    ("no-such-org/no-such-model", "model.name: cannot load 'no-such-org/no-such-model'"),
+    ("builtin:gpt5", "unknown built-in model"),
+])
+def test_unreachable_models(tmp_path, name, message):
+    cfg = config(tmp_path)
+    cfg.model.name = name
+    with pytest.raises(LoratuneError) as err:
+        finetune(cfg, quiet=True)
+    assert message in str(err.value)
+
+
+def test_gradient_accumulation_auto_keeps_the_effective_batch():
+    cfg = FinetuneConfig()
+    for bs, accumulation in ((1, 4), (2, 2), (4, 1), (8, 1)):
+        cfg.training.batch_size = bs
+        assert plan(cfg, 148)[0] == accumulation
+    cfg.training.gradient_accumulation, cfg.training.batch_size = 3, 1
+    assert plan(cfg, 148)[:2] == (3, 50)
+    cfg.training.epochs, cfg.training.gradient_accumulation = 0.5, "auto"
+    assert plan(cfg, 148)[1] == 19
