@@ -70,7 +70,7 @@ def test_kill_minus_9_loses_no_completed_trial_and_resume_finishes(tmp_path):
     script.write_text(TRAIN)
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "loratune.cli", "optimize", "--trials", "7", "--output", str(out),
-           "--command", f"{sys.executable} {script} {{learning_rate}} {{lora_rank}}", "--quiet"]
+           "--command", f"{sys.executable} {script} {{learning_rate}} {{lora_rank}}", "--quiet", "--no-report"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True)
     results = out / "optimization_results.json"
     deadline = time.time() + 120
@@ -101,7 +101,7 @@ def test_resume_adds_trials_from_the_cli(tmp_path):
     script.write_text(TRAIN.replace("time.sleep(0.4)", ""))
     out = tmp_path / "study"
     command = f"{sys.executable} {script} {{learning_rate}} {{lora_rank}}"
-    first = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--command", command, "--quiet")
+    first = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--command", command, "--quiet", "--no-report")
     assert first.returncode == 0, first.stderr
     again = run_cli(str(ROOT / "ax_optimization.py"), "--resume", str(out / "optimization_checkpoint.json"),
                     "--trials", "2", "--quiet")

@@ -40,3 +40,20 @@ def test_seed_commands_end_to_end(tiny_model, tmp_path):
     assert metrics["steps"] == plan(load_finetune_config(best_config), 148)[1] == 111  # 3 epochs of 148 at 4 per step
     assert metrics["val_loss"] < best["metrics"]["loss"]  # three epochs beat one
     assert (out / "best_model" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
+    out = tmp_path / "study"
+    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    compare = run_cli("-m", "loratune.cli", "compare", str(out), "--seeds", "2", "--epochs", "0.5", "--quiet")
+    assert compare.returncode == 0, compare.stderr
+    result = json.loads((out / "comparison.json").read_text())
+    assert len(result["best"]) == len(result["baseline"]) == 2 and result["epochs"] == 0.5
+    for name in ("best", "baseline"):  # the numbers are the retrains' own metrics
+        for seed, loss in enumerate(result[name]):
+            metrics = json.loads((out / "comparison" / f"{name}_seed{seed}" / "metrics.json").read_text())
+            assert metrics["val_loss"] == loss and metrics["config"]["training"]["seed"] == seed
+    report = (out / "OPTIMIZATION_RESULTS.md").read_text()
+    assert "## Best versus baseline, fully retrained" in report and f"{result['best_mean']:.4g}" in report
+    assert result["verdict"] in report

@@ -19,7 +19,7 @@ def optimize(tmp_path, trials=6, **kwargs):
     kwargs.setdefault("evaluate", fake_loss)
     kwargs.setdefault("search_space", SPACE)
     return run_optimization(num_trials=trials, output_dir=tmp_path / "study", seed=kwargs.pop("seed", 0),
-                            quiet=True, **kwargs)
+                            quiet=True, report=False, **kwargs)
 
 
 def test_baseline_first_best_tracking_and_return_value(tmp_path):
@@ -171,7 +171,7 @@ def test_external_command_evaluator_fills_placeholders_without_a_shell(tmp_path)
         "print(json.dumps({'loss': loss, 'seen': args['--tag']}))\n")
     command = f"{sys.executable} {script} --lr={{learning_rate}} --rank={{lora_rank}} '--tag=$(touch {tmp_path}/pwned)'"
     results = run_optimization(num_trials=3, output_dir=tmp_path / "study", evaluate=None, command=command,
-                               search_space={"learning_rate": [1e-4, 5e-4], "lora_rank": [8, 16]}, quiet=True)
+                               search_space={"learning_rate": [1e-4, 5e-4], "lora_rank": [8, 16]}, quiet=True, report=False)
     assert [t["state"] for t in results["trials"]] == ["completed"] * 3
     first = results["trials"][0]
     assert first["metrics"]["loss"] == pytest.approx(0.5 + abs(first["params"]["learning_rate"] - 3e-4) * 1000
@@ -184,7 +184,7 @@ def test_external_command_failures(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("import sys\nprint('no metrics here')\nsys.exit(int(sys.argv[1]) % 2)\n")
     results = run_optimization(num_trials=2, output_dir=tmp_path / "study", command=f"{sys.executable} {script} {{lora_rank}}",
-                               search_space={"lora_rank": [8, 9]}, quiet=True, seed=0)
+                               search_space={"lora_rank": [8, 9]}, quiet=True, seed=0, report=False)
     reasons = sorted(t["reason"] for t in results["trials"])
     assert reasons == ["command exited with code 1: no metrics here", "command printed no JSON line with metrics"]
     assert all(t["state"] == TrialState.FAILED.value for t in results["trials"])

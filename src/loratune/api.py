@@ -30,6 +30,7 @@ def run_optimization(
     outcome_constraints: list[str] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    report: bool | None = None,
 ) -> dict:
     """Search LoRA hyperparameters with Ax; return the best and the full history.
 
@@ -69,6 +70,8 @@ def run_optimization(
         cfg.workers = workers
     if command is not None:
         cfg.command = command
+    if report is not None:
+        cfg.report = report
     if not isinstance(num_trials, int | None) or (num_trials is not None and num_trials < 1):
         raise LoratuneError(f"num_trials: must be a positive integer, got {num_trials!r}")
     validate_study(cfg, source, custom_metrics=custom)
@@ -109,3 +112,26 @@ def finetune(config: str | Path, *, output_dir: str | None = None, overwrite: bo
     if output_dir is not None:
         cfg.output_dir = output_dir
     return run_finetune(cfg, quiet=quiet, overwrite=overwrite)
+
+
+def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
+    """Write the training config of any trial, e.g. another point of the Pareto front than the
+    one ``best_config.yaml`` took, ready for ``finetune_lora.py --config``.
+
+    >>> from loratune import export_config
+    >>> export_config("configs/", trial=7, path="configs/fast_config.yaml")  # doctest: +SKIP
+    """
+    from .storage import atomic_write_text
+
+    study = Study.load(study_dir, quiet=True, read_only=True)
+    record = next((r for r in study.records if r["index"] == trial), None)
+    if record is None:
+        raise LoratuneError(f"{study_dir}: no trial {trial} (trials: {', '.join(str(r['index']) for r in study.records)})")
+    if study.evaluation != "finetune":
+        raise LoratuneError(f"{study_dir}: this study ran its own evaluation, so it has no training config to export")
+    out = Path(path)
+    if out.exists():
+        raise LoratuneError(f"{out}: already exists; choose another path")
+    atomic_write_text(out, study.config_yaml(record, out))
+    return out
+

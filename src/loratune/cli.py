@@ -47,6 +47,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--command", help="external training command with {parameter} placeholders; "
                                      "its last JSON line on stdout holds the metrics")
     p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
+    p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md (write it later with `loratune report`)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -55,7 +56,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
     run_optimization(num_trials=args.trials, model_name=args.model, output_dir=args.output, config=args.config,
                      data_path=args.data, seed=args.seed, workers=args.workers, command=args.command,
-                     overwrite=args.overwrite, quiet=args.quiet)
+                     overwrite=args.overwrite, quiet=args.quiet, report=False if args.no_report else None)
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
@@ -72,6 +73,31 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"validation loss {metrics['val_loss']:.4f} after {metrics['steps']} steps "
               f"({metrics['tokens_per_s']:.0f} tokens/s, padding {metrics['padding_fraction']:.1%}); "
               f"wrote {metrics['config']['output_dir']}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    pairs = [tuple(p.split(",", 1)) for p in args.contour] if args.contour else None
+    if pairs and any(len(p) != 2 for p in pairs):
+        raise LoratuneError("--contour: write two parameter names, e.g. lora_rank,learning_rate")
+    print(f"wrote {write_report(args.study, contours=pairs, interactive=not args.no_interactive)}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import retrain_and_compare
+    from .report import write_report
+
+    result = retrain_and_compare(args.study, seeds=args.seeds, epochs=args.epochs, quiet=args.quiet)
+    print(f"best {result.best_mean:.4f} ± {result.best_std:.4f} vs baseline {result.baseline_mean:.4f} ± "
+          f"{result.baseline_std:.4f}: {result.verdict()}")
+    print(f"wrote {write_report(args.study)}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .api import export_config
+
+    print(f"wrote {export_config(args.study, args.trial, args.output)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune with a training config (e.g. best_config.yaml)")
     add_finetune_arguments(p)
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("report", help="write OPTIMIZATION_RESULTS.md and plots for a study (also mid-run)")
+    p.add_argument("study", help="the study's output directory")
+    p.add_argument("--contour", action="append", metavar="X,Y", help="a parameter pair to plot (repeatable)")
+    p.add_argument("--no-interactive", action="store_true", help="skip Ax's HTML plots and sensitivity analysis")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="retrain the best config and the baseline with several seeds; add to the report")
+    p.add_argument("study", help="the study's output directory")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per config (default 3)")
+    p.add_argument("--epochs", type=float, help="epochs per retrain (default: the study's retrain_epochs)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="write the training config of any trial (e.g. another Pareto point)")
+    p.add_argument("study", help="the study's output directory")
+    p.add_argument("--trial", type=_non_negative_int, required=True, help="trial index (the # column)")
+    p.add_argument("--output", required=True, help="config file to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

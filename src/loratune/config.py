@@ -173,6 +173,8 @@ class StudyConfig:
     """Which trial adapters to keep on disk."""
     retrain_epochs: float = 3
     """Epochs written into best_config.yaml for the full retrain."""
+    report: bool = True
+    """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
     command: str | None = None
     """External training command with {parameter} placeholders; its last JSON line holds the metrics."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -380,6 +382,7 @@ def dump_yaml(data: dict, header: str = "") -> str:
     return header + body
 
 
+OUTCOME_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 KNOWN_METRICS = ("loss", "inference_time", "train_time", "peak_memory_gb", "trainable_params", "train_loss", "tokens_per_s")
 
 
@@ -406,6 +409,16 @@ def validate_study(cfg: StudyConfig, source: str | None = None, custom_metrics: 
             raise LoratuneError(f"{where(source, name)}: {rule}, got {_dotted(cfg, name)!r}")
     if len(set(cfg.objectives)) != len(cfg.objectives):
         raise LoratuneError(f"{where(source, 'objectives')}: an objective is named twice: {cfg.objectives}")
+    for text in cfg.outcome_constraints:
+        match = OUTCOME_CONSTRAINT.match(text)
+        if not match:
+            raise LoratuneError(f"{where(source, 'outcome_constraints')}: '{text}' is not 'metric <= number' or "
+                                "'metric >= number'")
+        if not custom_metrics and match.group(1) not in KNOWN_METRICS:
+            raise LoratuneError(f"{where(source, 'outcome_constraints')}: "
+                                f"{unknown_field_message(match.group(1), KNOWN_METRICS)}: not a metric loratune measures")
+        if match.group(1) in cfg.objectives:
+            raise LoratuneError(f"{where(source, 'outcome_constraints')}: '{match.group(1)}' is already an objective")
     if not custom_metrics:
         for name in cfg.objectives:
             if name not in KNOWN_METRICS:

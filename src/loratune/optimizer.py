@@ -57,6 +57,7 @@ class Optimizer:
 
     def __init__(self, client: Any, space: SearchSpace, seed: int | None):
         self.client, self.space, self.seed = client, space, seed
+        self.exhausted = False
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool],
@@ -77,19 +78,26 @@ class Optimizer:
         return opt
 
     def _configure_generation(self, init_trials: int | None) -> None:
+        # Early-stopped and failed trials do not count as observed: keep drawing quasi-random points
+        # until enough have completed, instead of stalling before Bayesian optimization can start.
         self.client.configure_generation_strategy(initialization_budget=init_trials,
-                                                  initialization_random_seed=self.seed)
+                                                  initialization_random_seed=self.seed,
+                                                  allow_exceeding_initialization_budget=True)
 
     # -- asking and telling ---------------------------------------------------------------
 
     def ask(self, n: int) -> dict[int, dict]:
-        """Up to n new trials as {index: user parameters}; none while Ax waits for data."""
+        """Up to n new trials as {index: user parameters}; none while Ax waits for data or when no
+        untried point is left (``exhausted`` tells which)."""
         from ax.exceptions.core import DataRequiredError, SearchSpaceExhausted
         from ax.exceptions.generation_strategy import MaxParallelismReachedException
 
         try:
             trials = self.client.get_next_trials(max_trials=n)
-        except (DataRequiredError, MaxParallelismReachedException, SearchSpaceExhausted):
+        except (DataRequiredError, MaxParallelismReachedException):
+            return {}
+        except SearchSpaceExhausted:
+            self.exhausted = True
             return {}
         return {i: self.space.decode(dict(p)) for i, p in trials.items()}
 
@@ -159,3 +167,47 @@ class Optimizer:
             os.unlink(path)
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
         return cls(client, space, seed)
+
+
+def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, float] | None, list[str]]:
+    """Ax's interactive plots (name -> plotly figure), parameter importance (Sobol sensitivity of
+    the model, |total index| per parameter) and the reasons of the analyses that could not run.
+
+    Ax computes these from the experiment and the fitted model; ``Client.compute_analyses`` hides
+    their errors, so each analysis is computed directly and its failure reported.
+    """
+    _quiet_ax()
+    from ax.analysis.plotly.parallel_coordinates import ParallelCoordinatesPlot
+    from ax.analysis.plotly.progression import ProgressionPlot
+    from ax.analysis.plotly.scatter import ScatterPlot
+    from ax.analysis.plotly.sensitivity import SensitivityAnalysisPlot
+    from ax.analysis.plotly.surface.contour import ContourPlot
+    from ax.analysis.plotly.utility_progression import UtilityProgressionAnalysis
+
+    objective = objectives[0]
+    experiment, strategy = opt.client._experiment, opt.client._generation_strategy  # no public accessor in 1.3.1
+    wanted: dict[str, Any] = {
+        "trace": UtilityProgressionAnalysis(),
+        "parallel_coordinates": ParallelCoordinatesPlot(metric_name=objective),
+        "learning_curves": ProgressionPlot(metric_name=objective),
+        "sensitivity": SensitivityAnalysisPlot(metric_name=objective),
+    }
+    names = {p.ax_name: p.name for p in opt.space.params}
+    for x, y in contour_pairs:
+        ax_x = next((a for a, n in names.items() if n == x), None)
+        ax_y = next((a for a, n in names.items() if n == y), None)
+        if ax_x and ax_y:
+            wanted[f"contour_{x}_{y}"] = ContourPlot(x_parameter_name=ax_x, y_parameter_name=ax_y, metric_name=objective)
+    if len(objectives) > 1:
+        wanted["pareto_front"] = ScatterPlot(x_metric_name=objectives[0], y_metric_name=objectives[1],
+                                             show_pareto_frontier=True)
+    figures, importance, errors = {}, None, []
+    for name, analysis in wanted.items():
+        try:
+            card = analysis.compute(experiment=experiment, generation_strategy=strategy)
+            figures[name] = card.get_figure()
+            if name == "sensitivity":
+                importance = {names.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
+        except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
+            errors.append(f"{name}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}")
+    return figures, importance, errors

@@ -84,6 +84,16 @@ def verdict(record: dict, records_before: list[dict], objective: str, minimize: 
     return " ".join(marks)
 
 
+def early_stopping_savings(records: list[dict]) -> dict:
+    """How much training early stopping saved, in whole-trial equivalents and as a share of what
+    the completed and stopped trials would have cost if all had run to the end."""
+    stopped = [r for r in records if r.get("state") == "early_stopped"]
+    ran = [r for r in records if r.get("state") in (COMPLETED, "early_stopped")]
+    saved = sum(r.get("training_saved", 0.0) for r in stopped)
+    return {"stopped": len(stopped), "trials_saved": round(saved, 4),
+            "share_saved": round(saved / len(ran), 4) if ran else 0.0}
+
+
 SHORT_NAMES = {"lora_rank": "rank", "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs"}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import results as R
-from .config import StudyConfig, build, dump_yaml, to_dict, validate_study
+from .config import OUTCOME_CONSTRAINT, StudyConfig, build, dump_yaml, to_dict, validate_study
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError
 from .executors.base import CallableExecutor, Event, TrialSpec, check_command
@@ -65,7 +65,7 @@ class StudyPaths:
 class Study:
     def __init__(self, cfg: StudyConfig, paths: StudyPaths, *, evaluate: Callable | None = None,
                  early_stopping: EarlyStoppingCallback | None = None, quiet: bool = False,
-                 source: str | None = None):
+                 source: str | None = None, preflight: bool = True):
         self.cfg, self.paths, self.evaluate = cfg, paths, evaluate
         self.space: SearchSpace = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
         if cfg.command:
@@ -80,16 +80,19 @@ class Study:
         self.elapsed_before = 0.0  # wall time of earlier sessions of this study
         self.failures_in_a_row = 0
         self.source = source
-        if self.evaluation == "finetune":
-            from .training import preflight
+        self.recorded_evaluation: str | None = None  # what a loaded study evaluated with
+        if preflight and self.evaluation == "finetune":
+            from .training import preflight as check_inputs
 
-            preflight(cfg.base())
+            check_inputs(cfg.base())
 
     # -- setting up ---------------------------------------------------------------------------
 
     @property
     def evaluation(self) -> str:
-        return "callable" if self.evaluate else "command" if self.cfg.command else "finetune"
+        if self.evaluate:
+            return "callable"
+        return self.recorded_evaluation or ("command" if self.cfg.command else "finetune")
 
     def _new_optimizer(self) -> Optimizer:
         opt = Optimizer.create(self.space, self.cfg.objectives, self.cfg.minimize, self.cfg.outcome_constraints,
@@ -157,10 +160,23 @@ class Study:
             self.save(interrupted=True)
             self.console.print(f"[yellow]interrupted[/]; resume with: loratune resume {self.paths.directory}")
             raise
+        report = self._write_report()
         if aborted:
             raise StudyAborted(aborted)
-        self._print_summary()
+        self._print_summary(report)
         return self.summary()
+
+    def _write_report(self) -> Path | None:
+        if not self.cfg.report:
+            return None
+        from .report import write_report
+
+        try:
+            return write_report(self.paths.directory)
+        except Exception as exc:  # the study's results are saved; a report problem must not hide them
+            self.console.print(f"[yellow]could not write the report[/]: {exc}; `loratune report "
+                               f"{self.paths.directory}` retries", soft_wrap=True)
+            return None
 
     def _finished(self) -> int:
         return sum(1 for r in self.records if r["state"] != TrialState.RUNNING.value)
@@ -186,7 +202,9 @@ class Study:
         if new:
             self.save()
         elif not running:
-            self.console.print("Ax proposes no further trials: the search space is exhausted")
+            why = "every point of the search space has been tried" if self.opt.exhausted else \
+                "it waits for completed trials that will not come"
+            self.console.print(f"Ax proposes no further trials: {why}")
 
     def _new_record(self, index: int, params: dict, baseline: bool = False) -> dict:
         record = {"index": index, "params": params, "state": TrialState.RUNNING.value, "baseline": baseline,
@@ -222,6 +240,8 @@ class Study:
         if "loss" not in point and "val_loss" in point:
             point["loss"] = point["val_loss"]
         record["curve"].append(point)
+        if record["baseline"]:  # the reference every trial is measured against always runs to the end
+            return
         stop = bool(self.threshold_rule and self.threshold_rule.should_stop(record["curve"]))
         if self.cfg.early_stopping.percentile is not None and isinstance(point.get(self.cfg.objectives[0]), int | float):
             progression = max(1, round(point["progress"] * PROGRESSION_SCALE))
@@ -239,11 +259,14 @@ class Study:
                       duration_s=_duration(record["started_at"]), extra=result.extra or {})
         if result.curve and not record["curve"]:
             record["curve"] = result.curve
+        if result.state is TrialState.EARLY_STOPPED:
+            reached = record["curve"][-1]["progress"] if record["curve"] else 0.0
+            record["training_saved"] = round(1.0 - reached, 6)  # share of this trial's training not spent
         index = record["index"]
         if result.state is TrialState.COMPLETED:
             self.opt.complete(index, {m: result.metrics[m] for m in self._ax_metrics(result.metrics)})
         elif result.state is TrialState.EARLY_STOPPED:
-            self.opt.early_stopped(index)
+            self._early_stopped(record)
         elif result.state is TrialState.OUT_OF_MEMORY:
             self.opt.abandoned(index)
         else:
@@ -253,10 +276,23 @@ class Study:
         self._prune_adapters()
         self._print_trial(record, before)
 
+    def _early_stopped(self, record: dict) -> None:
+        """Ax keeps a stopped trial's curve; one with no point at all is abandoned instead."""
+        objective = self.cfg.objectives[0]
+        points = [p for p in record["curve"] if isinstance(p.get(objective), int | float)]
+        if not points:
+            self.opt.abandoned(record["index"])
+            return
+        if self.cfg.early_stopping.percentile is None:  # curves were not streamed to Ax: send the last point
+            last = points[-1]
+            self.opt.progress(record["index"], {objective: last[objective]},
+                              max(1, round(last["progress"] * PROGRESSION_SCALE)))
+        self.opt.early_stopped(record["index"])
+
     def _ax_metrics(self, metrics: dict) -> list[str]:
         names = list(self.cfg.objectives)
         for constraint in self.cfg.outcome_constraints:
-            name = constraint.split()[0]
+            name = OUTCOME_CONSTRAINT.match(constraint).group(1)
             if name in metrics and name not in names:
                 names.append(name)
         return names
@@ -294,8 +330,10 @@ class Study:
             "search_space": self.cfg.search_space,
             "constraints": self.cfg.constraints,
             "seed": self.cfg.seed,
+            "rslora": self.cfg.lora.use_rslora,
             "evaluation": self.evaluation,
             "n_trials": self._finished(),
+            "early_stopping": R.early_stopping_savings(self.records),
             "states": {s.value: sum(r["state"] == s.value for r in self.records) for s in TrialState},
             "wall_time_s": self.elapsed_before + (time.time() - getattr(self, "_session_start", time.time())),
             "best_config": str(self.paths.best_config) if best and self.evaluation == "finetune" else None,
@@ -314,9 +352,10 @@ class Study:
         atomic_write_json(self.paths.results, summary)
         best = self.best()
         if best and self.evaluation == "finetune":
-            atomic_write_text(self.paths.best_config, self._best_config_yaml(best))
+            atomic_write_text(self.paths.best_config, self.config_yaml(best, self.paths.best_config))
 
-    def _best_config_yaml(self, best: dict) -> str:
+    def config_yaml(self, best: dict, path: Path) -> str:
+        """A complete training config for the record's parameters, with the retrain's epochs."""
         cfg = apply(self.cfg.base(), best["params"], self.space)
         cfg.training.epochs = self.cfg.retrain_epochs
         if self.cfg.seed is not None:
@@ -326,10 +365,11 @@ class Study:
             value = getattr(cfg.data, attr)
             if value and not value.startswith("builtin:"):
                 setattr(cfg.data, attr, str(Path(value).resolve()))
-        metric = ", ".join(f"{o}={best['metrics'][o]:.4g}" for o in self.cfg.objectives)
-        header = (f"# Best of {self._finished()} trials: trial {best['index']} ({metric}), "
-                  f"{self.cfg.retrain_epochs:g} epochs for the full retrain.\n"
-                  f"# Retrain: python finetune_lora.py --config {self.paths.best_config}\n")
+        metric = ", ".join(f"{o}={best['metrics'][o]:.4g}" for o in self.cfg.objectives if o in best["metrics"])
+        which = (f"Best of {self._finished()} trials: trial {best['index']}" if best is self.best()
+                 else f"Trial {best['index']} of {self._finished()}")
+        header = (f"# {which} ({metric}), {self.cfg.retrain_epochs:g} epochs for the full retrain.\n"
+                  f"# Retrain: python finetune_lora.py --config {path}\n")
         return dump_yaml(to_dict(cfg), header)
 
     # -- terminal -----------------------------------------------------------------------------
@@ -351,10 +391,14 @@ class Study:
                            f" → {shown} {mark}  [dim]({_clock(elapsed)} elapsed, ~{_clock(left)} left)[/]",
                            soft_wrap=True)
 
-    def _print_summary(self) -> None:
+    def _print_summary(self, report: Path | None) -> None:
         from rich.table import Table
 
         objective, minimize = self.cfg.objectives[0], self.cfg.minimize[0]
+        if not R.ranked(self.records, objective, minimize):
+            self.console.print("No trial completed: see the reasons above and the logs under "
+                               f"{self.paths.directory / 'trials'}")
+            return
         table = Table(title="Top trials")
         names = self.space.names
         for col in ["#", *[R.SHORT_NAMES.get(n, n) for n in names], *self.cfg.objectives, "time (s)"]:
@@ -370,6 +414,8 @@ class Study:
                                f"({gain.relative:+.1%} better)" if gain.absolute >= 0 else
                                f"Best {objective} {gain.best:.4f}: the baseline ({gain.baseline:.4f}) was not beaten")
         self.console.print(f"Results: {self.paths.results}", soft_wrap=True)
+        if report:
+            self.console.print(f"Report: {report}", soft_wrap=True)
         if self.best() and self.evaluation == "finetune":
             self.console.print(f"Best config: {self.paths.best_config}  (retrain: python finetune_lora.py --config "
                                f"{self.paths.best_config})", soft_wrap=True)
@@ -378,7 +424,9 @@ class Study:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, additional_trials: int = 0, evaluate: Callable | None = None,
-             early_stopping: EarlyStoppingCallback | None = None, quiet: bool = False) -> Study:
+             early_stopping: EarlyStoppingCallback | None = None, quiet: bool = False,
+             read_only: bool = False) -> Study:
+        """Rebuild a study from its checkpoint; ``read_only`` loads one only to read it (no resume)."""
         path = Path(checkpoint)
         if path.is_dir():
             path = path / CHECKPOINT_NAME
@@ -389,7 +437,7 @@ class Study:
             raise LoratuneError(f"{path}: checkpoint version {data.get('version')} is not supported (expected {CHECKPOINT_VERSION})")
         if additional_trials < 0:
             raise LoratuneError(f"additional_trials: must be >= 0, got {additional_trials}")
-        if data.get("evaluation") == "callable" and evaluate is None:
+        if data.get("evaluation") == "callable" and evaluate is None and not read_only:
             raise LoratuneError(f"{path}: this study evaluated a Python function; pass the same evaluate= to resume it")
         try:
             cfg = build(StudyConfig, data["config"], str(path), "config.")
@@ -399,7 +447,8 @@ class Study:
         cfg.trials += additional_trials
         validate_study(cfg, str(path), custom_metrics=data.get("evaluation") != "finetune")
         study = cls(cfg, StudyPaths(path.parent, path.parent / data.get("results_file", RESULTS_NAME)),
-                    evaluate=evaluate, early_stopping=early_stopping, quiet=quiet)
+                    evaluate=evaluate, early_stopping=early_stopping, quiet=quiet, preflight=not read_only)
+        study.recorded_evaluation = data.get("evaluation")
         study.records = records
         study.elapsed_before = float(data.get("elapsed_s") or 0.0)
         study.opt = Optimizer.restore(snapshot, study.space, cfg.seed, cfg.init_trials)

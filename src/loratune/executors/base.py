@@ -59,6 +59,8 @@ class CallableExecutor:
         self.evaluate, self.objectives, self.slots = evaluate, objectives, slots
         self._events: queue.Queue[Event] = queue.Queue()
         self._stop: dict[int, threading.Event] = {}
+        self._acks: dict[int, threading.Event] = {}  # points awaiting the loop's decision
+        self._returned: list[Event] = []
         try:
             self._wants_report = len(inspect.signature(evaluate).parameters) >= 2
         except (TypeError, ValueError):
@@ -75,20 +77,26 @@ class CallableExecutor:
         def report(progress: float, metrics: dict | float) -> bool:
             point = {"progress": float(progress), "step": len(curve) + 1, **_as_metrics(metrics, self.objectives)}
             curve.append(point)
+            handled = threading.Event()
+            self._acks[id(point)] = handled
             self._events.put(Event(spec.index, point=point))
-            return stop.wait(0.05) if self._wants_report else False  # give the loop a moment to decide
+            handled.wait(timeout=600)  # the study has decided on this point once it polls again
+            return stop.is_set()
 
         try:
             value = self.evaluate(dict(spec.params), report) if self._wants_report else self.evaluate(dict(spec.params))
             metrics = _as_metrics(value, self.objectives)
             state = TrialState.EARLY_STOPPED if stop.is_set() else TrialState.COMPLETED
-            result = TrialResult(state, metrics, curve)
+            result = TrialResult(state, metrics, curve, reason="early-stopped" if stop.is_set() else None)
         except Exception as exc:
             result = result_from_exception(exc)
             result.curve = curve
         self._events.put(Event(spec.index, result=result))
 
     def poll(self, timeout: float) -> list[Event]:
+        for event in self._returned:  # the loop has handled every event returned before
+            if event.point is not None and (ack := self._acks.pop(id(event.point), None)):
+                ack.set()
         events = []
         try:
             events.append(self._events.get(timeout=timeout))
@@ -96,6 +104,7 @@ class CallableExecutor:
                 events.append(self._events.get_nowait())
         except queue.Empty:
             pass
+        self._returned = events
         return events
 
     def stop(self, index: int) -> None:
@@ -105,6 +114,8 @@ class CallableExecutor:
     def shutdown(self) -> None:
         for event in self._stop.values():
             event.set()
+        for ack in self._acks.values():
+            ack.set()
 
 
 def _as_metrics(value: Any, objectives: list[str]) -> dict[str, Any]:

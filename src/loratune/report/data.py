@@ -1,0 +1,192 @@
+"""What the report says, computed from the trial records before anything is drawn or written.
+
+Every finding here is plain arithmetic over completed trials, so it can be tested, and each comes
+with the evidence it rests on.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from .. import results as R
+
+LR, RANK, ALPHA, BS = "learning_rate", "lora_rank", "lora_alpha", "batch_size"
+
+
+@dataclass
+class GroupStat:
+    value: object
+    n: int
+    mean: float
+    best: float
+
+
+@dataclass
+class Insight:
+    title: str
+    finding: str
+    groups: list[GroupStat] = field(default_factory=list)  # evidence: the objective by value
+    correlation: float | None = None  # Spearman rank correlation of the parameter with the objective
+
+
+@dataclass
+class ReportData:
+    objective: str
+    minimize: bool
+    records: list[dict]
+    completed: list[dict]
+    insights: list[Insight]
+    best: dict | None
+    baseline: dict | None
+    improvement: R.Improvement | None
+    early_stopping: dict
+    pareto: list[dict] | None
+    running: int
+    rslora: bool = False
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation; None with fewer than 4 points or no spread."""
+    if len(xs) < 4 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):  # ties share their mean rank
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def group_by(records: list[dict], key, objective: str, minimize: bool) -> list[GroupStat]:
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(key(r), []).append(r["metrics"][objective])
+    pick = min if minimize else max
+    return [GroupStat(v, len(ys), statistics.fmean(ys), pick(ys)) for v, ys in sorted(groups.items())]
+
+
+def effective_scale(params: dict, rslora: bool = False) -> float | None:
+    """LoRA's update scale: alpha/rank, or alpha/sqrt(rank) with rsLoRA."""
+    if RANK not in params or ALPHA not in params:
+        return None
+    return params[ALPHA] / (math.sqrt(params[RANK]) if rslora else params[RANK])
+
+
+def _strength(rho: float | None) -> str:
+    if rho is None:
+        return "too few trials to tell"
+    size = "strongly" if abs(rho) >= 0.6 else "moderately" if abs(rho) >= 0.3 else "hardly"
+    return f"{size} {'rises' if rho > 0 else 'falls'} with it (Spearman {rho:+.2f})"
+
+
+def _done_with(completed: list[dict], *names: str) -> list[dict]:
+    return [r for r in completed if all(n in r["params"] for n in names)]
+
+
+def discrete_insight(title: str, name: str, completed: list[dict], objective: str, minimize: bool) -> Insight | None:
+    rows = _done_with(completed, name)
+    if len({r["params"][name] for r in rows}) < 2:
+        return None
+    groups = group_by(rows, lambda r: r["params"][name], objective, minimize)
+    rho = spearman([float(r["params"][name]) for r in rows], [r["metrics"][objective] for r in rows])
+    best = (min if minimize else max)(groups, key=lambda g: g.mean)
+    finding = (f"{objective.capitalize()} {_strength(rho)}; the best mean {objective} is at {name} = {best.value} "
+               f"({best.mean:.4f} over {best.n} trial{'s' * (best.n != 1)}).")
+    return Insight(title, finding, groups, rho)
+
+
+def learning_rate_insight(completed: list[dict], objective: str, minimize: bool, bounds: tuple | None) -> Insight | None:
+    rows = _done_with(completed, LR)
+    if len(rows) < 2:
+        return None
+    ranked = sorted(rows, key=lambda r: r["metrics"][objective] * (1 if minimize else -1))
+    top = ranked[: max(2, len(ranked) // 4)]
+    low, high = min(r["params"][LR] for r in top), max(r["params"][LR] for r in top)
+    best_lr = ranked[0]["params"][LR]
+    edge = ""
+    if bounds and best_lr >= bounds[1] * 0.95:
+        edge = f" The best trial sits at the top of the range ({bounds[1]:.2g}): a wider range may find more."
+    elif bounds and best_lr <= bounds[0] * 1.05:
+        edge = f" The best trial sits at the bottom of the range ({bounds[0]:.2g}): a wider range may find more."
+    decades = [math.floor(math.log10(r["params"][LR]) * 2) / 2 for r in rows]  # half-decade bins
+    groups = group_by([{**r, "bin": d} for r, d in zip(rows, decades, strict=True)],
+                      lambda r: (round(10 ** r["bin"], 12), round(10 ** (r["bin"] + 0.5), 12)), objective, minimize)
+    rho = spearman([math.log(r["params"][LR]) for r in rows], [r["metrics"][objective] for r in rows])
+    span = f"all used {low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"used learning rates from {low:.2g} to {high:.2g}"
+    finding = (f"The best {len(top)} trials {span}; the best one {best_lr:.2g}. "
+               f"{objective.capitalize()} {_strength(rho)} on a log scale.{edge}")
+    return Insight("Learning-rate sweet spot", finding, groups, rho)
+
+
+def alpha_ratio_insight(completed: list[dict], objective: str, minimize: bool, rslora: bool) -> Insight | None:
+    rows = _done_with(completed, RANK, ALPHA)
+    if len(rows) < 2:
+        return None
+    scales = [effective_scale(r["params"], rslora) for r in rows]
+    ys = [r["metrics"][objective] for r in rows]
+    rho = spearman([math.log(s) for s in scales], ys)
+    what = "alpha/sqrt(rank)" if rslora else "alpha/rank"
+    groups = group_by([{**r, "s": s} for r, s in zip(rows, scales, strict=True)], lambda r: round(r["s"], 3),
+                      objective, minimize)
+    finding = f"The effective scale {what} matters: {objective} {_strength(rho)}."
+    if rho is not None and abs(rho) < 0.3:
+        finding = f"The effective scale {what} hardly matters here (Spearman {rho:+.2f})."
+    if LR in rows[0]["params"]:
+        eff = spearman([math.log(s * r["params"][LR]) for s, r in zip(scales, rows, strict=True)], ys)
+        if eff is not None:
+            finding += (f" Scale x learning rate, the step the adapter actually takes (LoRA paper, 4.1), "
+                        f"correlates at {eff:+.2f}.")
+    return Insight("Alpha/rank ratio", finding, groups, rho)
+
+
+def compute(summary: dict) -> ReportData:
+    """Everything the report shows, from ``optimization_results.json`` (or a partial one)."""
+    records = summary.get("trials") or []
+    objectives, minimize = summary.get("objectives") or ["loss"], summary.get("minimize") or [True]
+    objective, mini = objectives[0], minimize[0]
+    completed = [r for r in records if R.objective_values(r, [objective]) is not None]
+    space = summary.get("search_space") or {}
+    lr_spec = space.get(LR)
+    bounds = tuple(lr_spec) if isinstance(lr_spec, list) and len(lr_spec) == 2 else \
+        (lr_spec.get("low"), lr_spec.get("high")) if isinstance(lr_spec, dict) and "low" in lr_spec else None
+    rslora = bool(summary.get("rslora"))
+    insights = [
+        discrete_insight("LoRA rank vs loss", RANK, completed, objective, mini),
+        learning_rate_insight(completed, objective, mini, bounds),
+        discrete_insight("Batch size impact", BS, completed, objective, mini),
+        alpha_ratio_insight(completed, objective, mini, rslora),
+    ]
+    front = R.pareto_front(records, objectives, minimize) if len(objectives) > 1 else None
+    return ReportData(
+        objective=objective, minimize=mini, records=records, completed=completed,
+        insights=[i for i in insights if i is not None],
+        best=R.best_record(records, objectives, minimize), baseline=R.baseline_record(records),
+        improvement=R.improvement(records, objective, mini), early_stopping=R.early_stopping_savings(records),
+        pareto=front, running=sum(r.get("state") == "running" for r in records), rslora=rslora,
+    )
+
+
+def trace(records: list[dict], objective: str, minimize: bool) -> list[tuple[int, float | None, float | None]]:
+    """(trial index, its value, best so far) in trial order, for the optimization trace."""
+    out, best = [], None
+    pick = min if minimize else max
+    for r in sorted(records, key=lambda r: r["index"]):
+        v = r["metrics"].get(objective) if R.objective_values(r, [objective]) is not None else None
+        if v is not None:
+            best = v if best is None else pick(best, v)
+        out.append((r["index"], v, best))
+    return out

@@ -1,0 +1,152 @@
+"""OPTIMIZATION_RESULTS.md: the analysis a person reads, written from ReportData."""
+
+from __future__ import annotations
+
+from .. import results as R
+from .data import ReportData, effective_scale
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):  # a bin
+        return f"{v[0]:.2g} to {v[1]:.2g}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+
+
+def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[str, str],
+           importance: dict[str, float] | None, analysis_errors: list[str], comparison: dict | None) -> str:
+    obj = data.objective
+    names = list(summary.get("search_space") or {})
+    lines = ["# Optimization results", ""]
+    state = f"{len(data.records)} trials" + (f", {data.running} still running or interrupted" if data.running else "")
+    lines += [f"Study of {state}: {summary.get('evaluation', 'finetune')} evaluation, objective"
+              f"{'s' if len(summary.get('objectives', [])) > 1 else ''} "
+              f"{', '.join(('minimize ' if m else 'maximize ') + o for o, m in zip(summary.get('objectives', [obj]), summary.get('minimize', [True]), strict=False))}, "
+              f"seed {summary.get('seed')}, {summary.get('wall_time_s', 0) / 60:.1f} min of wall time.", ""]
+    lines += ["## Settings", "", "Search space:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in (summary.get("search_space") or {}).items()]
+    if summary.get("constraints"):
+        lines += ["", "Constraints: " + ", ".join(f"`{c}`" for c in summary["constraints"])]
+    lines += ["", "States: " + ", ".join(f"{k} {v}" for k, v in (summary.get("states") or {}).items() if v), ""]
+
+    lines += ["## Result", ""]
+    if data.best is None:
+        lines += ["No trial has completed yet, so there is no best configuration.", ""]
+    else:
+        lines += [f"Best trial: **#{data.best['index']}**, {R.format_params(data.best['params'])}, "
+                  f"{obj} **{data.best['metrics'][obj]:.4f}**."]
+        if data.improvement:
+            imp = data.improvement
+            word = "better" if imp.absolute >= 0 else "worse"
+            lines += [f"Baseline (#{data.baseline['index']}, {R.format_params(data.baseline['params'])}): {obj} "
+                      f"{imp.baseline:.4f}. Improvement: {imp.absolute:+.4f} absolute, {abs(imp.relative):.1%} {word}."]
+        lines += [""]
+    lines += _recommendation(data, summary, comparison)
+
+    lines += ["## Every trial", "", "★ best, ◆ baseline. Effective scale is alpha/rank"
+              + (" (alpha/sqrt(rank) with rsLoRA)" if data.rslora else "") + ".", ""]
+    rows = []
+    for r in sorted(data.records, key=lambda r: r["index"]):
+        mark = ("★ " if data.best and r["index"] == data.best["index"] else "") + ("◆ " if r.get("baseline") else "")
+        scale = effective_scale(r["params"], data.rslora)
+        value = r["metrics"].get(obj)
+        rows.append([f"{mark}{r['index']}", *[r["params"].get(n, "") for n in names],
+                     f"{scale:.3g}" if scale else "", f"{value:.4f}" if isinstance(value, float) else "",
+                     r["state"] + (f" ({r['reason']})" if r.get("reason") and r["state"] in ("failed", "out_of_memory") else ""),
+                     f"{r.get('duration_s') or 0:.1f}"])
+    lines += _table(["#", *names, "scale", obj, "state", "time (s)"], rows) + [""]
+    if images.get("trace"):
+        lines += [f"![Optimization trace: {obj} of each trial and the best so far]({images['trace']})", ""]
+
+    lines += ["## Key insights", ""]
+    if not data.insights:
+        lines += ["Too few completed trials to say anything yet.", ""]
+    for ins in data.insights:
+        lines += [f"### {ins.title}", "", ins.finding, ""]
+        lines += _table(["value", "trials", f"mean {obj}", f"best {obj}"],
+                        [[g.value, g.n, g.mean, g.best] for g in ins.groups]) + [""]
+    for key, img in images.items():
+        if key.startswith("contour_"):
+            x, y = key.removeprefix("contour_").split("__")
+            lines += [f"![{obj} over {x} and {y}]({img})", ""]
+
+    lines += ["## Parameter importance", ""]
+    if importance:
+        lines += ["Total Sobol sensitivity of Ax's model of the objective (share of its variance each parameter "
+                  "explains, interactions included):", ""]
+        lines += _table(["parameter", "importance"], sorted(importance.items(), key=lambda kv: -kv[1])) + [""]
+        if images.get("importance"):
+            lines += [f"![Parameter importance]({images['importance']})", ""]
+    else:
+        lines += ["Ax's sensitivity analysis is not available for this study"
+                  + (f" ({'; '.join(e for e in analysis_errors if e.startswith('sensitivity'))})." if analysis_errors else "."), ""]
+
+    es = data.early_stopping
+    lines += ["## Early stopping", ""]
+    if es["stopped"]:
+        lines += [f"{es['stopped']} trial{'s' * (es['stopped'] != 1)} stopped early, saving {es['trials_saved']:.2f} "
+                  f"trials' worth of training ({es['share_saved']:.0%} of the training the finished trials would have "
+                  "needed). Their partial results are never taken as the best.", ""]
+        lines += _table(["#", "stopped at", "training saved"],
+                        [[r["index"], f"{r['curve'][-1]['progress']:.0%}" if r.get("curve") else "?",
+                          f"{r.get('training_saved', 0):.0%}"] for r in data.records if r["state"] == "early_stopped"]) + [""]
+    else:
+        lines += ["No trial was stopped early.", ""]
+    if images.get("curves"):
+        lines += [f"![Learning curves; early-stopped trials dashed]({images['curves']})", ""]
+    if images.get("parallel"):
+        lines += [f"![Parallel coordinates of the completed trials]({images['parallel']})", ""]
+
+    if data.pareto:
+        objs = summary.get("objectives", [obj])
+        lines += ["## Pareto front", "", "No other trial is better on every objective than these. best_config.yaml "
+                  "takes the knee: the point nearest the ideal corner once each objective is scaled to [0, 1] over "
+                  "the front; `loratune export DIR --trial N` writes the config of any other.", ""]
+        lines += _table(["#", *names, *objs], [[r["index"], *[r["params"].get(n) for n in names],
+                                                *[r["metrics"].get(o) for o in objs]] for r in data.pareto]) + [""]
+        if images.get("pareto"):
+            lines += [f"![Pareto front]({images['pareto']})", ""]
+
+    if comparison:
+        lines += _comparison(comparison)
+    if html:
+        lines += ["## Interactive plots (Ax)", ""] + [f"- [{name.replace('_', ' ')}]({path})" for name, path in html.items()] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _recommendation(data: ReportData, summary: dict, comparison: dict | None) -> list[str]:
+    if data.best is None:
+        return []
+    lines = ["### Recommendation", ""]
+    obj = data.objective
+    values = sorted(r["metrics"][obj] for r in data.completed)
+    runner_up = values[1] if len(values) > 1 else None
+    text = f"Retrain with `best_config.yaml` (trial #{data.best['index']})."
+    if runner_up is not None:
+        text += f" The next best trial scored {runner_up:.4f}, {abs(runner_up - values[0]):.4f} away."
+    if comparison:
+        text += f" After the full retrain with {comparison['seeds']} seeds, {comparison['verdict']}."
+    else:
+        text += (" How sure this is depends on the seed-to-seed noise, which one run per trial does not show: "
+                 "`loratune compare DIR` retrains the best config and the baseline with 3 seeds each and adds the "
+                 "answer here.")
+    if len(data.completed) < 10:
+        text += f" Only {len(data.completed)} trials completed: more would make the search surer."
+    return lines + [text, ""]
+
+
+def _comparison(c: dict) -> list[str]:
+    lines = ["## Best versus baseline, fully retrained", "",
+             f"{c['epochs']:g} epochs, {c['seeds']} seeds each (trial #{c['best_trial']} against the baseline "
+             f"#{c['baseline_trial']}):", ""]
+    lines += _table(["config", "validation loss per seed", "mean", "std"], [
+        ["best", ", ".join(f"{v:.4f}" for v in c["best"]), c["best_mean"], c["best_std"]],
+        ["baseline", ", ".join(f"{v:.4f}" for v in c["baseline"]), c["baseline_mean"], c["baseline_std"]],
+    ])
+    return lines + ["", f"Difference {c['difference']:+.4f} ({c['relative']:+.1%}): {c['verdict']}.", ""]

@@ -1,0 +1,134 @@
+"""The seed's advanced features: early stopping, several objectives, parameter constraints."""
+
+import pytest
+from conftest import fake_loss
+
+from loratune import EarlyStoppingCallback, run_optimization
+from loratune.config import StudyConfig
+from loratune.errors import LoratuneError
+from loratune.results import pareto_front
+
+SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
+         "batch_size": [1, 2, 4]}
+CHECKS = [round(0.1 * k, 1) for k in range(1, 11)]
+
+
+def curve_loss(params, progress):
+    """A learning curve that falls to fake_loss(params): poor configurations are poor early, too."""
+    return fake_loss(params) + 0.6 * (1 - progress) * (fake_loss(params) - 0.4)
+
+
+def with_curve(params, report):
+    for p in CHECKS:
+        if report(p, {"loss": curve_loss(params, p)}):
+            return {"loss": curve_loss(params, p)}
+    return {"loss": curve_loss(params, 1.0)}
+
+
+def optimize(tmp_path, trials, **kwargs):
+    kwargs.setdefault("search_space", SPACE)
+    return run_optimization(num_trials=trials, output_dir=tmp_path / "study", seed=0, quiet=True, report=False,
+                            evaluate=kwargs.pop("evaluate", with_curve), **kwargs)
+
+
+def test_threshold_rule_stops_exactly_the_poor_trials_at_check_at(tmp_path):
+    threshold, check_at = 0.65, 0.3
+    results = optimize(tmp_path, 8, early_stopping=EarlyStoppingCallback(threshold=threshold, check_at=check_at))
+    for t in results["trials"]:
+        at_check = curve_loss(t["params"], check_at)
+        if at_check > threshold:
+            assert t["state"] == "early_stopped"
+            assert t["curve"][-1]["progress"] == check_at  # stopped at the check, not later
+            assert t["training_saved"] == pytest.approx(1 - check_at)
+        else:
+            assert t["state"] == "completed" and t["curve"][-1]["progress"] == 1.0
+    stopped = [t for t in results["trials"] if t["state"] == "early_stopped"]
+    assert stopped, "the test space must contain trials above the threshold"
+    assert results["best_trial"] not in {t["index"] for t in stopped}
+    assert results["early_stopping"]["stopped"] == len(stopped)
+    assert results["early_stopping"]["trials_saved"] == pytest.approx(len(stopped) * (1 - check_at))
+
+
+def test_ax_percentile_stopping_stops_poor_trials_once_enough_curves_exist(tmp_path):
+    cfg = StudyConfig(init_trials=10)
+    cfg.early_stopping.percentile, cfg.early_stopping.min_curves, cfg.early_stopping.min_progression = 50, 3, 0.2
+    results = optimize(tmp_path, 12, config=cfg)
+    trials = results["trials"]
+    stopped = [t for t in trials if t["state"] == "early_stopped"]
+    assert all(t["state"] == "completed" for t in trials[:3])  # nothing to compare with yet
+    assert stopped, "with 50% and a spread of curves some trials must be stopped"
+    for t in stopped:
+        reached = t["curve"][-1]["progress"]
+        assert reached >= 0.2
+        # a stopped trial was worse, at the point it stopped, than the median of earlier finished curves
+        earlier = [curve_loss(o["params"], reached) for o in trials if o["index"] < t["index"] and o["state"] == "completed"]
+        assert curve_loss(t["params"], reached) > sorted(earlier)[len(earlier) // 2 - 1]
+    assert results["best_trial"] not in {t["index"] for t in stopped}
+
+
+def test_product_constraint_never_runs_a_violating_trial(tmp_path):
+    seen = []
+
+    def evaluate(params):
+        seen.append(params)
+        return fake_loss(params)
+
+    results = optimize(tmp_path, 7, evaluate=evaluate, constraints=["lora_rank * batch_size <= 32"])
+    assert len(seen) == len(results["trials"]) == 7  # two of them proposed by Bayesian optimization
+    assert all(p["lora_rank"] * p["batch_size"] <= 32 for p in seen)
+    assert {p["lora_rank"] for p in seen} <= {8, 16, 32}
+
+
+def test_seed_constraint_over_the_seed_space(tmp_path):
+    cfg = StudyConfig(init_trials=12)  # quasi-random points spread over the whole space
+    results = optimize(tmp_path, 12, evaluate=fake_loss, constraints=["lora_rank * batch_size <= 128"], config=cfg)
+    assert all(t["params"]["lora_rank"] * t["params"]["batch_size"] <= 128 for t in results["trials"])
+
+
+def two_metrics(params):
+    return {"loss": fake_loss(params), "inference_time": 1.0 + params["lora_rank"] / 16 + params["batch_size"] / 100}
+
+
+def test_two_objectives_give_a_pareto_front_of_non_dominated_points(tmp_path):
+    results = optimize(tmp_path, 7, evaluate=two_metrics, objectives=["loss", "inference_time"], minimize=[True, True])
+    front = results["pareto_front"]
+    done = [t for t in results["trials"] if t["state"] == "completed"]
+    assert front and len(done) == 7
+
+    def dominates(a, b):
+        return all(a[m] <= b[m] for m in ("loss", "inference_time")) and a != b
+
+    for p in front:  # nothing dominates a front point
+        assert not any(dominates(t["metrics"], p["metrics"]) for t in done)
+    front_ids = {p["index"] for p in front}
+    for t in done:  # everything off the front is dominated by a front point
+        if t["index"] not in front_ids:
+            assert any(dominates(p["metrics"], t["metrics"]) for p in front)
+    assert results["best_trial"] in front_ids
+
+
+def test_pareto_front_with_a_maximized_objective():
+    records = [{"index": i, "state": "completed", "metrics": {"loss": loss, "acc": acc}}
+               for i, (loss, acc) in enumerate([(0.5, 0.9), (0.4, 0.8), (0.6, 0.7), (0.4, 0.95)])]
+    assert [r["index"] for r in pareto_front(records, ["loss", "acc"], [True, False])] == [3]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"constraints": ["lora_rank * batch_size <= 2"]}, "no point of the search space satisfies it"),
+    ({"constraints": ["rank * batch_size <= 128"]}, "unknown field 'rank'"),
+    ({"constraints": ["lora_rank * batch_size =< 128"]}, "syntax error"),
+    ({"objectives": ["loss", "speed"]}, "unknown field 'speed'"),
+    ({"objectives": ["loss", "inference_time"], "minimize": [True]}, "minimize: needs one flag per objective (2)"),
+    ({"outcome_constraints": ["peak_memory_gb < 15"]}, "is not 'metric <= number'"),
+    ({"outcome_constraints": ["peak_memroy_gb <= 15"]}, "did you mean 'peak_memory_gb'"),
+])
+def test_bad_advanced_settings(tmp_path, kwargs, message):
+    with pytest.raises(LoratuneError) as err:
+        run_optimization(num_trials=2, output_dir=tmp_path, search_space=SPACE, quiet=True, **kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("check_at", [0, 1.5, -0.1])
+def test_check_at_outside_the_unit_interval(check_at):
+    with pytest.raises(LoratuneError, match=r"check_at must be in \(0, 1\]"):
+        EarlyStoppingCallback(threshold=0.7, check_at=check_at)

@@ -1,0 +1,128 @@
+import json
+import math
+import re
+
+import pytest
+from conftest import fake_loss
+
+from loratune import run_optimization
+from loratune.compare import compare_runs
+from loratune.errors import LoratuneError
+from loratune.report import write_report
+from loratune.report.data import (
+    alpha_ratio_insight,
+    compute,
+    effective_scale,
+    learning_rate_insight,
+    spearman,
+    trace,
+)
+
+
+def record(index, loss, state="completed", baseline=False, **params):
+    return {"index": index, "params": params, "state": state, "baseline": baseline, "metrics": {"loss": loss},
+            "curve": [], "reason": None, "duration_s": 1.0}
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # ties share their rank
+    assert spearman([1, 2, 3], [1, 2, 3]) is None  # too few points
+    assert spearman([1, 1, 1, 1], [1, 2, 3, 4]) is None  # no spread
+
+
+def test_effective_scale():
+    assert effective_scale({"lora_rank": 16, "lora_alpha": 32}) == 2
+    assert effective_scale({"lora_rank": 16, "lora_alpha": 32}, rslora=True) == 8
+    assert effective_scale({"lora_rank": 16}) is None
+
+
+def test_learning_rate_insight_finds_the_sweet_spot_and_the_edge():
+    rows = [record(i, loss, learning_rate=lr) for i, (lr, loss) in
+            enumerate([(1e-5, 0.9), (3e-5, 0.8), (1e-4, 0.6), (2e-4, 0.55), (5e-4, 0.7)])]
+    ins = learning_rate_insight(rows, "loss", True, (1e-5, 5e-4))
+    assert "from 0.0001 to 0.0002" in ins.finding and "best one 0.0002" in ins.finding
+    assert "top of the range" not in ins.finding
+    edge = learning_rate_insight(rows[:2] + [record(9, 0.3, learning_rate=5e-4)], "loss", True, (1e-5, 5e-4))
+    assert "top of the range" in edge.finding
+    assert [g.n for g in ins.groups] == [2, 2, 1]  # half-decade bins, in order
+    assert [round(g.value[0], 6) for g in ins.groups] == [1e-5, 1e-4, 0.000316]
+
+
+def test_alpha_ratio_insight_uses_alpha_over_rank():
+    rows = [record(i, 1.0 / (a / r), lora_rank=r, lora_alpha=a, learning_rate=1e-4)
+            for i, (r, a) in enumerate([(8, 16), (16, 16), (8, 64), (32, 32), (16, 128)])]
+    ins = alpha_ratio_insight(rows, "loss", True, rslora=False)
+    assert ins.correlation == pytest.approx(-1.0)
+    assert "alpha/rank matters" in ins.finding
+    assert [g.value for g in ins.groups] == [1.0, 2.0, 8.0]
+
+
+def test_compute_and_trace_over_records_with_failures():
+    records = [record(0, 0.8, baseline=True, lora_rank=16, learning_rate=2e-4),
+               record(1, 0.9, lora_rank=8, learning_rate=1e-5),
+               {**record(2, None, state="failed", lora_rank=64, learning_rate=1e-4), "metrics": {}},
+               record(3, 0.6, lora_rank=32, learning_rate=3e-4),
+               {**record(4, 0.7, state="early_stopped", lora_rank=8, learning_rate=2e-5), "training_saved": 0.6}]
+    data = compute({"trials": records, "objectives": ["loss"], "minimize": [True]})
+    assert data.best["index"] == 3 and data.baseline["index"] == 0
+    assert data.improvement.absolute == pytest.approx(0.2) and data.improvement.relative == pytest.approx(0.25)
+    assert data.early_stopping == {"stopped": 1, "trials_saved": 0.6, "share_saved": 0.15}
+    assert trace(records, "loss", True) == [(0, 0.8, 0.8), (1, 0.9, 0.8), (2, None, 0.8), (3, 0.6, 0.6), (4, None, 0.6)]
+
+
+def test_comparison_arithmetic():
+    c = compare_runs([0.50, 0.52, 0.51], [0.60, 0.62, 0.61])
+    assert (c.best_mean, c.baseline_mean) == (pytest.approx(0.51), pytest.approx(0.61))
+    assert c.best_std == pytest.approx(0.01) and c.difference == pytest.approx(0.10)
+    assert c.relative == pytest.approx(0.10 / 0.61)
+    # Welch's t = 0.1 / sqrt(2 * 0.01**2 / 3) = 12.25 with 4 degrees of freedom
+    assert c.p_value == pytest.approx(0.000255, rel=0.01) and c.beyond_noise
+    noisy = compare_runs([0.50, 0.60, 0.55], [0.56, 0.52, 0.62])
+    assert not noisy.beyond_noise and "within the seed-to-seed noise" in noisy.verdict()
+    assert compare_runs([0.5], [0.6]).p_value is None
+
+
+def test_report_of_a_finished_study_links_only_files_that_exist(tmp_path):
+    results = run_optimization(num_trials=6, output_dir=tmp_path, evaluate=lambda p: {"loss": fake_loss(p)},
+                               search_space={"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64],
+                                             "learning_rate": [1e-5, 5e-4], "batch_size": [1, 2]},
+                               quiet=True, seed=0)
+    text = (tmp_path / "OPTIMIZATION_RESULTS.md").read_text()
+    for section in ("## Settings", "## Result", "### Recommendation", "## Every trial", "## Key insights",
+                    "### LoRA rank vs loss", "### Learning-rate sweet spot", "### Batch size impact",
+                    "### Alpha/rank ratio", "## Parameter importance", "## Early stopping"):
+        assert section in text
+    assert f"loss **{results['best_loss']:.4f}**" in text
+    links = re.findall(r"\]\((plots/[^)]+)\)", text)
+    assert {"plots/trace.png", "plots/contour_lora_rank_learning_rate.png", "plots/importance.png",
+            "plots/sensitivity.html"} <= set(links)
+    for link in links:
+        assert (tmp_path / link).stat().st_size > 1000, link
+    assert (tmp_path / "plots" / "plotly.min.js").exists()  # the HTML plots open offline
+
+
+def test_report_of_a_crashed_study_from_its_checkpoint(tmp_path):
+    run_optimization(num_trials=3, output_dir=tmp_path, evaluate=fake_loss, quiet=True, report=False)
+    (tmp_path / "optimization_results.json").unlink()  # as if the process died before writing it
+    checkpoint = json.loads((tmp_path / "optimization_checkpoint.json").read_text())
+    checkpoint["records"].append({**checkpoint["records"][-1], "index": 3, "state": "running", "metrics": {}})
+    (tmp_path / "optimization_checkpoint.json").write_text(json.dumps(checkpoint))
+    text = write_report(tmp_path, interactive=False).read_text()
+    assert "4 trials, 1 still running or interrupted" in text and "Best trial: **#" in text
+
+
+def test_report_with_no_completed_trial(tmp_path):
+    (tmp_path / "optimization_results.json").write_text(json.dumps({"trials": [record(0, math.nan, state="running")]}))
+    text = write_report(tmp_path).read_text()
+    assert "No trial has completed yet" in text
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty", "foreign"])
+def test_report_on_a_directory_without_a_study(tmp_path, setup):
+    target = tmp_path / "nothing" if setup == "missing" else tmp_path
+    if setup == "foreign":
+        (tmp_path / "optimization_results.json").write_text('{"hello": 1}')
+    with pytest.raises(LoratuneError, match="no such directory|holds no loratune study|not a loratune study file"):
+        write_report(target)
