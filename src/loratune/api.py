@@ -31,12 +31,14 @@ def run_optimization(
     overwrite: bool = False,
     quiet: bool = False,
     report: bool | None = None,
+    **settings,
 ) -> dict:
     """Search LoRA hyperparameters with Ax; return the best and the full history.
 
     Arguments left as None come from ``config`` (a YAML path or a StudyConfig), and without one
     from the embedded default: the seed's search space on the offline demo model and dataset.
-    ``output_dir`` may also name the results file (``configs/optimization_results.json``).
+    ``output_dir`` may also name the results file (``configs/optimization_results.json``). Any
+    other study field can be passed by name (``executor="ray"``, ``gpus_per_trial=2``, ...).
 
     >>> from ax_optimization import run_optimization
     >>> results = run_optimization(num_trials=20, model_name="Qwen/Qwen2.5-7B-Instruct",
@@ -72,6 +74,10 @@ def run_optimization(
         cfg.command = command
     if report is not None:
         cfg.report = report
+    for name, value in settings.items():  # any other study field: executor="ray", gpus_per_trial=2, ...
+        if name not in StudyConfig.__dataclass_fields__ or name in ("model", "lora", "data", "training"):
+            raise LoratuneError(f"run_optimization: unknown argument '{name}'")
+        setattr(cfg, name, value)
     if not isinstance(num_trials, int | None) or (num_trials is not None and num_trials < 1):
         raise LoratuneError(f"num_trials: must be a positive integer, got {num_trials!r}")
     validate_study(cfg, source, custom_metrics=custom)

@@ -44,6 +44,11 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="training data file (a validation split is held out from it)")
     p.add_argument("--seed", type=int, help="seed of the search and of each trial's training")
     p.add_argument("--workers", type=_positive_int, help="trials to run at once")
+    p.add_argument("--gpus-per-trial", type=_positive_int, help="GPUs each trial gets (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--executor", choices=["local", "ray"], help="where trials run (default local)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start Ray on this machine)")
+    p.add_argument("--shared-dir", help="with Ray: a path all nodes share for trial files")
     p.add_argument("--command", help="external training command with {parameter} placeholders; "
                                      "its last JSON line on stdout holds the metrics")
     p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
@@ -54,9 +59,12 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_optimize(args: argparse.Namespace) -> None:
     from .api import run_optimization
 
+    parallel = {"gpus_per_trial": args.gpus_per_trial, "executor": args.executor, "ray_address": args.ray_address,
+                "shared_dir": args.shared_dir, "gpus": args.gpus.split(",") if args.gpus else None}
     run_optimization(num_trials=args.trials, model_name=args.model, output_dir=args.output, config=args.config,
                      data_path=args.data, seed=args.seed, workers=args.workers, command=args.command,
-                     overwrite=args.overwrite, quiet=args.quiet, report=False if args.no_report else None)
+                     overwrite=args.overwrite, quiet=args.quiet, report=False if args.no_report else None,
+                     **{k: v for k, v in parallel.items() if v is not None})
 
 
 def cmd_resume(args: argparse.Namespace) -> None:

@@ -167,6 +167,14 @@ class StudyConfig:
     """Trials running at once."""
     gpus_per_trial: int = 1
     """GPUs handed to each trial (CUDA_VISIBLE_DEVICES) when the machine has GPUs."""
+    gpus: list[str] | None = None
+    """Which local GPUs trials may use (ids as CUDA_VISIBLE_DEVICES takes them); null: all visible."""
+    executor: Literal["local", "ray"] = "local"
+    """Where trials run: child processes here, or Ray tasks on a cluster."""
+    ray_address: str | None = None
+    """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); null starts Ray on this machine."""
+    shared_dir: str | None = None
+    """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
     max_failures_in_a_row: int = 3
     """Stop the study after this many failed trials in a row."""
     keep_adapters: Literal["best", "all", "none"] = "best"

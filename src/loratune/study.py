@@ -70,6 +70,9 @@ class Study:
         self.space: SearchSpace = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
         if cfg.command:
             check_command(cfg.command, self.space.names)
+        if cfg.executor == "ray" and (evaluate or cfg.command):
+            raise LoratuneError("executor: Ray runs loratune's fine-tune trials; a Python evaluate or --command "
+                                "runs with the local executor")
         es = cfg.early_stopping
         if early_stopping is None and es.threshold is not None:
             early_stopping = EarlyStoppingCallback(es.threshold, es.check_at)
@@ -109,8 +112,13 @@ class Study:
         metrics = self.cfg.objectives
         if self.evaluate:
             return CallableExecutor(self.evaluate, metrics, slots=self.cfg.workers)
+        if self.cfg.executor == "ray":
+            from .executors.ray import RayExecutor
+
+            return RayExecutor(self.cfg.workers, address=self.cfg.ray_address, gpus_per_trial=self.cfg.gpus_per_trial,
+                               shared_dir=self.cfg.shared_dir)
         return LocalExecutor(slots=self.cfg.workers, objectives=metrics, command=self.cfg.command,
-                             gpus_per_trial=self.cfg.gpus_per_trial, measure_inference=True)
+                             gpus=self.cfg.gpus, gpus_per_trial=self.cfg.gpus_per_trial, measure_inference=True)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -123,7 +131,6 @@ class Study:
                         f"{self.paths.directory}: already holds a study ({self.paths.checkpoint.name}); resume it "
                         "with `loratune resume`, choose another --output, or pass --overwrite")
                 self._clear_outputs()
-            self.opt = self._new_optimizer()
             return self._loop()
 
     def _clear_outputs(self) -> None:
@@ -141,15 +148,21 @@ class Study:
             for record in [r for r in self.records if r["state"] == TrialState.RUNNING.value]:
                 record["restarts"] = record.get("restarts", 0) + 1  # interrupted before: run it again
                 self._submit(executor, record, running)
-            self._maybe_run_baseline(executor, running)
+            if self.opt is None:  # a new study: the baseline trains while Ax is imported and set up
+                baseline = self._start_baseline(executor, running)
+                self.opt = self._new_optimizer()
+                if baseline is not None and self.opt.attach(baseline["params"], baseline=True) != baseline["index"]:
+                    raise AssertionError("the baseline must be Ax's first trial")
+                self.save()
             aborted = None
             while True:
-                if aborted is None:
-                    self._fill(executor, running)
+                changed = aborted is None and self._fill(executor, running)
                 if not running:
                     break
                 for event in executor.poll(0.5):
-                    self._handle(event, executor, running)
+                    changed = self._handle(event, executor, running) or changed
+                if changed:  # one atomic save per round of events, after the new trials are asked for
+                    self.save()
                 if self.failures_in_a_row >= self.cfg.max_failures_in_a_row and aborted is None:
                     last = self.records[-1] if self.records else {}
                     aborted = (f"stopped after {self.failures_in_a_row} failed trials in a row; last: "
@@ -157,7 +170,8 @@ class Study:
             self.save()
         except KeyboardInterrupt:
             executor.shutdown()
-            self.save(interrupted=True)
+            if self.opt is not None:
+                self.save()
             self.console.print(f"[yellow]interrupted[/]; resume with: loratune resume {self.paths.directory}")
             raise
         report = self._write_report()
@@ -181,30 +195,32 @@ class Study:
     def _finished(self) -> int:
         return sum(1 for r in self.records if r["state"] != TrialState.RUNNING.value)
 
-    def _maybe_run_baseline(self, executor, running: dict) -> None:
-        if not self.cfg.baseline or self.records:
-            return
+    def _start_baseline(self, executor, running: dict) -> dict | None:
+        """Trial 0 is the current config, when it lies in the search space."""
+        if not self.cfg.baseline:
+            return None
         base = self.cfg.base()
         values = {p.name: _get(base, p.target) for p in self.space.params}
         if not self.space.contains(values):
             self.console.print(f"baseline ({R.format_params(values)}) is outside the search space: not run")
-            return
-        index = self.opt.attach(values, baseline=True)
-        self._submit(executor, self._new_record(index, values, baseline=True), running)
+            return None
+        record = self._new_record(0, values, baseline=True)
+        self._submit(executor, record, running)
+        return record
 
-    def _fill(self, executor, running: dict) -> None:
+    def _fill(self, executor, running: dict) -> bool:
+        """Keep every slot busy; True when new trials started."""
         free = min(executor.slots - len(running), self.cfg.trials - self._finished() - len(running))
         if free <= 0:
-            return
+            return False
         new = self.opt.ask(free)
         for index, params in new.items():
             self._submit(executor, self._new_record(index, params), running)
-        if new:
-            self.save()
-        elif not running:
+        if not new and not running:
             why = "every point of the search space has been tried" if self.opt.exhausted else \
                 "it waits for completed trials that will not come"
             self.console.print(f"Ax proposes no further trials: {why}")
+        return bool(new)
 
     def _new_record(self, index: int, params: dict, baseline: bool = False) -> dict:
         record = {"index": index, "params": params, "state": TrialState.RUNNING.value, "baseline": baseline,
@@ -225,16 +241,18 @@ class Study:
         executor.submit(TrialSpec(record["index"], dict(record["params"]), self.paths.trial_dir(record["index"]), config))
         running[record["index"]] = record
 
-    def _handle(self, event: Event, executor, running: dict) -> None:
+    def _handle(self, event: Event, executor, running: dict) -> bool:
+        """Apply one event; True when a trial ended."""
         record = running.get(event.index)
         if record is None:
-            return
+            return False
         if event.point is not None:
             self._on_progress(record, event.point, executor)
-        if event.result is not None:
-            del running[event.index]
-            self._on_result(record, event.result)
-            self.save()
+        if event.result is None:
+            return False
+        del running[event.index]
+        self._on_result(record, event.result)
+        return True
 
     def _on_progress(self, record: dict, point: dict, executor) -> None:
         if "loss" not in point and "val_loss" in point:
@@ -340,7 +358,7 @@ class Study:
             "trials": self.records,
         }
 
-    def save(self, interrupted: bool = False) -> None:
+    def save(self) -> None:
         summary = self.summary()
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "saved_at": _now(),
