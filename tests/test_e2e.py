@@ -34,6 +34,12 @@ def test_seed_commands_end_to_end(tiny_model, tmp_path):
     assert cfg["lora"]["rank"] == best["params"]["lora_rank"] and cfg["training"]["epochs"] == 3
     assert cfg["training"]["learning_rate"] == best["params"]["learning_rate"]
 
+    other = next(t for t in trials if t["index"] != best["index"])  # any other trial, e.g. another Pareto point
+    exported = run_cli("-m", "loratune.cli", "export", str(out), "--trial", str(other["index"]), "--output",
+                       str(out / "other.yaml"))
+    assert exported.returncode == 0, exported.stderr
+    assert load_finetune_config(out / "other.yaml").lora.rank == other["params"]["lora_rank"]
+
     retrain = run_cli(str(ROOT / "finetune_lora.py"), "--config", str(best_config), "--quiet")
     assert retrain.returncode == 0, retrain.stderr
     metrics = json.loads((out / "best_model" / "metrics.json").read_text())

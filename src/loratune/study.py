@@ -386,8 +386,8 @@ class Study:
         metric = ", ".join(f"{o}={best['metrics'][o]:.4g}" for o in self.cfg.objectives if o in best["metrics"])
         which = (f"Best of {self._finished()} trials: trial {best['index']}" if best is self.best()
                  else f"Trial {best['index']} of {self._finished()}")
-        header = (f"# {which} ({metric}), {self.cfg.retrain_epochs:g} epochs for the full retrain.\n"
-                  f"# Retrain: python finetune_lora.py --config {path}\n")
+        header = (f"# python finetune_lora.py --config {path}\n"
+                  f"# {which} ({metric}), {self.cfg.retrain_epochs:g} epochs for the full retrain.\n")
         return dump_yaml(to_dict(cfg), header)
 
     # -- terminal -----------------------------------------------------------------------------

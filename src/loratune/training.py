@@ -224,7 +224,7 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
 
     feed, used = micro_batches(), []
     curve, step, tokens, window_loss, window_tokens = [], 0, 0, 0.0, 0
-    stopped, start = False, time.perf_counter()
+    stopped, start, eval_time = False, time.perf_counter(), 0.0
     s.model.train()
     while step < steps and not stopped:
         group = [next(feed) for _ in range(accumulation)]
@@ -252,17 +252,19 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
         if stop_requested and step < steps and stop_requested():
             stopped = True
         if step in eval_at or stopped:
+            eval_start = time.perf_counter()
             point = CurvePoint(step, step / steps, evaluate(s, t.eval_batch_size), window_loss / max(window_tokens, 1))
+            eval_time += time.perf_counter() - eval_start
             curve.append(point)
             window_loss, window_tokens = 0.0, 0
             if not math.isfinite(point.val_loss):
                 raise FloatingPointError(f"validation loss is {point.val_loss} at step {step}")
             stopped = stopped or (bool(on_eval and on_eval(point)) and step < steps)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - eval_time  # training only: validation is timed apart
     return FitResult(
         train_loss=curve[-1].train_loss, val_loss=curve[-1].val_loss, curve=curve, steps=step,
         planned_steps=steps, tokens_seen=tokens, train_time_s=elapsed,
-        padding_fraction=padding_fraction(used, lengths), stopped_early=stopped,
+        padding_fraction=padding_fraction(used, lengths), stopped_early=stopped, extra={"eval_time_s": eval_time},
     )
 
 
@@ -332,6 +334,7 @@ def finetune(cfg: FinetuneConfig, *, quiet: bool = False, overwrite: bool = Fals
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_seen / max(result.train_time_s, 1e-9),
         "train_time_s": result.train_time_s,
+        "eval_time_s": result.extra["eval_time_s"],
         "wall_time_s": time.perf_counter() - wall,
         "peak_memory_gb": peak_memory_gb(s.device),
         "padding_fraction": result.padding_fraction,
