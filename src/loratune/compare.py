@@ -35,7 +35,8 @@ class Comparison:
         if self.p_value is None:
             return "one run per config: no estimate of the noise"
         if self.beyond_noise:
-            return f"the improvement exceeds the seed-to-seed noise (Welch's t-test p = {self.p_value:.3f})"
+            p = "p < 0.001" if self.p_value < 0.001 else f"p = {self.p_value:.3f}"
+            return f"the improvement exceeds the seed-to-seed noise (Welch's t-test, {p})"
         return (f"the difference is within the seed-to-seed noise (p = {self.p_value:.2f}): "
                 "this win may not be real")
 
