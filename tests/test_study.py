@@ -94,7 +94,7 @@ def test_a_trial_running_at_a_crash_is_run_again(tmp_path):
     checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
     data = json.loads(checkpoint.read_text())
     # what a kill -9 during trial 2 leaves: its record still running, Ax's trial still RUNNING
-    opt = Optimizer.restore(data["ax"], Study.load(checkpoint, evaluate=fake_loss, quiet=True).space, 0, None)
+    opt = Optimizer.restore(data["ax"], Study.load(checkpoint, evaluate=fake_loss, quiet=True).space, 0)
     (index, params), = opt.ask(1).items()
     data["ax"] = opt.snapshot()
     data["records"].append({**data["records"][-1], "index": index, "params": params, "state": "running",
@@ -193,3 +193,14 @@ def test_external_command_failures(tmp_path):
 def test_command_with_an_unknown_placeholder(tmp_path):
     with pytest.raises(LoratuneError, match=r"--command: placeholder \{lr\} is not a searched parameter"):
         run_optimization(num_trials=2, output_dir=tmp_path, command="python train.py --lr {lr}", quiet=True)
+
+
+def test_overwrite_leaves_nothing_of_the_old_study(tmp_path):
+    optimize(tmp_path, trials=2)
+    study = tmp_path / "study"
+    (study / "comparison.json").write_text("{}")  # what `loratune compare` leaves
+    (study / "plots").mkdir()
+    (study / "plots" / "trace.png").write_bytes(b"old")
+    optimize(tmp_path, trials=2, overwrite=True)
+    assert not (study / "comparison.json").exists() and not (study / "plots").exists()
+    assert len(json.loads((study / "optimization_results.json").read_text())["trials"]) == 2

@@ -82,7 +82,7 @@ def run_optimization(
         raise LoratuneError(f"num_trials: must be a positive integer, got {num_trials!r}")
     validate_study(cfg, source, custom_metrics=custom)
     study = Study(cfg, StudyPaths.from_output(output_dir), evaluate=evaluate, early_stopping=early_stopping,
-                  quiet=quiet, source=source)
+                  quiet=quiet)
     return study.run(overwrite=overwrite)
 
 

@@ -333,9 +333,11 @@ def validate(cfg: FinetuneConfig, source: str | None = None) -> FinetuneConfig:
     return cfg
 
 
-def get_field(cfg: FinetuneConfig, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
+def get_field(obj: Any, dotted: str) -> Any:
+    """``get_field(cfg, "training.learning_rate")``."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def validate_study(cfg: StudyConfig, source: str | None = None, custom_metrics: 
     ]
     for name, ok, rule in checks:
         if not ok:
-            raise LoratuneError(f"{where(source, name)}: {rule}, got {_dotted(cfg, name)!r}")
+            raise LoratuneError(f"{where(source, name)}: {rule}, got {get_field(cfg, name)!r}")
     if len(set(cfg.objectives)) != len(cfg.objectives):
         raise LoratuneError(f"{where(source, 'objectives')}: an objective is named twice: {cfg.objectives}")
     for text in cfg.outcome_constraints:
@@ -434,12 +436,6 @@ def validate_study(cfg: StudyConfig, source: str | None = None, custom_metrics: 
                                     f"not a metric loratune measures ({', '.join(KNOWN_METRICS)})")
     validate(cfg.base(), source)
     return cfg
-
-
-def _dotted(obj: Any, name: str) -> Any:
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def load_study_config(path: str | Path | None, custom_metrics: bool = False) -> StudyConfig:

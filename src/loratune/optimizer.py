@@ -151,7 +151,7 @@ class Optimizer:
             os.unlink(path)
 
     @classmethod
-    def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, init_trials: int | None) -> Optimizer:
+    def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None) -> Optimizer:
         """Rebuild from ``snapshot()``; the seed is reapplied, as Ax does not store it."""
         _quiet_ax()
         from ax import Client

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import results as R
-from .config import OUTCOME_CONSTRAINT, StudyConfig, build, dump_yaml, to_dict, validate_study
+from .config import OUTCOME_CONSTRAINT, StudyConfig, build, dump_yaml, get_field, to_dict, validate_study
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError
 from .executors.base import CallableExecutor, Event, TrialSpec, check_command
@@ -65,7 +65,7 @@ class StudyPaths:
 class Study:
     def __init__(self, cfg: StudyConfig, paths: StudyPaths, *, evaluate: Callable | None = None,
                  early_stopping: EarlyStoppingCallback | None = None, quiet: bool = False,
-                 source: str | None = None, preflight: bool = True):
+                 preflight: bool = True):
         self.cfg, self.paths, self.evaluate = cfg, paths, evaluate
         self.space: SearchSpace = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
         if cfg.command:
@@ -82,7 +82,6 @@ class Study:
         self.opt: Optimizer | None = None
         self.elapsed_before = 0.0  # wall time of earlier sessions of this study
         self.failures_in_a_row = 0
-        self.source = source
         self.recorded_evaluation: str | None = None  # what a loaded study evaluated with
         if preflight and self.evaluation == "finetune":
             from .training import preflight as check_inputs
@@ -134,10 +133,12 @@ class Study:
             return self._loop()
 
     def _clear_outputs(self) -> None:
+        d = self.paths.directory
         for path in (self.paths.checkpoint, self.paths.results, self.paths.best_config,
-                     self.paths.directory / "OPTIMIZATION_RESULTS.md"):
+                     d / "OPTIMIZATION_RESULTS.md", d / "comparison.json"):
             path.unlink(missing_ok=True)
-        shutil.rmtree(self.paths.directory / "trials", ignore_errors=True)
+        for folder in ("trials", "plots", "comparison"):  # so the new report shows nothing of the old study
+            shutil.rmtree(d / folder, ignore_errors=True)
 
     def _loop(self) -> dict:
         executor = self._executor()
@@ -200,7 +201,7 @@ class Study:
         if not self.cfg.baseline:
             return None
         base = self.cfg.base()
-        values = {p.name: _get(base, p.target) for p in self.space.params}
+        values = {p.name: get_field(base, p.target) for p in self.space.params}
         if not self.space.contains(values):
             self.console.print(f"baseline ({R.format_params(values)}) is outside the search space: not run")
             return None
@@ -469,18 +470,13 @@ class Study:
         study.recorded_evaluation = data.get("evaluation")
         study.records = records
         study.elapsed_before = float(data.get("elapsed_s") or 0.0)
-        study.opt = Optimizer.restore(snapshot, study.space, cfg.seed, cfg.init_trials)
+        study.opt = Optimizer.restore(snapshot, study.space, cfg.seed)
         study._apply_percentile(study.opt)
         return study
 
     def resume(self) -> dict:
         with DirectoryLock(self.paths.directory):
             return self._loop()
-
-
-def _get(cfg, dotted: str):
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def _now() -> str:

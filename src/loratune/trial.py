@@ -16,10 +16,6 @@ class TrialState(enum.StrEnum):
     FAILED = "failed"  # crash or non-finite loss: Ax may try the point again
     OUT_OF_MEMORY = "out_of_memory"  # deterministic: the point is abandoned, never proposed again
 
-    @property
-    def finished(self) -> bool:
-        return self is not TrialState.RUNNING
-
 
 @dataclass
 class TrialResult:

@@ -9,7 +9,6 @@ import queue
 import re
 import shlex
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +168,3 @@ def last_json_metrics(text: str) -> dict | None:
             if isinstance(value, dict):
                 return value
     return None
-
-
-def now() -> float:
-    return time.time()
