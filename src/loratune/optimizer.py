@@ -6,11 +6,13 @@ and keeps what Ax does not persist (the random seed, the early-stopping strategy
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -52,16 +54,30 @@ def objective_string(objectives: list[str], minimize: list[bool]) -> str:
     return ", ".join(("-" if m else "") + o for o, m in zip(objectives, minimize, strict=True))
 
 
+def _timed(method):
+    """Add the call's duration to ``busy_s``: the study reports the optimizer's share of its time."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.busy_s += time.perf_counter() - start
+    return wrapper
+
+
 class Optimizer:
     """Ask Ax for trials, tell it results, save and load its state."""
 
     def __init__(self, client: Any, space: SearchSpace, seed: int | None):
         self.client, self.space, self.seed = client, space, seed
         self.exhausted = False
+        self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool],
                outcome_constraints: list[str], seed: int | None, init_trials: int | None = None) -> Optimizer:
+        start = time.perf_counter()
         _quiet_ax()
         from ax import Client
 
@@ -75,6 +91,7 @@ class Optimizer:
             raise LoratuneError(f"search space: Ax rejected it: {str(exc).splitlines()[0]}") from None
         opt = cls(client, space, seed)
         opt._configure_generation(init_trials)
+        opt.busy_s = time.perf_counter() - start
         return opt
 
     def _configure_generation(self, init_trials: int | None) -> None:
@@ -86,6 +103,7 @@ class Optimizer:
 
     # -- asking and telling ---------------------------------------------------------------
 
+    @_timed
     def ask(self, n: int) -> dict[int, dict]:
         """Up to n new trials as {index: user parameters}; none while Ax waits for data or when no
         untried point is left (``exhausted`` tells which)."""
@@ -101,25 +119,32 @@ class Optimizer:
             return {}
         return {i: self.space.decode(dict(p)) for i, p in trials.items()}
 
+    @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
         encoded = self.space.encode(values)
         return self.client.attach_baseline(encoded) if baseline else self.client.attach_trial(encoded)
 
+    @_timed
     def complete(self, index: int, metrics: dict[str, float]) -> None:
         self.client.complete_trial(index, raw_data=metrics)
 
+    @_timed
     def progress(self, index: int, metrics: dict[str, float], progression: int) -> None:
         self.client.attach_data(index, raw_data=metrics, progression=progression)
 
+    @_timed
     def should_stop(self, index: int) -> bool:
         return bool(self.client.should_stop_trial_early(index))
 
+    @_timed
     def early_stopped(self, index: int) -> None:
         self.client.mark_trial_early_stopped(index)
 
+    @_timed
     def failed(self, index: int, reason: str) -> None:
         self.client.mark_trial_failed(index, failed_reason=reason[:500])
 
+    @_timed
     def abandoned(self, index: int) -> None:
         """Never propose this point again (a deterministic out-of-memory, for instance)."""
         self.client.mark_trial_abandoned(index)
@@ -140,6 +165,7 @@ class Optimizer:
 
     # -- persistence ------------------------------------------------------------------------
 
+    @_timed
     def snapshot(self) -> dict:
         fd, path = tempfile.mkstemp(suffix=".json")
         os.close(fd)
@@ -153,6 +179,7 @@ class Optimizer:
     @classmethod
     def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None) -> Optimizer:
         """Rebuild from ``snapshot()``; the seed is reapplied, as Ax does not store it."""
+        start = time.perf_counter()
         _quiet_ax()
         from ax import Client
 
@@ -166,7 +193,9 @@ class Optimizer:
         finally:
             os.unlink(path)
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
-        return cls(client, space, seed)
+        opt = cls(client, space, seed)
+        opt.busy_s = time.perf_counter() - start
+        return opt
 
 
 def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, float] | None, list[str]]:

@@ -81,6 +81,7 @@ class Study:
         self.records: list[dict] = []
         self.opt: Optimizer | None = None
         self.elapsed_before = 0.0  # wall time of earlier sessions of this study
+        self.optimizer_before = 0.0  # seconds those sessions spent in Ax
         self.failures_in_a_row = 0
         self.recorded_evaluation: str | None = None  # what a loaded study evaluated with
         if preflight and self.evaluation == "finetune":
@@ -156,18 +157,19 @@ class Study:
                     raise AssertionError("the baseline must be Ax's first trial")
                 self.save()
             aborted = None
-            while True:
-                changed = aborted is None and self._fill(executor, running)
-                if not running:
-                    break
+            changed = self._fill(executor, running)
+            while running:
                 for event in executor.poll(0.5):
                     changed = self._handle(event, executor, running) or changed
-                if changed:  # one atomic save per round of events, after the new trials are asked for
-                    self.save()
                 if self.failures_in_a_row >= self.cfg.max_failures_in_a_row and aborted is None:
                     last = self.records[-1] if self.records else {}
                     aborted = (f"stopped after {self.failures_in_a_row} failed trials in a row; last: "
                                f"{last.get('reason')}; logs in {self.paths.directory / 'trials'}")
+                if aborted is None:
+                    changed = self._fill(executor, running) or changed
+                if changed:  # one atomic save per round of events, after the freed slots are refilled
+                    self.save()
+                    changed = False
             self.save()
         except KeyboardInterrupt:
             executor.shutdown()
@@ -355,6 +357,7 @@ class Study:
             "early_stopping": R.early_stopping_savings(self.records),
             "states": {s.value: sum(r["state"] == s.value for r in self.records) for s in TrialState},
             "wall_time_s": self.elapsed_before + (time.time() - getattr(self, "_session_start", time.time())),
+            "optimizer_time_s": self.optimizer_before + (self.opt.busy_s if self.opt else 0.0),
             "best_config": str(self.paths.best_config) if best and self.evaluation == "finetune" else None,
             "trials": self.records,
         }
@@ -365,6 +368,7 @@ class Study:
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "saved_at": _now(),
             "config": to_dict(self.cfg), "results_file": str(self.paths.results.name),
             "evaluation": self.evaluation, "elapsed_s": summary["wall_time_s"],
+            "optimizer_s": summary["optimizer_time_s"],
             "records": self.records, "ax": self.opt.snapshot(),
         }
         atomic_write_json(self.paths.checkpoint, checkpoint)
@@ -432,6 +436,10 @@ class Study:
             self.console.print(f"Best {objective} {gain.best:.4f} vs baseline {gain.baseline:.4f} "
                                f"({gain.relative:+.1%} better)" if gain.absolute >= 0 else
                                f"Best {objective} {gain.best:.4f}: the baseline ({gain.baseline:.4f}) was not beaten")
+        summary = self.summary()
+        wall, ax_s = summary["wall_time_s"], summary["optimizer_time_s"]
+        self.console.print(f"Time: {_clock(wall)} in all, {ax_s:.0f} s of it in Ax "
+                           f"({ax_s / max(wall, 1e-9):.0%}: set-up, suggestions, checkpoints)")
         self.console.print(f"Results: {self.paths.results}", soft_wrap=True)
         if report:
             self.console.print(f"Report: {report}", soft_wrap=True)
@@ -470,6 +478,7 @@ class Study:
         study.recorded_evaluation = data.get("evaluation")
         study.records = records
         study.elapsed_before = float(data.get("elapsed_s") or 0.0)
+        study.optimizer_before = float(data.get("optimizer_s") or 0.0)
         study.opt = Optimizer.restore(snapshot, study.space, cfg.seed)
         study._apply_percentile(study.opt)
         return study

@@ -28,7 +28,9 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
     lines += [f"Study of {state}: {summary.get('evaluation', 'finetune')} evaluation, objective"
               f"{'s' if len(summary.get('objectives', [])) > 1 else ''} "
               f"{', '.join(('minimize ' if m else 'maximize ') + o for o, m in zip(summary.get('objectives', [obj]), summary.get('minimize', [True]), strict=False))}, "
-              f"seed {summary.get('seed')}, {summary.get('wall_time_s', 0) / 60:.1f} min of wall time.", ""]
+              f"seed {summary.get('seed')}, {summary.get('wall_time_s', 0) / 60:.1f} min of wall time"
+              + (f", {summary['optimizer_time_s']:.0f} s of it in Ax ({summary['optimizer_time_s'] / max(summary.get('wall_time_s') or 1, 1e-9):.0%})"
+                 if summary.get("optimizer_time_s") is not None else "") + ".", ""]
     lines += ["## Settings", "", "Search space:", ""]
     lines += [f"- `{k}`: {v}" for k, v in (summary.get("search_space") or {}).items()]
     if summary.get("constraints"):

@@ -1,0 +1,296 @@
+"""Search efficiency: loratune's search against random search, grid search in the seed's order and
+Optuna's TPE sampler, on the tabular LoRA benchmark and on Branin and Hartmann6 with a mix of
+continuous and discrete parameters.
+
+    pip install -e ".[bench]"                  # Optuna, for the TPE rows
+    python benchmarks/search_efficiency.py [--reps 20] [--trials 20] [--jobs 2] [--problems tabular,branin,hartmann6]
+
+loratune's search is its ``Optimizer`` with the defaults a study uses (Ax's Sobol start, then
+Bayesian optimization), fed the same search space a user declares. Every method gets ``--trials``
+evaluations per repetition; repetition r seeds every method with r. Regret after k trials is the
+true value of the best point observed so far minus the optimum (on the tabular benchmark an
+observation is one seed's fine-tune and the true value the mean over seeds). "Within 1%" means
+regret <= 1% of |optimum|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CHECKPOINTS = (5, 10, 15, 20)
+METHODS = ("loratune", "random", "grid", "optuna_tpe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: parameters as (name, kind, spec), an observation, a true value and the optimum
+
+
+@dataclass
+class Problem:
+    name: str
+    params: list[tuple]  # (name, "choice", [values]) | (name, "float", low, high, log) | (name, "int", low, high)
+    grid: list[dict]  # the grid a user would write, in declaration order
+    optimum: float
+    objective: object = field(repr=False)  # (params, rng) -> observed value
+    truth: object = field(repr=False)  # params -> true value
+
+
+def branin(x1: float, x2: float) -> float:
+    b, c, r, s, t = 5.1 / (4 * math.pi ** 2), 5 / math.pi, 6, 10, 1 / (8 * math.pi)
+    return (x2 - b * x1 ** 2 + c * x1 - r) ** 2 + s * (1 - t) * math.cos(x1) + s
+
+
+HARTMANN_A = [[10, 3, 17, 3.5, 1.7, 8], [0.05, 10, 17, 0.1, 8, 14], [3, 3.5, 1.7, 10, 17, 8], [17, 8, 0.05, 10, 0.1, 14]]
+HARTMANN_P = [[1312, 1696, 5569, 124, 8283, 5886], [2329, 4135, 8307, 3736, 1004, 9991],
+              [2348, 1451, 3522, 2883, 3047, 6650], [4047, 8828, 8732, 5743, 1091, 381]]
+HARTMANN_ALPHA = [1.0, 1.2, 3.0, 3.2]
+
+
+def hartmann6(x: list[float]) -> float:
+    return -sum(a * math.exp(-sum(HARTMANN_A[i][j] * (x[j] - HARTMANN_P[i][j] * 1e-4) ** 2 for j in range(6)))
+                for i, a in enumerate(HARTMANN_ALPHA))
+
+
+TENTHS = [round(0.1 * i, 1) for i in range(11)]
+
+
+def make_problem(name: str) -> Problem:
+    if name == "tabular":
+        from tabular import Tabular
+
+        t = Tabular()
+        params = [("lora_rank", "choice", [8, 16, 32, 64]), ("lora_alpha", "choice", [16, 32, 64, 128]),
+                  ("learning_rate", "float", 1e-5, 5e-4, True), ("batch_size", "choice", [1, 2, 4])]
+        grid = [dict(zip(("lora_rank", "lora_alpha", "learning_rate", "batch_size"), g, strict=True))
+                for g in itertools.product([8, 16, 32, 64], [16, 32, 64, 128], t.learning_rates, [1, 2, 4])]
+        return Problem(name, params, grid, t.optimum, t.observe, t.true_value)
+    if name == "branin":  # x1 continuous, x2 an integer
+        def f(p, rng=None):
+            return branin(p["x1"], p["x2"])
+
+        # the mixed optimum: the best x1 for each integer x2, by a fine scan refined with golden section
+        best = min(_minimize_1d(lambda x1, x2=x2: branin(x1, x2), -5, 10) for x2 in range(16))
+        grid = [{"x1": x1, "x2": x2} for x1, x2 in itertools.product([-5 + i for i in range(16)], range(16))]
+        return Problem(name, [("x1", "float", -5.0, 10.0, False), ("x2", "int", 0, 15)], grid, best, f, f)
+    if name == "hartmann6":  # x1..x3 continuous in [0, 1], x4..x6 on a 0.1 grid
+        def f(p, rng=None):
+            return hartmann6([p[f"x{i}"] for i in range(1, 7)])
+
+        params = [(f"x{i}", "float", 0.0, 1.0, False) for i in (1, 2, 3)] + [(f"x{i}", "choice", TENTHS) for i in (4, 5, 6)]
+        grid = [dict(zip([f"x{i}" for i in range(1, 7)], g, strict=True)) for g in itertools.product([0.0, 0.5, 1.0], repeat=6)]
+        return Problem(name, params, grid, _hartmann6_mixed_optimum(), f, f)
+    raise SystemExit(f"unknown problem '{name}' (tabular, branin, hartmann6)")
+
+
+def _minimize_1d(fn, low: float, high: float) -> float:
+    xs = [low + (high - low) * i / 3000 for i in range(3001)]
+    x = min(xs, key=fn)
+    a, b = max(low, x - (high - low) / 3000), min(high, x + (high - low) / 3000)
+    for _ in range(60):  # golden section inside the best cell
+        c, d = b - (b - a) * 0.618, a + (b - a) * 0.618
+        a, b = (a, d) if fn(c) < fn(d) else (c, b)
+    return min(fn(x), fn((a + b) / 2))
+
+
+def _hartmann6_mixed_optimum() -> float:
+    """The continuous optimum is at x4..x6 = (0.2753, 0.3117, 0.6573): the mixed one is at a
+    neighbouring 0.1-grid corner, with x1..x3 optimised by L-BFGS-B from several starts."""
+    from scipy.optimize import minimize
+
+    best = math.inf
+    for x4, x5, x6 in itertools.product((0.2, 0.3), (0.3, 0.4), (0.6, 0.7)):
+        for start in itertools.product((0.1, 0.2, 0.5), (0.15, 0.5, 0.9), (0.3, 0.48, 0.8)):
+            r = minimize(lambda z: hartmann6([*z, x4, x5, x6]), start, bounds=[(0, 1)] * 3, method="L-BFGS-B")
+            best = min(best, float(r.fun))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: each returns the list of observed (params, value) in order
+
+
+def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    from loratune.config import FinetuneConfig, seed_search_space
+    from loratune.optimizer import Optimizer
+    from loratune.search_space import Param, SearchSpace, parse_search_space
+
+    if problem.name == "tabular":  # exactly what a study builds from the seed's search space
+        space = parse_search_space(seed_search_space(), [], FinetuneConfig())
+    else:
+        space = SearchSpace([_loratune_param(p) for p in problem.params])
+    opt = Optimizer.create(space, ["value"], [True], [], seed=seed)
+    rng, history = random.Random(seed), []
+    while len(history) < trials:
+        for index, params in opt.ask(1).items():
+            value = problem.objective(params, rng)
+            opt.complete(index, {"value": value})
+            history.append((params, value))
+    return history
+
+
+def _loratune_param(spec: tuple):
+    from loratune.search_space import Param
+
+    name, kind = spec[0], spec[1]
+    if kind == "choice":
+        return Param(name, name, "choice", list(spec[2]), integer=all(isinstance(v, int) for v in spec[2]))
+    return Param(name, name, "range", low=spec[2], high=spec[3], log=kind == "float" and spec[4], integer=kind == "int")
+
+
+def run_random(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    rng, history = random.Random(seed), []
+    for _ in range(trials):
+        params = {}
+        for spec in problem.params:
+            name, kind = spec[0], spec[1]
+            if kind == "choice":
+                params[name] = rng.choice(spec[2])
+            elif kind == "int":
+                params[name] = rng.randint(spec[2], spec[3])
+            elif spec[4]:
+                params[name] = math.exp(rng.uniform(math.log(spec[2]), math.log(spec[3])))
+            else:
+                params[name] = rng.uniform(spec[2], spec[3])
+        history.append((params, problem.objective(params, rng)))
+    return history
+
+
+def run_grid(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    rng = random.Random(seed)
+    return [(p, problem.objective(p, rng)) for p in problem.grid[:trials]]
+
+
+def run_optuna_tpe(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng, history = random.Random(seed), []
+
+    def objective(trial):
+        params = {}
+        for spec in problem.params:
+            name, kind = spec[0], spec[1]
+            if kind == "choice" and _evenly_spaced(spec[2]):  # an ordered grid: how Optuna users write it
+                step = round(spec[2][1] - spec[2][0], 12)
+                params[name] = round(trial.suggest_float(name, spec[2][0], spec[2][-1], step=step), 12)
+            elif kind == "choice":
+                params[name] = trial.suggest_categorical(name, spec[2])
+            elif kind == "int":
+                params[name] = trial.suggest_int(name, spec[2], spec[3])
+            else:
+                params[name] = trial.suggest_float(name, spec[2], spec[3], log=spec[4])
+        value = problem.objective(params, rng)
+        history.append((params, value))
+        return value
+
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials)
+    return history
+
+
+def _evenly_spaced(values: list) -> bool:
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(values)}
+    return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
+
+
+RUNNERS = {"loratune": run_loratune, "random": run_random, "grid": run_grid, "optuna_tpe": run_optuna_tpe}
+
+
+# ---------------------------------------------------------------------------------------------
+# Regret
+
+
+def regret_trace(problem: Problem, history: list[tuple[dict, float]]) -> list[float]:
+    """Regret after each trial, of the point with the best observed value so far."""
+    trace, best_observed, best_true = [], math.inf, math.inf
+    for params, value in history:
+        if value < best_observed:
+            best_observed, best_true = value, problem.truth(params)
+        trace.append(best_true - problem.optimum)
+    return trace
+
+
+def run_task(task: tuple[str, str, int, int]) -> tuple[str, str, int, list[float], float]:
+    problem_name, method, seed, trials = task
+    problem = _problem(problem_name)
+    start = time.perf_counter()
+    history = RUNNERS[method](problem, trials, seed)
+    return problem_name, method, seed, regret_trace(problem, history), time.perf_counter() - start
+
+
+_PROBLEMS: dict[str, Problem] = {}
+
+
+def _problem(name: str) -> Problem:
+    if name not in _PROBLEMS:
+        _PROBLEMS[name] = make_problem(name)
+    return _PROBLEMS[name]
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--problems", default="tabular,branin,hartmann6")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    problems, methods = args.problems.split(","), args.methods.split(",")
+    tasks = [(p, m, r, args.trials) for p in problems for m in methods for r in range(args.reps)]
+    tasks.sort(key=lambda t: t[1] != "loratune")  # the slow ones first, so the pool ends together
+    results: dict[tuple[str, str], list[list[float]]] = {}
+    seconds: dict[tuple[str, str], float] = {}
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+        for problem_name, method, _seed, trace, took in pool.map(run_task, tasks):
+            results.setdefault((problem_name, method), []).append(trace)
+            seconds[(problem_name, method)] = seconds.get((problem_name, method), 0.0) + took
+    print(f"{len(tasks)} runs in {time.perf_counter() - start:.0f} s with {args.jobs} jobs\n")
+    for problem_name in problems:
+        problem = _problem(problem_name)
+        within = 0.01 * abs(problem.optimum)
+        at = [k for k in CHECKPOINTS if k <= args.trials]
+        print(f"### {problem_name} (optimum {problem.optimum:.6g}; regret median [q1, q3]; {args.reps} repetitions)\n")
+        print("| method | " + " | ".join(f"after {k}" for k in at) + " | trials to within 1% (median) | reached by 15 | s per run |")
+        print("|---|" + "---|" * (len(at) + 3))
+        for method in methods:
+            traces = results[(problem_name, method)]
+            cells = []
+            for k in at:
+                q1, med, q3 = quartiles([t[k - 1] for t in traces])
+                cells.append(f"{med:.3g} [{q1:.3g}, {q3:.3g}]")
+            firsts = [next((i + 1 for i, r in enumerate(t) if r <= within), math.inf) for t in traces]
+            median_first = statistics.median(firsts)
+            reached = sum(f <= 15 for f in firsts)
+            print(f"| {method} | " + " | ".join(cells)
+                  + f" | {'>' + str(args.trials) if math.isinf(median_first) else f'{median_first:g}'}"
+                  + f" | {reached}/{len(traces)} | {seconds[(problem_name, method)] / len(traces):.1f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
