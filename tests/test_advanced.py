@@ -4,7 +4,7 @@ import pytest
 from conftest import fake_loss
 
 from loratune import EarlyStoppingCallback, run_optimization
-from loratune.config import StudyConfig
+from loratune.config import EarlyStoppingConfig, StudyConfig
 from loratune.errors import LoratuneError
 from loratune.results import pareto_front
 
@@ -47,6 +47,38 @@ def test_threshold_rule_stops_exactly_the_poor_trials_at_check_at(tmp_path):
     assert results["best_trial"] not in {t["index"] for t in stopped}
     assert results["early_stopping"]["stopped"] == len(stopped)
     assert results["early_stopping"]["trials_saved"] == pytest.approx(len(stopped) * (1 - check_at))
+
+
+def test_threshold_baseline_stops_the_trials_worse_than_the_baseline_at_check_at(tmp_path):
+    check_at = 0.2
+    cfg = StudyConfig()
+    cfg.lora.rank, cfg.lora.alpha, cfg.training.learning_rate = 8, 64, 1e-4  # a middling baseline
+    results = optimize(tmp_path, 8, config=cfg,
+                       early_stopping=EarlyStoppingCallback(threshold="baseline", check_at=check_at))
+    baseline, *others = results["trials"]
+    assert baseline["baseline"] and baseline["state"] == "completed"
+    limit = curve_loss(baseline["params"], check_at)
+    assert {t["index"] for t in others if t["state"] == "early_stopped"} == \
+        {t["index"] for t in others if curve_loss(t["params"], check_at) > limit}
+    assert any(t["state"] == "early_stopped" for t in others) and any(t["state"] == "completed" for t in others)
+
+
+def test_threshold_baseline_reads_the_baseline_curve_between_its_points():
+    rule = EarlyStoppingCallback(threshold="baseline", check_at=0.1)
+    baseline = [{"progress": 0.1, "loss": 1.0}, {"progress": 0.3, "loss": 0.8}]
+    assert rule._at(baseline, 0.2) == pytest.approx(0.9) and rule._at(baseline, 0.05) == 1.0
+    assert rule._at(baseline, 0.4) is None  # the baseline has not got there yet: no decision
+    assert rule.should_stop([{"progress": 0.2, "loss": 0.95}], baseline)
+    assert not rule.should_stop([{"progress": 0.2, "loss": 0.85}], baseline)
+    assert not rule.should_stop([{"progress": 0.4, "loss": 5.0}], baseline)
+    assert not rule.should_stop([{"progress": 0.2, "loss": 5.0}], None)
+
+
+def test_threshold_baseline_needs_the_baseline(tmp_path):
+    with pytest.raises(LoratuneError, match="baseline"):
+        optimize(tmp_path, 3, baseline=False, early_stopping=EarlyStoppingCallback(threshold="baseline"))
+    with pytest.raises(LoratuneError, match="early_stopping.threshold"):
+        run_optimization(config=StudyConfig(baseline=False, early_stopping=EarlyStoppingConfig(threshold="baseline")), quiet=True)
 
 
 def test_ax_percentile_stopping_stops_poor_trials_once_enough_curves_exist(tmp_path):

@@ -63,6 +63,8 @@ def test_missing_config_file(tmp_path):
     ("objectives: [loss, inference_time]\nminimize: [true]\n", "minimize: needs one flag per objective (2)"),
     ("early_stopping: {check_at: 1.5}\n", "early_stopping.check_at: must be in (0, 1]"),
     ("early_stopping: {treshold: 0.7}\n", "did you mean 'threshold'"),
+    ("early_stopping: {threshold: basline}\n", "early_stopping.threshold: expected a number or 'baseline'"),
+    ("baseline: false\nearly_stopping: {threshold: baseline}\n", "'baseline' compares with the baseline trial"),
 ])
 def test_bad_study_config(tmp_path, text, message):
     with pytest.raises(LoratuneError) as err:

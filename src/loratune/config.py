@@ -129,8 +129,9 @@ def seed_search_space() -> dict:
 
 @dataclass
 class EarlyStoppingConfig:
-    threshold: float | None = None
-    """Stop a trial whose validation loss is above this once it has done ``check_at`` of its training."""
+    threshold: float | Literal["baseline"] | None = None
+    """Stop a trial whose validation loss is above this once it has done ``check_at`` of its training;
+    ``baseline``: above the baseline trial's loss at the same point of its training."""
     check_at: float = 0.1
     """Share of training (0, 1] after which the threshold rule is applied."""
     percentile: float | None = None
@@ -417,6 +418,9 @@ def validate_study(cfg: StudyConfig, source: str | None = None, custom_metrics: 
     for name, ok, rule in checks:
         if not ok:
             raise LoratuneError(f"{where(source, name)}: {rule}, got {get_field(cfg, name)!r}")
+    if es.threshold == "baseline" and not cfg.baseline:
+        raise LoratuneError(f"{where(source, 'early_stopping.threshold')}: 'baseline' compares with the baseline "
+                            "trial, which is off (baseline: false)")
     if len(set(cfg.objectives)) != len(cfg.objectives):
         raise LoratuneError(f"{where(source, 'objectives')}: an objective is named twice: {cfg.objectives}")
     for text in cfg.outcome_constraints:

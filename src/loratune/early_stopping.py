@@ -16,25 +16,47 @@ from .errors import LoratuneError
 class EarlyStoppingCallback:
     """Stop a trial whose validation loss is above ``threshold`` once ``check_at`` of its training is done.
 
+    ``threshold="baseline"`` compares with the baseline trial's own curve at the same point instead
+    of a fixed number, so the rule needs no knowledge of the model's loss scale: a trial doing worse
+    than the current settings at ``check_at`` is stopped.
+
     >>> from ax_optimization import run_optimization, EarlyStoppingCallback
     >>> results = run_optimization(num_trials=20,
     ...     early_stopping=EarlyStoppingCallback(threshold=0.7, check_at=0.1))  # doctest: +SKIP
     """
 
-    threshold: float
+    threshold: float | str
     check_at: float = 0.1
     metric: str = "loss"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.check_at, int | float) and 0 < self.check_at <= 1):
             raise LoratuneError(f"EarlyStoppingCallback: check_at must be in (0, 1], got {self.check_at!r}")
-        if not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold)):
-            raise LoratuneError(f"EarlyStoppingCallback: threshold must be a number, got {self.threshold!r}")
+        if self.threshold != "baseline" and not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold)):
+            raise LoratuneError(f"EarlyStoppingCallback: threshold must be a number or 'baseline', got {self.threshold!r}")
 
-    def should_stop(self, curve: list[dict]) -> bool:
-        """Decide at the first validation point at or past ``check_at``; never again after it."""
+    def should_stop(self, curve: list[dict], baseline_curve: list[dict] | None = None) -> bool:
+        """Decide at the first validation point at or past ``check_at``; never again after it.
+        With ``threshold="baseline"`` and no baseline value at that point yet, the trial goes on."""
         reached = [p for p in curve if p.get("progress", 0) >= self.check_at - 1e-9]
         if len(reached) != 1:
             return False
-        value = reached[0].get(self.metric, reached[0].get("val_loss"))
-        return value is not None and value > self.threshold
+        value = self._value(reached[0])
+        limit = self.threshold if self.threshold != "baseline" else self._at(baseline_curve or [], reached[0]["progress"])
+        return value is not None and limit is not None and value > limit
+
+    def _value(self, point: dict) -> float | None:
+        value = point.get(self.metric, point.get("val_loss"))
+        return value if isinstance(value, int | float) else None
+
+    def _at(self, curve: list[dict], progress: float) -> float | None:
+        """The curve's value at ``progress`` (linear between its points); None past its last point."""
+        points = [(p["progress"], v) for p in curve if "progress" in p and (v := self._value(p)) is not None]
+        if not points or progress > points[-1][0] + 1e-9:
+            return None
+        if progress <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+            if progress <= x1:
+                return y0 + (y1 - y0) * (progress - x0) / (x1 - x0) if x1 > x0 else y1
+        return points[-1][1]

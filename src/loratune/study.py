@@ -76,6 +76,8 @@ class Study:
         es = cfg.early_stopping
         if early_stopping is None and es.threshold is not None:
             early_stopping = EarlyStoppingCallback(es.threshold, es.check_at)
+        if early_stopping is not None and early_stopping.threshold == "baseline" and not cfg.baseline:
+            raise LoratuneError("early_stopping: threshold 'baseline' compares with the baseline trial, which is off")
         self.threshold_rule = early_stopping
         self.console = Console(quiet=quiet, highlight=False)
         self.records: list[dict] = []
@@ -263,7 +265,8 @@ class Study:
         record["curve"].append(point)
         if record["baseline"]:  # the reference every trial is measured against always runs to the end
             return
-        stop = bool(self.threshold_rule and self.threshold_rule.should_stop(record["curve"]))
+        baseline = next((r["curve"] for r in self.records if r["baseline"]), None)
+        stop = bool(self.threshold_rule and self.threshold_rule.should_stop(record["curve"], baseline))
         if self.cfg.early_stopping.percentile is not None and isinstance(point.get(self.cfg.objectives[0]), int | float):
             progression = max(1, round(point["progress"] * PROGRESSION_SCALE))
             self.opt.progress(record["index"], {self.cfg.objectives[0]: point[self.cfg.objectives[0]]}, progression)
