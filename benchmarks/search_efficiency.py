@@ -112,7 +112,7 @@ def _hartmann6_mixed_optimum() -> float:
     best = math.inf
     for x4, x5, x6 in itertools.product((0.2, 0.3), (0.3, 0.4), (0.6, 0.7)):
         for start in itertools.product((0.1, 0.2, 0.5), (0.15, 0.5, 0.9), (0.3, 0.48, 0.8)):
-            r = minimize(lambda z: hartmann6([*z, x4, x5, x6]), start, bounds=[(0, 1)] * 3, method="L-BFGS-B")
+            r = minimize(lambda z, c=(x4, x5, x6): hartmann6([*z, *c]), start, bounds=[(0, 1)] * 3, method="L-BFGS-B")
             best = min(best, float(r.fun))
     return best
 
@@ -124,7 +124,7 @@ def _hartmann6_mixed_optimum() -> float:
 def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
     from loratune.config import FinetuneConfig, seed_search_space
     from loratune.optimizer import Optimizer
-    from loratune.search_space import Param, SearchSpace, parse_search_space
+    from loratune.search_space import SearchSpace, parse_search_space
 
     if problem.name == "tabular":  # exactly what a study builds from the seed's search space
         space = parse_search_space(seed_search_space(), [], FinetuneConfig())
