@@ -18,7 +18,7 @@ RUNS = [
     ["search_efficiency.py"],
     ["early_stopping.py"],
     ["optimizer_overhead.py"],
-    ["trainer_throughput.py", "--epochs", "3", "--repeats", "3"],
+    ["trainer_throughput.py", "--epochs", "3", "--repeats", "5"],
     ["parallel.py"],
 ]
 
