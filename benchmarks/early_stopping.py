@@ -1,7 +1,7 @@
 """Early-stopping savings: training spent and final regret of a 20-trial study on the tabular LoRA
 benchmark, with and without each early-stopping mode.
 
-    python benchmarks/early_stopping.py [--reps 20] [--trials 20] [--jobs 2]
+    python benchmarks/early_stopping.py [--reps 15] [--trials 20] [--jobs 2]
 
 Each repetition runs a real study (``run_optimization`` with the embedded default: the seed's
 search space, the baseline as trial 1) whose evaluation replays a recorded fine-tune from
@@ -79,7 +79,7 @@ def _task(args: tuple) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20)  # 4 modes x 20 studies: about 11 minutes on 2 cores
+    parser.add_argument("--reps", type=int, default=15)  # 4 modes x 15 studies: about 10 minutes on 2 cores
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES))

@@ -80,3 +80,20 @@ def test_gradient_accumulation_auto_keeps_the_effective_batch():
     assert plan(cfg, 148)[:2] == (3, 50)
     cfg.training.epochs, cfg.training.gradient_accumulation = 0.5, "auto"
     assert plan(cfg, 148)[1] == 19
+
+
+def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
+    import torch
+
+    from loratune.data import collate
+    from loratune.training import _can_score_only_responses, response_loss, setup
+
+    s = setup(config(tmp_path))
+    assert _can_score_only_responses(s.model)
+    batch = collate(s.train[:4], s.tokenizer.pad_token_id)
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    s.model.eval()  # no dropout, so both passes see the same network
+    with torch.no_grad():
+        full = s.model(**batch, num_items_in_batch=n_items).loss
+        scored = response_loss(s.model, batch, n_items)
+    assert float(scored) == pytest.approx(float(full), rel=1e-5)

@@ -225,6 +225,7 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
             yield from length_grouped_batches(lengths, t.batch_size, seed=t.seed + epoch)
             epoch += 1
 
+    scored_only = _can_score_only_responses(s.model)
     feed, used = micro_batches(), []
     curve, step, tokens, window_loss, window_tokens = [], 0, 0, 0.0, 0
     stopped, start, eval_time = False, time.perf_counter(), 0.0
@@ -237,7 +238,8 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
         for batch in batches:
             batch = {k: v.to(s.device) for k, v in batch.items()}
             with _autocast(s):
-                loss = s.model(**batch, num_items_in_batch=max(n_items, 1)).loss
+                loss = response_loss(s.model, batch, max(n_items, 1)) if scored_only else \
+                    s.model(**batch, num_items_in_batch=max(n_items, 1)).loss
             scaler.scale(loss).backward()
             window_loss += float(loss.detach()) * n_items
             tokens += int(batch["attention_mask"].sum())
@@ -269,6 +271,32 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
         planned_steps=steps, tokens_seen=tokens, train_time_s=elapsed,
         padding_fraction=padding_fraction(used, lengths), stopped_early=stopped, extra={"eval_time_s": eval_time},
     )
+
+
+def _can_score_only_responses(model) -> bool:
+    """True when the model can project only chosen positions onto its vocabulary (``logits_to_keep``
+    with a mask) and adds nothing else to its loss (a mixture of experts' router loss)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return ("logits_to_keep" in inspect.signature(base.forward).parameters
+            and not getattr(base.config, "output_router_logits", False))
+
+
+def response_loss(model, batch: dict, n_items: int):
+    """The causal-LM loss over the response tokens, computing logits only where a token is scored.
+
+    Prompt and padding positions (label -100) never reach the vocabulary projection: the same loss
+    as ``model(**batch).loss`` with far less work and memory where the vocabulary is large.
+    """
+    import torch
+
+    targets = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = targets != -100  # position t predicts token t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[targets != -100],
+                                             reduction="sum") / n_items
 
 
 def peak_memory_gb(device: str) -> float:
