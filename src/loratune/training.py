@@ -210,7 +210,7 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
     accumulation, steps, eval_at = plan(cfg, len(s.train))
     params = [p for p in s.model.parameters() if p.requires_grad]
     # the fused kernel updates every LoRA tensor in one call (as Trainer's default adamw_torch_fused
-    # does): measured 1.08x -> 1.33x of Trainer's throughput on the demo (benchmarks/trainer_throughput.py)
+    # does): measured 1.08x -> 1.17x of Trainer's throughput on the demo (benchmarks/trainer_throughput.py)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                   fused=s.device in ("cuda", "cpu") or None)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * steps),
