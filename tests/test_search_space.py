@@ -83,3 +83,16 @@ def test_bad_constraints(constraint, message):
     with pytest.raises(LoratuneError) as err:
         space(constraints=[constraint])
     assert message in str(err.value)
+
+
+def test_values_are_cast_to_their_parameters_types_before_they_reach_ax():
+    s = space()
+    # YAML, the API and JSON give 32.0 for a float field such as lora.alpha: Ax wants the choice's int
+    cast = s.cast({"lora_rank": 16.0, "lora_alpha": 32.0, "learning_rate": 2e-4, "batch_size": 1})
+    assert cast == {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
+    assert all(type(v) is int for k, v in cast.items() if k != "learning_rate")
+    assert type(s.encode({**cast, "learning_rate": 1})["learning_rate"]) is float
+    with pytest.raises(LoratuneError, match="baseline: 24 is not one of lora_rank's values"):
+        s.cast({**cast, "lora_rank": 24}, "baseline")
+    with pytest.raises(LoratuneError, match="baseline: no value for batch_size"):
+        s.cast({k: v for k, v in cast.items() if k != "batch_size"}, "baseline")

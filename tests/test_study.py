@@ -207,3 +207,12 @@ def test_overwrite_leaves_nothing_of_the_old_study(tmp_path):
     optimize(tmp_path, trials=2, overwrite=True)
     assert not (study / "comparison.json").exists() and not (study / "plots").exists()
     assert len(json.loads((study / "optimization_results.json").read_text())["trials"]) == 2
+
+
+def test_a_config_file_that_writes_alpha_runs(tmp_path):
+    """`lora: {alpha: 32}` in YAML is the float 32.0: the baseline must still reach Ax as the int 32."""
+    config = tmp_path / "c.yaml"
+    config.write_text("lora: {rank: 16, alpha: 32}\n")
+    results = optimize(tmp_path, trials=2, config=str(config))
+    assert [t["state"] for t in results["trials"]] == ["completed", "completed"]
+    assert results["trials"][0]["params"]["lora_alpha"] == 32 and type(results["trials"][0]["params"]["lora_alpha"]) is int

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
-from .errors import LoratuneError
+from .errors import LoratuneError, first_line
 
 IGNORE = -100  # label value that the loss skips
 FORMAT_FIELDS = {
@@ -57,7 +57,7 @@ def load_rows(path: str, field: str) -> list[dict]:
     try:
         rows = datasets.load_dataset(kind, data_files=str(file), split="train").to_list()
     except Exception as exc:  # datasets raises many types for unreadable files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = first_line(exc)
         raise LoratuneError(f"{field}: cannot read {path}: {reason}") from None
     if not rows:
         raise LoratuneError(f"{field}: dataset {path} is empty")

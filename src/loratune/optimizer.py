@@ -16,7 +16,7 @@ import time
 import warnings
 from typing import Any
 
-from .errors import LoratuneError
+from .errors import LoratuneError, first_line
 from .search_space import Param, SearchSpace, to_ax
 
 
@@ -88,7 +88,7 @@ class Optimizer:
             client.configure_optimization(objective=objective_string(objectives, minimize),
                                           outcome_constraints=outcome_constraints or None)
         except Exception as exc:  # Ax validates here: report its reason in one line
-            raise LoratuneError(f"search space: Ax rejected it: {str(exc).splitlines()[0]}") from None
+            raise LoratuneError(f"search space: Ax rejected it: {first_line(exc)}") from None
         opt = cls(client, space, seed)
         opt._configure_generation(init_trials)
         opt.busy_s = time.perf_counter() - start
@@ -121,8 +121,13 @@ class Optimizer:
 
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
+        """Add a trial that Ax did not suggest (the baseline); values are cast to their parameters' types first."""
         encoded = self.space.encode(values)
-        return self.client.attach_baseline(encoded) if baseline else self.client.attach_trial(encoded)
+        try:
+            return self.client.attach_baseline(encoded) if baseline else self.client.attach_trial(encoded)
+        except Exception as exc:  # Ax validates the point here: say which one, in one line
+            what = "baseline" if baseline else "trial"
+            raise LoratuneError(f"{what} {values}: Ax refused it: {first_line(exc)}") from None
 
     @_timed
     def complete(self, index: int, metrics: dict[str, float]) -> None:
@@ -189,7 +194,7 @@ class Optimizer:
                 json.dump(snapshot, f)
             client = Client.load_from_json_file(path)
         except Exception as exc:
-            raise LoratuneError(f"checkpoint: the Ax experiment in it cannot be loaded ({str(exc).splitlines()[0][:160]})") from None
+            raise LoratuneError(f"checkpoint: the Ax experiment in it cannot be loaded ({first_line(exc, 160)})") from None
         finally:
             os.unlink(path)
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
@@ -238,5 +243,5 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
             if name == "sensitivity":
                 importance = {names.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
         except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
-            errors.append(f"{name}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}")
+            errors.append(f"{name}: {first_line(exc, 160)}")
     return figures, importance, errors

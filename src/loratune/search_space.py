@@ -46,6 +46,23 @@ class Param:
     def candidates(self) -> list[Value]:
         return self.values if self.kind != "range" else [self.low, self.high]
 
+    def cast(self, value: Any, where: str) -> Value:
+        """``value`` as this parameter's own type: the matching choice itself (``32.0`` -> ``32``), an
+        int for an integer range, a float for a float range. Ax refuses a value of another type, and
+        values arrive as YAML, API arguments or JSON give them."""
+        if self.kind != "range":
+            for choice in self.values:
+                if _same_value(value, choice):
+                    return choice
+            raise LoratuneError(f"{where}: {value!r} is not one of {self.name}'s values {self.values}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise LoratuneError(f"{where}: {self.name} must be a number, got {value!r}")
+        if self.integer:
+            if float(value) != int(value):
+                raise LoratuneError(f"{where}: {self.name} must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+
 
 @dataclass
 class Constraint:
@@ -65,14 +82,22 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    def cast(self, values: dict[str, Any], where: str = "parameters") -> dict[str, Value]:
+        """Every searched parameter's value in its own type (see ``Param.cast``); a missing one is an error."""
+        missing = [p.name for p in self.params if p.name not in values]
+        if missing:
+            raise LoratuneError(f"{where}: no value for {', '.join(missing)}")
+        return {p.name: p.cast(values[p.name], where) for p in self.params}
+
     def encode(self, values: dict[str, Value]) -> dict[str, Value]:
-        """User values -> Ax parameters."""
+        """User values -> Ax parameters, each in the type Ax declared for it."""
+        values = self.cast(values)
         return {p.ax_name: _to_exponent(p, values[p.name]) if p.log2_encoded else values[p.name] for p in self.params}
 
     def decode(self, ax_values: dict[str, Value]) -> dict[str, Value]:
         """Ax parameters -> user values."""
-        return {p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
-                for p in self.params}
+        return self.cast({p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
+                          for p in self.params}, "Ax's suggestion")
 
     def contains(self, values: dict[str, Value]) -> bool:
         for p in self.params:
@@ -84,6 +109,15 @@ class SearchSpace:
             if p.kind != "range" and v not in p.values:
                 return False
         return all(satisfies(c, values) for c in self.constraints)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same kind: ``32.0`` matches ``32``, but ``True`` never matches ``1``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return type(a) is type(b) and a == b
 
 
 def _to_exponent(p: Param, value: Value) -> float | int:

@@ -179,6 +179,8 @@ class Study:
                 self.save()
             self.console.print(f"[yellow]interrupted[/]; resume with: loratune resume {self.paths.directory}")
             raise
+        finally:  # however the loop ends, no trial process outlives it
+            executor.shutdown()
         report = self._write_report()
         if aborted:
             raise StudyAborted(aborted)
@@ -209,7 +211,7 @@ class Study:
         if not self.space.contains(values):
             self.console.print(f"baseline ({R.format_params(values)}) is outside the search space: not run")
             return None
-        record = self._new_record(0, values, baseline=True)
+        record = self._new_record(0, self.space.cast(values, "baseline"), baseline=True)
         self._submit(executor, record, running)
         return record
 

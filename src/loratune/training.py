@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import FinetuneConfig, to_dict
 from .data import Example, collate, length_grouped_batches, load_examples, padding_fraction, sorted_batches
-from .errors import LoratuneError
+from .errors import LoratuneError, first_line
 from .storage import atomic_write_json
 
 
@@ -84,7 +84,7 @@ def _load_pretrained(loader, path: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
-        reason = str(exc).splitlines()[0][:160]
+        reason = first_line(exc, 160)
         raise LoratuneError(f"model.name: cannot load '{path}' (not a local model and not reachable on the hub: {reason})") from None
 
 
@@ -138,7 +138,7 @@ def setup(cfg: FinetuneConfig) -> Setup:
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as exc:
-        raise LoratuneError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
+        raise LoratuneError(f"lora.target_modules: {first_line(exc)}") from None
     if cfg.model.quantization == "none":
         model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -8,6 +8,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import first_line
+
 
 class TrialState(enum.StrEnum):
     RUNNING = "running"
@@ -43,12 +45,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def result_from_exception(exc: BaseException) -> TrialResult:
     """The single mapping from what went wrong inside a trial to its recorded state."""
-    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-    reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+    line = first_line(str(exc), 300)
+    reason = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     if is_out_of_memory(exc):
         return TrialResult(TrialState.OUT_OF_MEMORY, reason=reason)
     if isinstance(exc, FloatingPointError):
-        return TrialResult(TrialState.FAILED, reason=f"non-finite loss: {first_line}")
+        return TrialResult(TrialState.FAILED, reason=f"non-finite loss: {line}")
     return TrialResult(TrialState.FAILED, reason=reason, extra={"traceback": traceback.format_exc()[-4000:]})
 
 

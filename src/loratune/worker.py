@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import finetune_config_from_dict
+from .processes import TrialLock, watch_parent
 from .storage import atomic_write_json
 from .trial import TrialResult, TrialState, result_from_exception
 
@@ -60,6 +61,8 @@ def run(trial_dir: Path) -> TrialResult:
 
 def main() -> None:
     trial_dir = Path(sys.argv[1])
+    TrialLock(trial_dir).acquire()  # held until this process ends
+    watch_parent()  # where the parent-death signal is not available
     result = run(trial_dir)
     atomic_write_json(trial_dir / RESULT_FILE, result.to_dict())
     if result.reason and result.state in (TrialState.FAILED, TrialState.OUT_OF_MEMORY):

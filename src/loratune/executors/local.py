@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
+from ..processes import TrialLock, die_with_parent, signal_group
 from ..storage import atomic_write_json
 from ..trial import TrialResult, TrialState, check_metrics
 from ..worker import PROGRESS_FILE, RESULT_FILE, SPEC_FILE, STOP_FILE
@@ -65,26 +67,29 @@ class LocalExecutor:
 
     def submit(self, spec: TrialSpec) -> None:
         d = spec.directory
+        TrialLock.clear(d)  # a process of an earlier, killed study still on this trial ends first
         if d.exists():  # a re-run after an interruption starts clean
             shutil.rmtree(d)
         d.mkdir(parents=True)
         if self.command:
-            argv = command_argv(self.command, spec.params)
+            shown = argv = command_argv(self.command, spec.params)
+            argv = [sys.executable, "-m", "loratune.processes", str(d), "--", *argv]
         else:
             atomic_write_json(d / SPEC_FILE, {"index": spec.index, "params": spec.params, "config": spec.config,
                                               "measure_inference": self.measure_inference})
-            argv = [sys.executable, "-m", "loratune.worker", str(d)]
+            shown = argv = [sys.executable, "-m", "loratune.worker", str(d)]
         gpus = [self.free_gpus.pop(0) for _ in range(min(self.gpus_per_trial, len(self.free_gpus)))]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         if self.free_gpus or gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         log = open(d / LOG_FILE, "w")
-        log.write(f"$ {' '.join(argv)}\n")
+        log.write(f"$ {shlex.join(shown)}\n")
         log.flush()
-        # its own session, so that a stop or a shutdown reaches the trial's children too
+        # its own session, so that a stop or a shutdown reaches the trial's children too; and it dies
+        # with this process, however this one ends
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=die_with_parent())
         self.running[spec.index] = _Running(spec, proc, log, gpus, time.time())
 
     def poll(self, timeout: float) -> list[Event]:
@@ -112,6 +117,7 @@ class LocalExecutor:
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def _finish(self, r: _Running) -> TrialResult:
+        signal_group(r.proc.pid, signal.SIGKILL)  # whatever the trial left running in its group
         r.log.close()
         del self.running[r.spec.index]
         self.free_gpus += r.gpus
@@ -146,20 +152,13 @@ class LocalExecutor:
             return
         r.stop_sent = True
         if self.command:
-            _signal_group(r.proc, signal.SIGTERM)
+            signal_group(r.proc.pid, signal.SIGTERM)
         else:
             (r.spec.directory / STOP_FILE).touch()  # the worker stops at its next validation point
 
     def shutdown(self) -> None:
         for r in self.running.values():
-            _signal_group(r.proc, signal.SIGKILL)
+            signal_group(r.proc.pid, signal.SIGKILL)
             r.proc.wait()
             r.log.close()
         self.running.clear()
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

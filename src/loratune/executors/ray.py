@@ -15,7 +15,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from ..errors import LoratuneError
+from ..errors import LoratuneError, first_line
 from ..storage import atomic_write_json
 from ..trial import TrialResult, TrialState
 from .base import Event, TrialSpec
@@ -36,6 +36,7 @@ def _run_on_node(spec: dict, shared_dir: str | None, progress, flags) -> dict:
     import sys
     import tempfile
 
+    from loratune.processes import die_with_parent
     from loratune.worker import PROGRESS_FILE, RESULT_FILE, SPEC_FILE, STOP_FILE
 
     base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix="loratune-trial-"))
@@ -50,7 +51,8 @@ def _run_on_node(spec: dict, shared_dir: str | None, progress, flags) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     with open(trial_dir / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "loratune.worker", str(trial_dir)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=die_with_parent())  # a cancelled task takes its trial along
         offset, last_flag_check = 0, 0.0
         while proc.poll() is None or offset < _size(trial_dir / PROGRESS_FILE):
             offset = _relay(trial_dir / PROGRESS_FILE, offset, spec["index"], progress)
@@ -104,7 +106,7 @@ class RayExecutor:
                          configure_logging=False, ignore_reinit_error=True)
             except Exception as exc:
                 raise LoratuneError(f"--ray-address: cannot connect to Ray at {address or 'a new local instance'}: "
-                                    f"{(str(exc).splitlines() or [type(exc).__name__])[0][:160]}") from None
+                                    f"{first_line(exc, 160)}") from None
         self.ray, self.slots, self.shared_dir = ray, slots, shared_dir
         self.measure_inference = measure_inference
         if not ray.cluster_resources().get("GPU"):
@@ -143,7 +145,7 @@ class RayExecutor:
         try:
             out = self.ray.get(ref)
         except Exception as exc:  # the node or the worker died: the trial failed, the study goes on
-            return TrialResult(TrialState.FAILED, reason=f"Ray task lost: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
+            return TrialResult(TrialState.FAILED, reason=f"Ray task lost: {first_line(exc)}")
         if out["files"]:
             spec.directory.mkdir(parents=True, exist_ok=True)
             with tarfile.open(fileobj=io.BytesIO(out["files"]), mode="r:gz") as tar:

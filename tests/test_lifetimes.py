@@ -1,0 +1,121 @@
+"""No trial process outlives its study, however the study ends, and a re-run never shares its
+trial directory with an older process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from loratune.processes import TrialLock
+
+# A training command that starts a child of its own, records both pids, and trains "forever" the
+# first time; the re-run after a resume finishes at once.
+TRAIN = """
+import json, os, subprocess, sys, time
+pids, marker = sys.argv[2], sys.argv[3]
+first = not os.path.exists(marker)
+open(marker, "a").close()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+with open(pids, "a") as f:
+    f.write(f"{os.getpid()} {child.pid}\\n")
+if first:
+    time.sleep(300)
+child.kill()
+print(json.dumps({"loss": 1.0 / int(sys.argv[1])}))
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead, only not yet reaped by its parent
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_study(tmp_path, *args) -> subprocess.Popen:
+    # like a user's terminal: the study is the only process we kill, its trials are left to it
+    return subprocess.Popen([sys.executable, "-m", "loratune.cli", "optimize", "--output", str(tmp_path / "study"),
+                             "--quiet", "--no-report", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_kill_9_of_the_study_alone_ends_its_command_trial_and_the_trials_children(tmp_path):
+    script, pids = tmp_path / "train.py", tmp_path / "pids"
+    script.write_text(TRAIN)
+    command = f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}"
+    study = start_study(tmp_path, "--trials", "2", "--command", command)
+    trial_pids = [int(p) for p in wait_for(lambda: pids.exists() and pids.read_text().split(), 60, "the trial")]
+    wait_for((tmp_path / "study" / "optimization_checkpoint.json").exists, 60, "the first checkpoint")
+    lock_holder = int((tmp_path / "study" / "trials" / "0" / ".lock").read_text())
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    wait_for(lambda: not any(alive(p) for p in [*trial_pids, lock_holder]), 10, "the trial's processes to end")
+
+    resumed = run_cli("-m", "loratune.cli", "resume", str(tmp_path / "study"), "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    trials = json.loads((tmp_path / "study" / "optimization_results.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["completed", "completed"]
+    assert trials[0]["restarts"] == 1 and trials[0]["metrics"]["loss"] == pytest.approx(1 / 16)
+
+
+def test_kill_9_of_the_study_alone_ends_its_fine_tune_worker(tiny_model, tmp_path):
+    config = tmp_path / "slow.yaml"  # long enough to be killed while training
+    config.write_text("trials: 2\ntraining: {epochs: 20}\n")
+    study = start_study(tmp_path, "--config", str(config))
+    lock = tmp_path / "study" / "trials" / "0" / ".lock"
+    worker = int(wait_for(lambda: lock.exists() and lock.read_text().strip(), 120, "the baseline's worker"))
+    assert alive(worker)
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    wait_for(lambda: not alive(worker), 10, "the worker to end")
+
+
+def test_a_rerun_first_ends_an_older_process_still_on_the_trial(tmp_path):
+    trial = tmp_path / "trials" / "3"
+    older = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom loratune.processes import TrialLock\n"
+                              f"TrialLock({str(trial)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(300)"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert older.stdout.readline().strip() == "locked"
+    assert TrialLock.clear(trial) == older.pid
+    assert older.wait(timeout=10) == -signal.SIGKILL
+    assert TrialLock.clear(trial) is None  # nothing holds it any more
+
+
+def test_an_exception_in_the_loop_stops_the_running_trials(tmp_path, monkeypatch):
+    """Through the Python API the caller's process lives on: the study must end its trials itself."""
+    from loratune import run_optimization
+    from loratune.executors.local import LocalExecutor
+
+    script, pids = tmp_path / "train.py", tmp_path / "pids"
+    script.write_text(TRAIN)
+
+    def broken(self, timeout):
+        wait_for(lambda: pids.exists() and pids.read_text().split(), 60, "the trial")
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(LocalExecutor, "poll", broken)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False,
+                         command=f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}")
+    trial_pids = [int(p) for p in pids.read_text().split()]
+    wait_for(lambda: not any(alive(p) for p in trial_pids), 10, "the trial's processes to end")
