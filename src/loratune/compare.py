@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LoratuneError, first_line
+from .errors import LoratuneError
 from .storage import atomic_write_json, read_json
 
 COMPARISON_NAME = "comparison.json"
