@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 
-from loratune.config import FinetuneConfig, seed_search_space
+from loratune.config import FinetuneConfig, default_search_space
 from loratune.optimizer import Optimizer
 from loratune.search_space import parse_search_space
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--constraint", default="lora_rank * batch_size <= 128")
     args = parser.parse_args()
-    space = parse_search_space(seed_search_space(), [args.constraint] if args.constraint else [], FinetuneConfig())
+    space = parse_search_space(default_search_space(), [args.constraint] if args.constraint else [], FinetuneConfig())
     opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
     times = []
     for n in range(args.trials):

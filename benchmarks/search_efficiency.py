@@ -122,12 +122,12 @@ def _hartmann6_mixed_optimum() -> float:
 
 
 def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
-    from loratune.config import FinetuneConfig, seed_search_space
+    from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
 
     if problem.name == "tabular":  # exactly what a study builds from the seed's search space
-        space = parse_search_space(seed_search_space(), [], FinetuneConfig())
+        space = parse_search_space(default_search_space(), [], FinetuneConfig())
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
     opt = Optimizer.create(space, ["value"], [True], [], seed=seed)

@@ -7,6 +7,7 @@ from loratune import EarlyStoppingCallback, run_optimization
 from loratune.config import EarlyStoppingConfig, StudyConfig
 from loratune.errors import LoratuneError
 from loratune.results import pareto_front
+from loratune.trial import TrialRecord, TrialState
 
 SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
          "batch_size": [1, 2, 4]}
@@ -140,9 +141,9 @@ def test_two_objectives_give_a_pareto_front_of_non_dominated_points(tmp_path):
 
 
 def test_pareto_front_with_a_maximized_objective():
-    records = [{"index": i, "state": "completed", "metrics": {"loss": loss, "acc": acc}}
+    records = [TrialRecord(i, {}, TrialState.COMPLETED, metrics={"loss": loss, "acc": acc})
                for i, (loss, acc) in enumerate([(0.5, 0.9), (0.4, 0.8), (0.6, 0.7), (0.4, 0.95)])]
-    assert [r["index"] for r in pareto_front(records, ["loss", "acc"], [True, False])] == [3]
+    assert [r.index for r in pareto_front(records, ["loss", "acc"], [True, False])] == [3]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -2,12 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from loratune.config import (
-    FinetuneConfig,
-    StudyConfig,
-    load_finetune_config,
-    load_study_config,
-)
+from loratune.config import FinetuneConfig, StudyConfig
+from loratune.settings import load_finetune_config, load_study_config
 from loratune.errors import LoratuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +59,12 @@ def test_missing_config_file(tmp_path):
     ("objectives: [loss, inference_time]\nminimize: [true]\n", "minimize: needs one flag per objective (2)"),
     ("early_stopping: {check_at: 1.5}\n", "early_stopping.check_at: must be in (0, 1]"),
     ("early_stopping: {treshold: 0.7}\n", "did you mean 'threshold'"),
-    ("early_stopping: {threshold: basline}\n", "early_stopping.threshold: expected a number or 'baseline'"),
+    ("early_stopping: {threshold: basline}\n", "early_stopping.threshold: expected a finite number or 'baseline'"),
     ("baseline: false\nearly_stopping: {threshold: baseline}\n", "'baseline' compares with the baseline trial"),
 ])
 def test_bad_study_config(tmp_path, text, message):
     with pytest.raises(LoratuneError) as err:
-        load_study_config(write(tmp_path, text))
+        load_study_config(write(tmp_path, text))[0]
     assert message in str(err.value)
 
 
@@ -79,11 +75,11 @@ def test_every_shipped_config_loads():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# python "), f"{path.name} must begin with the command that runs it"
         if "optimization" in path.name:
-            load_study_config(path)
+            load_study_config(path)[0]
         else:
             load_finetune_config(path)
 
 
 def test_shipped_optimization_config_is_the_embedded_default():
-    shipped = load_study_config(ROOT / "configs" / "optimization_config.yaml")
+    shipped = load_study_config(ROOT / "configs" / "optimization_config.yaml")[0]
     assert shipped == StudyConfig()

@@ -1,6 +1,6 @@
 import json
-import math
 import re
+from dataclasses import replace
 
 import pytest
 from conftest import fake_loss
@@ -8,8 +8,9 @@ from conftest import fake_loss
 from loratune import run_optimization
 from loratune.compare import compare_runs
 from loratune.errors import LoratuneError
+from loratune.trial import TrialRecord, TrialState
 from loratune.report import write_report
-from loratune.report.data import (
+from loratune.report.findings import (
     alpha_ratio_insight,
     compute,
     effective_scale,
@@ -19,9 +20,9 @@ from loratune.report.data import (
 )
 
 
-def record(index, loss, state="completed", baseline=False, **params):
-    return {"index": index, "params": params, "state": state, "baseline": baseline, "metrics": {"loss": loss},
-            "curve": [], "reason": None, "duration_s": 1.0}
+def record(index, loss, state="completed", baseline=False, **params) -> TrialRecord:
+    return TrialRecord(index, params, TrialState(state), baseline, {"loss": loss} if loss is not None else {},
+                       duration_s=1.0)
 
 
 def test_spearman():
@@ -62,11 +63,11 @@ def test_alpha_ratio_insight_uses_alpha_over_rank():
 def test_compute_and_trace_over_records_with_failures():
     records = [record(0, 0.8, baseline=True, lora_rank=16, learning_rate=2e-4),
                record(1, 0.9, lora_rank=8, learning_rate=1e-5),
-               {**record(2, None, state="failed", lora_rank=64, learning_rate=1e-4), "metrics": {}},
+               record(2, None, state="failed", lora_rank=64, learning_rate=1e-4),
                record(3, 0.6, lora_rank=32, learning_rate=3e-4),
-               {**record(4, 0.7, state="early_stopped", lora_rank=8, learning_rate=2e-5), "training_saved": 0.6}]
-    data = compute({"trials": records, "objectives": ["loss"], "minimize": [True]})
-    assert data.best["index"] == 3 and data.baseline["index"] == 0
+               replace(record(4, 0.7, state="early_stopped", lora_rank=8, learning_rate=2e-5), training_saved=0.6)]
+    data = compute({"trials": [r.to_dict() for r in records], "objectives": ["loss"], "minimize": [True]})
+    assert data.best.index == 3 and data.baseline.index == 0
     assert data.improvement.absolute == pytest.approx(0.2) and data.improvement.relative == pytest.approx(0.25)
     assert data.early_stopping == {"stopped": 1, "trials_saved": 0.6, "share_saved": 0.15}
     assert trace(records, "loss", True) == [(0, 0.8, 0.8), (1, 0.9, 0.8), (2, None, 0.8), (3, 0.6, 0.6), (4, None, 0.6)]
@@ -114,7 +115,7 @@ def test_report_of_a_crashed_study_from_its_checkpoint(tmp_path):
 
 
 def test_report_with_no_completed_trial(tmp_path):
-    (tmp_path / "optimization_results.json").write_text(json.dumps({"trials": [record(0, math.nan, state="running")]}))
+    (tmp_path / "optimization_results.json").write_text(json.dumps({"trials": [record(0, None, state="running").to_dict()]}))
     text = write_report(tmp_path).read_text()
     assert "No trial has completed yet" in text
 
@@ -124,5 +125,5 @@ def test_report_on_a_directory_without_a_study(tmp_path, setup):
     target = tmp_path / "nothing" if setup == "missing" else tmp_path
     if setup == "foreign":
         (tmp_path / "optimization_results.json").write_text('{"hello": 1}')
-    with pytest.raises(LoratuneError, match="no such directory|holds no loratune study|not a loratune study file"):
+    with pytest.raises(LoratuneError, match="no such directory|holds no loratune study|not a loratune results file"):
         write_report(target)

@@ -2,13 +2,14 @@ import itertools
 
 import pytest
 
-from loratune.config import FinetuneConfig, seed_search_space
+from loratune.config import FinetuneConfig, default_search_space
 from loratune.errors import LoratuneError
-from loratune.search_space import apply, parse_search_space, resolve_target, satisfies, to_ax
+from loratune.optimizer import to_ax
+from loratune.search_space import apply, parse_search_space, resolve_target, satisfies
 
 
 def space(spec=None, constraints=()):
-    return parse_search_space(spec or seed_search_space(), list(constraints), FinetuneConfig())
+    return parse_search_space(spec or default_search_space(), list(constraints), FinetuneConfig())
 
 
 def test_seed_space_forms():

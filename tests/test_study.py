@@ -4,11 +4,12 @@ import sys
 import pytest
 from conftest import fake_loss
 
-from loratune import run_optimization
+from loratune import resume_optimization, run_optimization
+from loratune.checkpoint import load as load_checkpoint
+from loratune.checkpoint import save as save_checkpoint
 from loratune.config import StudyConfig
-from loratune.errors import LoratuneError
+from loratune.errors import LoratuneError, StudyAborted
 from loratune.optimizer import Optimizer
-from loratune.study import Study, StudyAborted
 from loratune.trial import TrialState
 
 SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
@@ -71,7 +72,7 @@ def test_repeated_failures_stop_the_study_with_everything_saved(tmp_path):
     def evaluate(params):
         raise ValueError("broken training code")
 
-    with pytest.raises(StudyAborted, match="stopped after 3 failed trials in a row; last: ValueError: broken"):
+    with pytest.raises(StudyAborted, match="stopped after 3 failed trials in a row; last failure: ValueError: broken"):
         optimize(tmp_path, trials=10, evaluate=evaluate)
     saved = json.loads((tmp_path / "study" / "optimization_results.json").read_text())
     assert [t["state"] for t in saved["trials"]] == ["failed"] * 3
@@ -80,8 +81,8 @@ def test_repeated_failures_stop_the_study_with_everything_saved(tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     whole = optimize(tmp_path / "whole", trials=8)
     part = optimize(tmp_path / "part", trials=5)
-    resumed = Study.load(tmp_path / "part" / "study" / "optimization_checkpoint.json", additional_trials=3,
-                         evaluate=fake_loss, quiet=True).resume()
+    resumed = resume_optimization(tmp_path / "part" / "study" / "optimization_checkpoint.json", additional_trials=3,
+                                  evaluate=fake_loss, quiet=True)
     # the same points, up to float round-off in the model fit after the JSON round trip
     assert len(resumed["trials"]) == len(whole["trials"]) == 8
     for r, w in zip(resumed["trials"], whole["trials"], strict=True):
@@ -97,13 +98,13 @@ def test_a_trial_running_at_a_crash_is_run_again(tmp_path):
     checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
     data = json.loads(checkpoint.read_text())
     # what a kill -9 during trial 2 leaves: its record still running, Ax's trial still RUNNING
-    opt = Optimizer.restore(data["ax"], Study.load(checkpoint, evaluate=fake_loss, quiet=True).space, 0)
+    opt = Optimizer.restore(data["ax"], load_checkpoint(checkpoint)[1].space, 0)
     (index, params), = opt.ask(1).items()
     data["ax"] = opt.snapshot()
     data["records"].append({**data["records"][-1], "index": index, "params": params, "state": "running",
                             "metrics": {}, "baseline": False, "restarts": 0})
     checkpoint.write_text(json.dumps(data))
-    results = Study.load(checkpoint, evaluate=fake_loss, quiet=True).resume()
+    results = resume_optimization(checkpoint, evaluate=fake_loss, quiet=True)
     rerun = results["trials"][3]
     assert rerun["index"] == index and rerun["state"] == "completed" and rerun["restarts"] == 1
     assert [t["state"] for t in results["trials"]] == ["completed"] * 4
@@ -118,21 +119,21 @@ def test_corrupted_or_foreign_checkpoint(tmp_path, content, message):
     path = tmp_path / "optimization_checkpoint.json"
     path.write_text(content)
     with pytest.raises(LoratuneError, match=message):
-        Study.load(path, evaluate=fake_loss)
+        load_checkpoint(path)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     optimize(tmp_path, trials=2)
     checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
     before = checkpoint.read_text()
-    study = Study.load(checkpoint, evaluate=fake_loss, quiet=True)
+    paths, stored = load_checkpoint(checkpoint)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.fsync", crash)
     with pytest.raises(OSError):
-        study.save()
+        save_checkpoint(stored, paths)
     assert checkpoint.read_text() == before  # the old checkpoint is intact, no temporary left behind
     assert sorted(p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")) == [".loratune.lock"]
 
@@ -155,12 +156,12 @@ def test_a_locked_output_directory_is_refused(tmp_path):
 def test_callable_evaluation_needs_the_callable_to_resume(tmp_path):
     optimize(tmp_path, trials=2)
     with pytest.raises(LoratuneError, match="pass the same evaluate= to resume it"):
-        Study.load(tmp_path / "study")
+        resume_optimization(tmp_path / "study")
 
 
 @pytest.mark.parametrize("trials", [0, -3])
 def test_non_positive_trials(tmp_path, trials):
-    with pytest.raises(LoratuneError, match="num_trials: must be a positive integer"):
+    with pytest.raises(LoratuneError, match="num_trials: trials: must be at least 1"):
         optimize(tmp_path, trials=trials)
 
 
@@ -186,8 +187,10 @@ def test_external_command_evaluator_fills_placeholders_without_a_shell(tmp_path)
 def test_external_command_failures(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("import sys\nprint('no metrics here')\nsys.exit(int(sys.argv[1]) % 2)\n")
-    results = run_optimization(num_trials=2, output_dir=tmp_path / "study", command=f"{sys.executable} {script} {{lora_rank}}",
-                               search_space={"lora_rank": [8, 9]}, quiet=True, seed=0, report=False)
+    with pytest.raises(StudyAborted, match="no trial completed"):  # a study with no result is a failed study
+        run_optimization(num_trials=2, output_dir=tmp_path / "study", command=f"{sys.executable} {script} {{lora_rank}}",
+                         search_space={"lora_rank": [8, 9]}, quiet=True, seed=0, report=False)
+    results = json.loads((tmp_path / "study" / "optimization_results.json").read_text())
     reasons = sorted(t["reason"] for t in results["trials"])
     assert reasons == ["command exited with code 1: no metrics here", "command printed no JSON line with metrics"]
     assert all(t["state"] == TrialState.FAILED.value for t in results["trials"])

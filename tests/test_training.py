@@ -4,7 +4,7 @@ import pytest
 
 from loratune.config import FinetuneConfig
 from loratune.errors import LoratuneError
-from loratune.training import finetune, plan
+from loratune.training import plan, run_training
 
 
 def config(tmp_path, **training) -> FinetuneConfig:
@@ -16,7 +16,7 @@ def config(tmp_path, **training) -> FinetuneConfig:
 
 
 def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_path):
-    metrics = finetune(config(tmp_path), quiet=True)
+    metrics = run_training(config(tmp_path))
     curve = metrics["curve"]
     assert len(curve) == 10 and curve[-1]["progress"] == 1.0
     assert curve[-1]["val_loss"] < 0.85 * curve[0]["val_loss"]  # the adapter learned the task
@@ -29,21 +29,21 @@ def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_pat
 
 
 def test_same_seed_same_loss_other_seed_other_loss(tiny_model, tmp_path):
-    runs = [finetune(config(tmp_path / str(i), epochs=0.3, seed=seed), quiet=True)["val_loss"]
+    runs = [run_training(config(tmp_path / str(i), epochs=0.3, seed=seed))["val_loss"]
             for i, seed in enumerate((1, 1, 2))]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 def test_learning_rate_changes_the_loss(tiny_model, tmp_path):
-    low = finetune(config(tmp_path / "a", epochs=0.5, learning_rate=1e-5), quiet=True)["val_loss"]
-    high = finetune(config(tmp_path / "b", epochs=0.5, learning_rate=5e-4), quiet=True)["val_loss"]
+    low = run_training(config(tmp_path / "a", epochs=0.5, learning_rate=1e-5))["val_loss"]
+    high = run_training(config(tmp_path / "b", epochs=0.5, learning_rate=5e-4))["val_loss"]
     assert high < low - 0.1
 
 
 def test_stop_request_ends_training_early(tiny_model, tmp_path):
     checks = iter(range(1000))
-    metrics = finetune(config(tmp_path, epochs=0.5), quiet=True, stop_requested=lambda: next(checks) >= 3)
+    metrics = run_training(config(tmp_path, epochs=0.5), stop_requested=lambda: next(checks) >= 3)
     assert metrics["state"] == "early_stopped"
     assert metrics["steps"] == 4 < metrics["planned_steps"]
     assert metrics["curve"][-1]["step"] == 4
@@ -54,7 +54,7 @@ def test_existing_run_is_not_overwritten(tiny_model, tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text('{"val_loss": 1}')
     with pytest.raises(LoratuneError, match="already holds a run"):
-        finetune(config(tmp_path), quiet=True)
+        run_training(config(tmp_path))
     assert (out / "metrics.json").read_text() == '{"val_loss": 1}'
 
 
@@ -67,7 +67,7 @@ def test_unreachable_models(tmp_path, name, message):
     cfg = config(tmp_path)
     cfg.model.name = name
     with pytest.raises(LoratuneError) as err:
-        finetune(cfg, quiet=True)
+        run_training(cfg)
     assert message in str(err.value)
 
 

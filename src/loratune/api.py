@@ -1,14 +1,44 @@
-"""The Python API, as the seed writes it. The CLI calls these same functions."""
+"""The Python API, as Module 4.5 writes it. The command line calls these same functions.
+
+Every entry point turns its arguments into settings (``settings.py``), checks everything it can
+(``preflight.py``) and only then takes the output directory, clears an earlier study (with
+``overwrite``) and starts trials.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from .config import StudyConfig, load_finetune_config, load_study_config, validate_study
+from . import checkpoint, preflight
+from .checkpoint import StoredStudy, StudyPaths
+from .config import FinetuneConfig, StudyConfig, to_dict
+from .console import StudyConsole, TrainingProgress
 from .early_stopping import EarlyStoppingCallback
-from .errors import LoratuneError
-from .study import Study, StudyPaths
+from .errors import LoratuneError, StudyAborted
+from .optimizer import Optimizer
+from .search_space import parse_search_space
+from .settings import (
+    Origin,
+    Override,
+    build,
+    load_finetune_config,
+    load_study_config,
+    override,
+    validate_study,
+)
+from .storage import DirectoryLock, atomic_write_text
+
+# run_optimization's own argument -> the setting it sets
+_ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space": "search_space",
+              "objectives": "objectives", "minimize": "minimize", "constraints": "constraints", "seed": "seed",
+              "workers": "workers", "command": "command", "outcome_constraints": "outcome_constraints",
+              "report": "report"}
+# what may change when a study resumes: how it runs, never what it measures
+RESUMABLE = ("workers", "gpus", "gpus_per_trial", "executor", "ray_address", "shared_dir", "reuse_model",
+             "trials_per_worker", "trial_timeout", "max_failures_in_a_row", "keep_adapters", "report", "retrain_epochs")
 
 
 def run_optimization(
@@ -31,14 +61,16 @@ def run_optimization(
     overwrite: bool = False,
     quiet: bool = False,
     report: bool | None = None,
-    **settings,
+    **settings: Any,
 ) -> dict:
     """Search LoRA hyperparameters with Ax; return the best and the full history.
 
-    Arguments left as None come from ``config`` (a YAML path or a StudyConfig), and without one
-    from the embedded default: the seed's search space on the offline demo model and dataset.
-    ``output_dir`` may also name the results file (``configs/optimization_results.json``). Any
-    other study field can be passed by name (``executor="ray"``, ``gpus_per_trial=2``, ...).
+    Arguments left as None come from ``config`` (a YAML path or a StudyConfig), and without one from
+    the embedded default: the default search space on the offline demo model and dataset.
+    ``output_dir`` may also name the results file (``configs/optimization_results.json``). Any other
+    study field can be passed by name (``executor="ray"``, ``trial_timeout=600``), and a section as a
+    mapping (``training={"epochs": 2}``); every value is checked as the same value in YAML would be.
+    Raises ``LoratuneError`` on bad input, before anything is written or started.
 
     >>> from ax_optimization import run_optimization
     >>> results = run_optimization(num_trials=20, model_name="Qwen/Qwen2.5-7B-Instruct",
@@ -46,44 +78,92 @@ def run_optimization(
     >>> print(f"Best loss: {results['best_loss']:.4f}")  # doctest: +SKIP
     >>> print(f"Best params: {results['best_params']}")  # doctest: +SKIP
     """
-    custom = evaluate is not None or command is not None
-    cfg = config if isinstance(config, StudyConfig) else load_study_config(config, custom_metrics=custom)
-    source = str(config) if isinstance(config, str | Path) else None
-    if num_trials is not None:
-        cfg.trials = num_trials
-    if model_name is not None:
-        cfg.model.name = model_name
-    if data_path is not None:
-        cfg.data.path, cfg.data.validation_path = data_path, None
-    if search_space is not None:
-        cfg.search_space = search_space
-    if objectives is not None:
-        cfg.objectives = list(objectives)
-        cfg.minimize = list(minimize) if minimize is not None else [True] * len(objectives)
-    elif minimize is not None:
-        cfg.minimize = list(minimize)
-    if constraints is not None:
-        cfg.constraints = list(constraints)
-    if outcome_constraints is not None:
-        cfg.outcome_constraints = list(outcome_constraints)
-    if seed is not None:
-        cfg.seed = seed
-    if workers is not None:
-        cfg.workers = workers
-    if command is not None:
-        cfg.command = command
-    if report is not None:
-        cfg.report = report
-    for name, value in settings.items():  # any other study field: executor="ray", gpus_per_trial=2, ...
-        if name not in StudyConfig.__dataclass_fields__ or name in ("model", "lora", "data", "training"):
+    given = {"num_trials": num_trials, "model_name": model_name, "search_space": search_space, "objectives": objectives,
+             "minimize": minimize, "constraints": constraints, "seed": seed, "workers": workers, "command": command,
+             "outcome_constraints": outcome_constraints, "report": report}
+    overrides: list[Override] = [(_ARGUMENTS[k], v, k) for k, v in given.items() if v is not None]
+    if objectives is not None and minimize is None and isinstance(objectives, list | tuple):
+        overrides.append(("minimize", [True] * len(objectives), "objectives"))
+    if data_path is not None:  # a validation split is then held out of it
+        overrides += [("data.path", data_path, "data_path"), ("data.validation_path", None, "data_path")]
+    if early_stopping is not None:
+        overrides += _early_stopping_overrides(early_stopping)
+    for name, value in settings.items():
+        if name not in StudyConfig.__dataclass_fields__:
             raise LoratuneError(f"run_optimization: unknown argument '{name}'")
-        setattr(cfg, name, value)
-    if not isinstance(num_trials, int | None) or (num_trials is not None and num_trials < 1):
-        raise LoratuneError(f"num_trials: must be a positive integer, got {num_trials!r}")
-    validate_study(cfg, source, custom_metrics=custom)
-    study = Study(cfg, StudyPaths.from_output(output_dir), evaluate=evaluate, early_stopping=early_stopping,
-                  quiet=quiet)
-    return study.run(overwrite=overwrite)
+        overrides.append((name, value, name))
+    return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet)
+
+
+def _early_stopping_overrides(rule: Any) -> list[Override]:
+    if not isinstance(rule, EarlyStoppingCallback):
+        raise LoratuneError(f"early_stopping: expected an EarlyStoppingCallback, got {type(rule).__name__}")
+    if rule.metric != "loss":
+        raise LoratuneError("early_stopping: the threshold rule reads the first objective; leave metric as is")
+    return [("early_stopping.threshold", rule.threshold, "early_stopping"),
+            ("early_stopping.check_at", rule.check_at, "early_stopping")]
+
+
+def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Override], output: str | Path, *,
+             evaluate: Callable | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
+    """A new study: settings, every check, then the output directory, then the trials."""
+    started = time.time()
+    if config is not None and not isinstance(config, str | Path | StudyConfig):
+        raise LoratuneError(f"config: expected a YAML path or a StudyConfig, got {type(config).__name__}")
+    cfg, origin = load_study_config(config, overrides, custom_metrics=evaluate is not None)
+    paths = StudyPaths.from_output(output)
+    preflight.check_output(paths, output)
+    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), origin.at("search_space"))
+    preflight.check_evaluation(cfg, space, evaluate)
+    if paths.holds_a_study() and not overwrite:
+        raise _already_holds_a_study(paths)
+    evaluation = "callable" if evaluate is not None else "command" if cfg.command else "finetune"
+    if evaluation == "finetune":
+        preflight.check_training_inputs(cfg.base(), space)
+    optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
+                                 cfg.init_trials, cfg.early_stopping)
+    with DirectoryLock(paths.directory):
+        if paths.holds_a_study():
+            if not overwrite:
+                raise _already_holds_a_study(paths)
+            paths.clear()
+        return _run(StoredStudy(cfg, [], evaluation), paths, optimizer, evaluate, quiet, started)
+
+
+def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
+    return LoratuneError(f"{paths.directory}: already holds a study ({paths.checkpoint.name}); resume it with "
+                         "`loratune resume`, choose another --output, or pass --overwrite")
+
+
+def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate: Callable | None, quiet: bool,
+         started: float) -> dict:
+    """The loop, then the report (also after an aborted study: what ran is worth reading), then the summary."""
+    from .study import Study
+
+    cfg = stored.config
+    console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers)
+    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started)
+    try:
+        result = study.run()
+    except StudyAborted:
+        _write_report(paths, cfg.report, console)
+        raise
+    report = _write_report(paths, cfg.report, console)
+    console.summary(stored.records, study.space.names, cfg.objectives, {**result, "results_file": str(paths.results)},
+                    str(report) if report else None)
+    return result
+
+
+def _write_report(paths: StudyPaths, wanted: bool, console: StudyConsole) -> Path | None:
+    if not wanted:
+        return None
+    from .report import write_report
+
+    try:
+        return write_report(paths.directory)
+    except Exception as exc:  # the study's results are saved; a report problem must not hide them
+        console.print(f"[yellow]could not write the report[/]: {exc}; `loratune report {paths.directory}` retries")
+        return None
 
 
 def resume_optimization(
@@ -91,33 +171,63 @@ def resume_optimization(
     additional_trials: int = 0,
     *,
     evaluate: Callable | None = None,
-    early_stopping: EarlyStoppingCallback | None = None,
     quiet: bool = False,
+    **settings: Any,
 ) -> dict:
     """Continue a study from its checkpoint: trials that were running are run again, then
-    ``additional_trials`` more than the study had planned.
+    ``additional_trials`` more than the study had planned. How the trials run may change
+    (``workers=4``, ``trial_timeout=600``, ...: see ``RESUMABLE``); what they measure may not.
 
     >>> from ax_optimization import resume_optimization
     >>> results = resume_optimization(checkpoint="configs/optimization_checkpoint.json",
     ...                               additional_trials=10)  # doctest: +SKIP
     """
-    study = Study.load(checkpoint, additional_trials=additional_trials, evaluate=evaluate,
-                       early_stopping=early_stopping, quiet=quiet)
-    return study.resume()
+    return resume(checkpoint, additional_trials, [(k, v, k) for k, v in settings.items()], evaluate=evaluate, quiet=quiet)
 
 
-def finetune(config: str | Path, *, output_dir: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Fine-tune with a training config file, e.g. the ``best_config.yaml`` a study wrote.
+def resume(path: str | Path, additional_trials: int, overrides: Iterable[Override], *,
+           evaluate: Callable | None = None, quiet: bool = False) -> dict:
+    started = time.time()
+    if not isinstance(additional_trials, int) or isinstance(additional_trials, bool) or additional_trials < 0:
+        raise LoratuneError(f"additional_trials: must be a non-negative integer, got {additional_trials!r}")
+    paths, stored = checkpoint.load(path, additional_trials)
+    if stored.evaluation == "callable" and evaluate is None:
+        raise LoratuneError(f"{paths.checkpoint}: this study evaluated a Python function; pass the same evaluate= "
+                            "to resume it (resume_optimization)")
+    if stored.evaluation != "callable" and evaluate is not None:
+        raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
+    data, origin = {}, Origin(str(paths.checkpoint))
+    for dotted, value, label in overrides:
+        if dotted.split(".")[0] not in RESUMABLE:
+            raise LoratuneError(f"{label}: cannot change when a study resumes (it would mix trials of two set-ups); "
+                                f"what can: {', '.join(RESUMABLE)}")
+        override(data, StudyConfig, dotted, value, label, origin)
+    if data:
+        merged = {**to_dict(stored.config), **data}
+        stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation != "finetune")
+    cfg = stored.config
+    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
+    preflight.check_evaluation(cfg, space, evaluate)
+    if stored.evaluation == "finetune":
+        preflight.check_training_inputs(cfg.base(), space)
+    optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
+    with DirectoryLock(paths.directory):
+        return _run(stored, paths, optimizer, evaluate, quiet, started)
+
+
+def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = None, overwrite: bool = False,
+             quiet: bool = False, overrides: Iterable[Override] = ()) -> dict:
+    """Fine-tune with a training config, e.g. the ``best_config.yaml`` a study wrote; return its metrics.
 
     >>> from loratune import finetune
     >>> metrics = finetune("configs/best_config.yaml")  # doctest: +SKIP
     """
-    from .training import finetune as run_finetune
+    from .training import run_training
 
-    cfg = load_finetune_config(config)
-    if output_dir is not None:
-        cfg.output_dir = output_dir
-    return run_finetune(cfg, quiet=quiet, overwrite=overwrite)
+    overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
+    cfg = load_finetune_config(config, overrides)
+    with TrainingProgress(quiet) as on_step:
+        return run_training(cfg, overwrite=overwrite, on_step=on_step)
 
 
 def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
@@ -127,17 +237,14 @@ def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
     >>> from loratune import export_config
     >>> export_config("configs/", trial=7, path="configs/fast_config.yaml")  # doctest: +SKIP
     """
-    from .storage import atomic_write_text
-
-    study = Study.load(study_dir, quiet=True, read_only=True)
-    record = next((r for r in study.records if r["index"] == trial), None)
+    paths, stored = checkpoint.load(study_dir)
+    record = stored.record(trial)
     if record is None:
-        raise LoratuneError(f"{study_dir}: no trial {trial} (trials: {', '.join(str(r['index']) for r in study.records)})")
-    if study.evaluation != "finetune":
+        raise LoratuneError(f"{study_dir}: no trial {trial} (trials: {', '.join(str(r.index) for r in stored.records)})")
+    if stored.evaluation != "finetune":
         raise LoratuneError(f"{study_dir}: this study ran its own evaluation, so it has no training config to export")
     out = Path(path)
     if out.exists():
         raise LoratuneError(f"{out}: already exists; choose another path")
-    atomic_write_text(out, study.config_yaml(record, out))
+    atomic_write_text(out, checkpoint.config_yaml(stored, paths, record, out))
     return out
-

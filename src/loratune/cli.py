@@ -1,4 +1,5 @@
-"""Command line: parse, call one public function, print. Bad input is one line and exit code 2."""
+"""Command line: parse, call one public function, print. Bad input is one line and exit code 2; a
+study that ended without its result (too many failures, nothing completed) is one line and code 1."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .errors import USAGE_EXIT_CODE, LoratuneError
+from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, StudyAborted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,14 +36,33 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+
+
+DEFAULT_OUTPUT = "configs/optimization_results.json"
+SET_HELP = "override any setting: section.field=value, read as YAML (repeatable), e.g. --set training.epochs=0.5"
+# flag -> (setting, how the flag's text becomes its value)
+STUDY_FLAGS = {
+    "trials": ("trials", None), "model": ("model.name", None), "seed": ("seed", None), "workers": ("workers", None),
+    "gpus_per_trial": ("gpus_per_trial", None), "gpus": ("gpus", lambda text: [g.strip() for g in text.split(",")]),
+    "executor": ("executor", None), "ray_address": ("ray_address", None), "shared_dir": ("shared_dir", None),
+    "command": ("command", None), "trial_timeout": ("trial_timeout", None),
+}
+
+
 def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="optimization config YAML (default: the embedded demo: the seed's space on the tiny model)")
+    p.add_argument("--config", help="optimization config YAML (default: the embedded demo: the default search "
+                                    "space on the offline tiny model)")
     p.add_argument("--trials", type=_positive_int, help="number of trials, the baseline included")
-    p.add_argument("--output", default="configs/optimization_results.json",
-                   help="results file (or directory); best_config.yaml and the checkpoint go beside it")
+    p.add_argument("--output", help=f"results file (or directory; default {DEFAULT_OUTPUT}); "
+                                    "best_config.yaml and the checkpoint go beside it")
     p.add_argument("--model", help="base model: hub id or local directory")
     p.add_argument("--data", help="training data file (a validation split is held out from it)")
-    p.add_argument("--seed", type=int, help="seed of the search and of each trial's training")
+    p.add_argument("--seed", type=_int, help="seed of the search and of each trial's training")
     p.add_argument("--workers", type=_positive_int, help="trials to run at once")
     p.add_argument("--gpus-per-trial", type=_positive_int, help="GPUs each trial gets (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1,2,3 (default: all visible)")
@@ -51,32 +71,52 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-dir", help="with Ray: a path all nodes share for trial files")
     p.add_argument("--command", help="external training command with {parameter} placeholders; "
                                      "its last JSON line on stdout holds the metrics")
+    p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer (failed: timeout)")
+    p.add_argument("--no-reuse-model", action="store_true",
+                   help="a fresh process per trial instead of workers that keep the base model loaded")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments", help=SET_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
     p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md (write it later with `loratune report`)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def cmd_optimize(args: argparse.Namespace) -> None:
-    from .api import run_optimization
+def study_overrides(args: argparse.Namespace, resuming: bool = False) -> list:
+    """The flags given on the command line, as settings overrides that name their flag."""
+    from .settings import parse_assignment
 
-    parallel = {"gpus_per_trial": args.gpus_per_trial, "executor": args.executor, "ray_address": args.ray_address,
-                "shared_dir": args.shared_dir, "gpus": args.gpus.split(",") if args.gpus else None}
-    run_optimization(num_trials=args.trials, model_name=args.model, output_dir=args.output, config=args.config,
-                     data_path=args.data, seed=args.seed, workers=args.workers, command=args.command,
-                     overwrite=args.overwrite, quiet=args.quiet, report=False if args.no_report else None,
-                     **{k: v for k, v in parallel.items() if v is not None})
+    overrides = []
+    for name, (setting, convert) in STUDY_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None and not (resuming and name == "trials"):  # there: the additional trials
+            overrides.append((setting, convert(value) if convert else value, "--" + name.replace("_", "-")))
+    if getattr(args, "data", None) is not None:  # a validation split is then held out of it
+        overrides += [("data.path", args.data, "--data"), ("data.validation_path", None, "--data")]
+    if getattr(args, "no_reuse_model", False):
+        overrides.append(("reuse_model", False, "--no-reuse-model"))
+    if getattr(args, "no_report", False):
+        overrides.append(("report", False, "--no-report"))
+    return overrides + [(*parse_assignment(text), "--set") for text in args.assignments]
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from .api import optimize
+
+    optimize(args.config, study_overrides(args), args.output or DEFAULT_OUTPUT, overwrite=args.overwrite, quiet=args.quiet)
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from .api import resume_optimization
+    from .api import resume
 
-    resume_optimization(args.checkpoint, additional_trials=args.trials, quiet=args.quiet)
+    resume(args.checkpoint, args.trials, study_overrides(args, resuming=True), quiet=args.quiet)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .api import finetune
+    from .settings import parse_assignment
 
-    metrics = finetune(args.config, output_dir=args.output_dir, overwrite=args.overwrite, quiet=args.quiet)
+    overrides = [(*parse_assignment(text), "--set") for text in args.assignments]
+    metrics = finetune(args.config, output_dir=args.output_dir, overwrite=args.overwrite, quiet=args.quiet,
+                       overrides=overrides)
     if not args.quiet:
         print(f"validation loss {metrics['val_loss']:.4f} after {metrics['steps']} steps "
               f"({metrics['tokens_per_s']:.0f} tokens/s, padding {metrics['padding_fraction']:.1%}); "
@@ -108,19 +148,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {export_config(args.study, args.trial, args.output)}")
 
 
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    """What can change when a study resumes: how its trials run, never what they measure."""
+    p.add_argument("--trials", type=_non_negative_int, default=0, help="additional trials beyond those planned")
+    p.add_argument("--workers", type=_positive_int, help="trials to run at once")
+    p.add_argument("--gpus-per-trial", type=_positive_int, help="GPUs each trial gets")
+    p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1")
+    p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer")
+    p.add_argument("--no-reuse-model", action="store_true", help="a fresh process per trial")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
+                   help="override a setting that may change on resume (workers, trial_timeout, ...)")
+    p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="Bayesian optimization of LoRA fine-tuning hyperparameters (Meta Ax).")
     sub = parser.add_subparsers(dest="command_name", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("optimize", help="search hyperparameters (the seed's ax_optimization.py)")
+    p = sub.add_parser("optimize", help="search hyperparameters (the same as python ax_optimization.py)")
     add_optimize_arguments(p)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("resume", help="continue a study from its checkpoint")
     p.add_argument("checkpoint", nargs="?", default="configs/optimization_checkpoint.json",
                    help="optimization_checkpoint.json or the directory that holds it")
-    p.add_argument("--trials", type=_non_negative_int, default=0, help="additional trials beyond those planned")
-    p.add_argument("--quiet", action="store_true")
+    add_resume_arguments(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("finetune", help="fine-tune with a training config (e.g. best_config.yaml)")
@@ -150,19 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--output-dir", help="where the adapter and metrics.json go (overrides output_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments", help=SET_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
     p.add_argument("--quiet", action="store_true")
 
 
 def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     """Call a command; turn loratune's errors into one line and an exit code."""
-    from .study import StudyAborted
-
     try:
         func(args)
     except StudyAborted as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return STUDY_FAILED_EXIT_CODE
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT_CODE

@@ -10,12 +10,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from .errors import LoratuneError
 from .storage import atomic_write_json, read_json
-
-COMPARISON_NAME = "comparison.json"
 
 
 @dataclass
@@ -63,14 +59,17 @@ def compare_runs(best: list[float], baseline: list[float], alpha: float = 0.05) 
 
 def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | None = None,
                         quiet: bool = False) -> Comparison:
-    """Retrain best_config.yaml and the baseline ``seeds`` times each (fresh processes), write
-    ``comparison.json`` into the study directory and return the comparison."""
-    from .study import Study
+    """Retrain the best config and the baseline ``seeds`` times each (fresh processes), write
+    ``comparison.json`` (tied to this study and its best trial) and return the comparison."""
+    from . import checkpoint
+    from .config import to_dict
+    from .processes import die_with_parent
+    from .settings import dump_yaml
 
     directory = Path(study_dir)
-    study = Study.load(directory, quiet=True, read_only=True)
-    best, base = study.best(), next((r for r in study.records if r.get("baseline")), None)
-    if best is None or study.evaluation != "finetune":
+    paths, stored = checkpoint.load(directory)
+    best, base = stored.best(), next((r for r in stored.records if r.baseline), None)
+    if best is None or stored.evaluation != "finetune":
         raise LoratuneError(f"{directory}: no completed fine-tune trial to retrain")
     if base is None:
         raise LoratuneError(f"{directory}: the study has no baseline trial to compare with")
@@ -78,27 +77,24 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
         raise LoratuneError(f"seeds: must be at least 1, got {seeds}")
     runs = {"best": best, "baseline": base}
     losses: dict[str, list[float]] = {name: [] for name in runs}
-    out_root = directory / "comparison"
     for name, record in runs.items():
         for seed in range(seeds):
-            run_dir = out_root / f"{name}_seed{seed}"
-            config = yaml.safe_load(study.config_yaml(record, run_dir / "config.yaml"))
-            config["training"]["seed"] = seed
-            config["output_dir"] = str(run_dir)
+            run_dir = paths.directory / checkpoint.COMPARISON_DIR / f"{name}_seed{seed}"
+            cfg = checkpoint.training_config(stored, paths, record)
+            cfg.training.seed, cfg.output_dir = seed, str(run_dir)
             if epochs is not None:
-                config["training"]["epochs"] = epochs
+                cfg.training.epochs = epochs
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
             if not quiet:
-                print(f"retraining {name} (trial {record['index']}), seed {seed + 1}/{seeds}", flush=True)
+                print(f"retraining {name} (trial {record.index}), seed {seed + 1}/{seeds}", flush=True)
             proc = subprocess.run([sys.executable, "-m", "loratune.cli", "finetune", "--config", str(run_dir / "config.yaml"),
-                                   "--overwrite", "--quiet"], capture_output=True, text=True)
+                                   "--overwrite", "--quiet"], capture_output=True, text=True, preexec_fn=die_with_parent())
             if proc.returncode != 0:
                 raise LoratuneError(f"{run_dir}: retraining failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
             losses[name].append(read_json(run_dir / "metrics.json", "metrics")["val_loss"])
     result = compare_runs(losses["best"], losses["baseline"])
-    atomic_write_json(directory / COMPARISON_NAME, {**asdict(result), "seeds": seeds,
-                                                    "epochs": config["training"]["epochs"],
-                                                    "best_trial": best["index"], "baseline_trial": base["index"],
-                                                    "verdict": result.verdict()})
+    atomic_write_json(paths.comparison, {**asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,
+                                         "study_id": stored.study_id, "best_trial": best.index,
+                                         "baseline_trial": base.index, "verdict": result.verdict()})
     return result

@@ -1,24 +1,20 @@
-"""Typed configuration: nested dataclasses, loaded from YAML and validated once.
+"""The typed configuration schema: nested dataclasses, one docstring per field.
 
-Every field has a docstring-like comment in ``docs``/README; errors name the file and the dotted
-field (``configs/x.yaml: training.learning_rate: must be > 0, got 0``) and suggest the closest
-name for a misspelt one.
+A training config (``finetune_lora.py --config``, ``best_config.yaml``) is a ``FinetuneConfig``; an
+optimization config is a ``StudyConfig``: the same four sections (the fixed parameters every trial
+starts from) plus the study's own fields. ``settings.py`` builds and validates them from YAML,
+``--set`` overrides and API keyword arguments; the README's config reference is generated from here.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import difflib
-import re
-import types
+import inspect
+import textwrap
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
-
-from .errors import LoratuneError, where
 
 DEMO_MODEL = "builtin:tiny-qwen2"
 DEMO_TRAIN = "builtin:ai_director_train"
@@ -43,7 +39,7 @@ class ModelConfig:
 class LoraConfig:
     rank: int = 16
     """LoRA rank r: the width of the low-rank update."""
-    alpha: float = 32
+    alpha: float = 32.0
     """LoRA alpha: the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA)."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
@@ -96,6 +92,9 @@ class TrainingConfig:
     """Seed for weights of the adapter, data order and the validation split."""
     eval_points: int = 10
     """Validation loss is computed this many times, evenly spread over training (the learning curve)."""
+    eval_subset: float = 1.0
+    """Validation examples for the curve's points before the last: a share (<= 1) or a count (> 1), drawn
+    once from the seed. The last point, the trial's result, always uses the whole validation set."""
     eval_batch_size: int = 8
     """Examples per forward pass when computing validation loss."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -117,8 +116,8 @@ class FinetuneConfig:
 SECTIONS = ("model", "lora", "data", "training")
 
 
-def seed_search_space() -> dict:
-    """The seed's four parameters, types and ranges."""
+def default_search_space() -> dict:
+    """The default search space: rank, alpha, learning rate and batch size as Module 4.5 gives them."""
     return {
         "lora_rank": [8, 16, 32, 64],
         "lora_alpha": [16, 32, 64, 128],
@@ -149,7 +148,7 @@ class StudyConfig:
     """Trials to run in all, the baseline included."""
     seed: int | None = 0
     """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
-    search_space: dict = field(default_factory=seed_search_space)
+    search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping
     ``{low, high, log}`` / ``{values: [...]}``. Names are training-config fields."""
     constraints: list[str] = field(default_factory=list)
@@ -174,6 +173,11 @@ class StudyConfig:
     """Where trials run: child processes here, or Ray tasks on a cluster."""
     ray_address: str | None = None
     """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); null starts Ray on this machine."""
+    reuse_model: bool = True
+    """Each worker keeps the base model loaded and runs trial after trial on it with a fresh adapter
+    (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
+    trials_per_worker: int = 50
+    """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
     shared_dir: str | None = None
     """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
     max_failures_in_a_row: int = 3
@@ -186,6 +190,8 @@ class StudyConfig:
     """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
     command: str | None = None
     """External training command with {parameter} placeholders; its last JSON line holds the metrics."""
+    trial_timeout: float | None = None
+    """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"). Null: no limit."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -198,140 +204,10 @@ class StudyConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with errors that name the field
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            dict: "a mapping"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return value as type tp, or raise ValueError. Ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ValueError
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except ValueError:
-                pass
-        raise ValueError
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError
-        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError from None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
-    raise TypeError(f"unsupported config type {tp}")
-
-
-def unknown_field_message(name: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown field '{name}'{hint}"
-
-
-def build(cls: type, data: Any, source: str | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise LoratuneError(f"{where(source, prefix.rstrip('.') or 'config')}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise LoratuneError(f"{where(source, prefix.rstrip('.') or 'config')}: {unknown_field_message(str(key), fields)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = build(tp, value, source, f"{dotted}.")
-            continue
-        try:
-            kwargs[key] = _coerce(value, tp)
-        except ValueError:
-            raise LoratuneError(f"{where(source, dotted)}: expected {_type_name(tp)}, got {value!r}") from None
-    return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Value checks beyond types
-
-
-def _checks(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
-    t, lo, d = cfg.training, cfg.lora, cfg.data
-    return [
-        ("lora.rank", lo.rank >= 1, "must be a positive integer"),
-        ("lora.alpha", lo.alpha > 0, "must be > 0"),
-        ("lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
-        ("data.validation_size", d.validation_size > 0, "must be > 0"),
-        ("data.max_length", d.max_length >= 8, "must be at least 8 tokens"),
-        ("training.epochs", t.epochs > 0, "must be > 0"),
-        ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
-        ("training.batch_size", t.batch_size >= 1, "must be a positive integer"),
-        ("training.gradient_accumulation", t.gradient_accumulation == "auto" or t.gradient_accumulation >= 1,
-         "must be 'auto' or a positive integer"),
-        ("training.effective_batch_size", t.effective_batch_size >= 1, "must be a positive integer"),
-        ("training.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),
-        ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
-        ("training.max_grad_norm", t.max_grad_norm >= 0, "must be >= 0"),
-        ("training.eval_points", t.eval_points >= 1, "must be a positive integer"),
-        ("training.eval_batch_size", t.eval_batch_size >= 1, "must be a positive integer"),
-    ]
-
-
-def validate(cfg: FinetuneConfig, source: str | None = None) -> FinetuneConfig:
-    for name, ok, rule in _checks(cfg):
-        if not ok:
-            value = get_field(cfg, name)
-            raise LoratuneError(f"{where(source, name)}: {rule}, got {value!r}")
-    return cfg
 
 
 def get_field(obj: Any, dotted: str) -> Any:
@@ -342,108 +218,42 @@ def get_field(obj: Any, dotted: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files
+# The reference: every field with its type, default and docstring
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``5e-4`` (no dot) as a string; read it as the number everyone means."""
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (Python keeps none at run time)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or a syntax error is one LoratuneError line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoratuneError(f"{path}: config file not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise LoratuneError(f"{path}{at}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LoratuneError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
+def reference_markdown() -> str:
+    """The config reference of the README: one table per section, from the dataclasses themselves."""
+    import yaml
 
+    def show(value: Any) -> str:
+        return "`" + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() + "`"
 
-def finetune_config_from_dict(data: dict, source: str | None = None) -> FinetuneConfig:
-    return validate(build(FinetuneConfig, data, source), source)
-
-
-def load_finetune_config(path: str | Path) -> FinetuneConfig:
-    """Load and validate a training config file (``loratune finetune --config``)."""
-    return finetune_config_from_dict(read_yaml(path), str(path))
-
-
-def dump_yaml(data: dict, header: str = "") -> str:
-    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-    return header + body
-
-
-OUTCOME_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-KNOWN_METRICS = ("loss", "inference_time", "train_time", "peak_memory_gb", "trainable_params", "train_loss", "tokens_per_s")
-
-
-def validate_study(cfg: StudyConfig, source: str | None = None, custom_metrics: bool = False) -> StudyConfig:
-    """Check a study config once; ``custom_metrics`` allows any metric name (a user's own evaluation)."""
-    es = cfg.early_stopping
-    checks = [
-        ("trials", cfg.trials >= 1, "must be at least 1"),
-        ("workers", cfg.workers >= 1, "must be at least 1"),
-        ("gpus_per_trial", cfg.gpus_per_trial >= 1, "must be at least 1"),
-        ("max_failures_in_a_row", cfg.max_failures_in_a_row >= 1, "must be at least 1"),
-        ("retrain_epochs", cfg.retrain_epochs > 0, "must be > 0"),
-        ("init_trials", cfg.init_trials is None or cfg.init_trials >= 1, "must be at least 1"),
-        ("objectives", len(cfg.objectives) >= 1, "needs at least one metric"),
-        ("minimize", len(cfg.minimize) == len(cfg.objectives),
-         f"needs one flag per objective ({len(cfg.objectives)})"),
-        ("early_stopping.check_at", 0 < es.check_at <= 1, "must be in (0, 1]"),
-        ("early_stopping.percentile", es.percentile is None or 0 < es.percentile < 100, "must be in (0, 100)"),
-        ("early_stopping.min_progression", 0 <= es.min_progression <= 1, "must be in [0, 1]"),
-        ("early_stopping.min_curves", es.min_curves >= 1, "must be at least 1"),
-    ]
-    for name, ok, rule in checks:
-        if not ok:
-            raise LoratuneError(f"{where(source, name)}: {rule}, got {get_field(cfg, name)!r}")
-    if es.threshold == "baseline" and not cfg.baseline:
-        raise LoratuneError(f"{where(source, 'early_stopping.threshold')}: 'baseline' compares with the baseline "
-                            "trial, which is off (baseline: false)")
-    if len(set(cfg.objectives)) != len(cfg.objectives):
-        raise LoratuneError(f"{where(source, 'objectives')}: an objective is named twice: {cfg.objectives}")
-    for text in cfg.outcome_constraints:
-        match = OUTCOME_CONSTRAINT.match(text)
-        if not match:
-            raise LoratuneError(f"{where(source, 'outcome_constraints')}: '{text}' is not 'metric <= number' or "
-                                "'metric >= number'")
-        if not custom_metrics and match.group(1) not in KNOWN_METRICS:
-            raise LoratuneError(f"{where(source, 'outcome_constraints')}: "
-                                f"{unknown_field_message(match.group(1), KNOWN_METRICS)}: not a metric loratune measures")
-        if match.group(1) in cfg.objectives:
-            raise LoratuneError(f"{where(source, 'outcome_constraints')}: '{match.group(1)}' is already an objective")
-    if not custom_metrics:
-        for name in cfg.objectives:
-            if name not in KNOWN_METRICS:
-                raise LoratuneError(f"{where(source, 'objectives')}: {unknown_field_message(name, KNOWN_METRICS)}: "
-                                    f"not a metric loratune measures ({', '.join(KNOWN_METRICS)})")
-    validate(cfg.base(), source)
-    return cfg
-
-
-def load_study_config(path: str | Path | None, custom_metrics: bool = False) -> StudyConfig:
-    """Load an optimization config (``--config``); None gives the embedded default, the demo."""
-    if path is None:
-        return validate_study(StudyConfig(), None, custom_metrics)
-    return validate_study(build(StudyConfig, read_yaml(path), str(path)), str(path), custom_metrics)
+    parts = []
+    sections = [("Study fields (optimization config, top level)", StudyConfig), ("`model`", ModelConfig),
+                ("`lora`", LoraConfig), ("`data`", DataConfig), ("`training`", TrainingConfig),
+                ("`early_stopping` (optimization config)", EarlyStoppingConfig),
+                ("Training config, top level", FinetuneConfig)]
+    for title, cls in sections:
+        docs = field_docs(cls)
+        rows = [f"| `{f.name}` | {show(_default(f))} | {docs.get(f.name, '')} |" for f in dataclasses.fields(cls)
+                if not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
+        parts.append("\n".join([f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *rows]))
+    return "\n\n".join(parts) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 USAGE_EXIT_CODE = 2
+STUDY_FAILED_EXIT_CODE = 1
 
 
 class LoratuneError(Exception):
@@ -13,9 +14,9 @@ class LoratuneError(Exception):
     """
 
 
-def where(source: str | None, field: str) -> str:
-    """``"cfg.yaml: training.learning_rate"`` or just the field when there is no file."""
-    return f"{source}: {field}" if source else field
+class StudyAborted(LoratuneError):
+    """The study ended without the result it was run for (too many failures in a row, or no trial
+    completed), with everything saved: the CLI prints it as one line and exits with code 1."""
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:

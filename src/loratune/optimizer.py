@@ -17,7 +17,9 @@ import warnings
 from typing import Any
 
 from .errors import LoratuneError, first_line
-from .search_space import Param, SearchSpace, to_ax
+from .search_space import Param, SearchSpace
+
+PROGRESSION_SCALE = 1000  # Ax progressions are integers: per-mille of a trial's training
 
 
 def _quiet_ax() -> None:
@@ -50,6 +52,25 @@ def ax_parameter(p: Param) -> Any:
                                  is_ordered=kind in ("int", "float") and len(values) > 1)
 
 
+def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
+    """Ax parameter configs and constraint strings. Fixed parameters of a constraint move to its
+    right-hand side; a product constraint is linear over the base-2 exponents Ax is given."""
+    constraints = []
+    by_name = {p.name: p for p in space.params}
+    for c in space.constraints:
+        scale = math.log2 if c.product else float
+        bound, terms = scale(c.bound), []
+        for name, k in c.terms.items():
+            p = by_name[name]
+            if p.kind == "fixed":  # a fixed value moves to the right-hand side
+                bound -= k * scale(p.values[0])
+            else:
+                terms.append(f"{k:g}*{p.ax_name}")
+        if terms:
+            constraints.append(f"{' + '.join(terms)} {c.op} {bound:.12g}")
+    return [ax_parameter(p) for p in space.params], constraints
+
+
 def objective_string(objectives: list[str], minimize: list[bool]) -> str:
     return ", ".join(("-" if m else "") + o for o, m in zip(objectives, minimize, strict=True))
 
@@ -75,8 +96,10 @@ class Optimizer:
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
 
     @classmethod
-    def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool],
-               outcome_constraints: list[str], seed: int | None, init_trials: int | None = None) -> Optimizer:
+    def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
+               seed: int | None, init_trials: int | None = None, early_stopping: Any = None) -> Optimizer:
+        """A configured Ax client; Ax's own checks of the space and the objectives become one error line.
+        ``early_stopping`` (an EarlyStoppingConfig) sets Ax's percentile rule when it has a percentile."""
         start = time.perf_counter()
         _quiet_ax()
         from ax import Client
@@ -91,6 +114,7 @@ class Optimizer:
             raise LoratuneError(f"search space: Ax rejected it: {first_line(exc)}") from None
         opt = cls(client, space, seed)
         opt._configure_generation(init_trials)
+        opt._set_early_stopping(early_stopping)
         opt.busy_s = time.perf_counter() - start
         return opt
 
@@ -154,19 +178,15 @@ class Optimizer:
         """Never propose this point again (a deterministic out-of-memory, for instance)."""
         self.client.mark_trial_abandoned(index)
 
-    def set_percentile_early_stopping(self, percentile: float, min_progression: int, min_curves: int) -> None:
+    def _set_early_stopping(self, es: Any) -> None:
+        """Ax's learning-curve rule, when the config asks for it (Ax does not save it: reapplied on load)."""
+        if es is None or es.percentile is None:
+            return
         from ax.early_stopping.strategies import PercentileEarlyStoppingStrategy
 
         self.client.set_early_stopping_strategy(PercentileEarlyStoppingStrategy(
-            percentile_threshold=percentile, min_progression=min_progression, min_curves=min_curves))
-
-    # -- results ----------------------------------------------------------------------------
-
-    def pareto(self) -> list[tuple[dict, dict, int]]:
-        """The observed Pareto front: [(user parameters, metrics, trial index)]."""
-        front = self.client.get_pareto_frontier(use_model_predictions=False)
-        return [(self.space.decode(dict(p)), {k: (v[0] if isinstance(v, tuple) else v) for k, v in m.items()}, i)
-                for p, m, i, _ in front]
+            percentile_threshold=es.percentile, min_progression=round(es.min_progression * PROGRESSION_SCALE),
+            min_curves=es.min_curves))
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -182,8 +202,8 @@ class Optimizer:
             os.unlink(path)
 
     @classmethod
-    def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None) -> Optimizer:
-        """Rebuild from ``snapshot()``; the seed is reapplied, as Ax does not store it."""
+    def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, early_stopping: Any = None) -> Optimizer:
+        """Rebuild from ``snapshot()``; the seed and the early-stopping rule are reapplied, as Ax does not store them."""
         start = time.perf_counter()
         _quiet_ax()
         from ax import Client
@@ -199,6 +219,7 @@ class Optimizer:
             os.unlink(path)
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
         opt = cls(client, space, seed)
+        opt._set_early_stopping(early_stopping)
         opt.busy_s = time.perf_counter() - start
         return opt
 

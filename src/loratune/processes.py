@@ -164,7 +164,8 @@ def run_guarded(trial_dir: str, argv: list[str]) -> int:
         return 127
     code = proc.wait()
     if code < 0:  # end the way the command ended, so the study reads the same signal
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
 

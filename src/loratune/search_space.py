@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SECTIONS, FinetuneConfig, _coerce, unknown_field_message, validate
+from .config import SECTIONS, FinetuneConfig
 from .errors import LoratuneError
+from .settings import coerce, section_fields, unknown_field_message, validate
 
 Value = int | float | str | bool
 
@@ -147,7 +147,7 @@ def satisfies(c: Constraint, values: dict[str, Value]) -> bool:
 
 def resolve_target(name: str, where: str) -> str:
     """``lora_rank`` / ``lora.rank`` / ``learning_rate`` -> the dotted training-config field."""
-    fields = {s: [f.name for f in dataclasses.fields(getattr(FinetuneConfig(), s))] for s in SECTIONS}
+    fields = section_fields()
     if "." in name:
         section, _, fname = name.partition(".")
         if section in fields and fname in fields[section]:
@@ -189,10 +189,11 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
 
 
 def _range(name: str, target: str, low: Any, high: Any, log: Any, at: str) -> Param:
-    try:
-        low, high = float(low), float(high)
-    except (TypeError, ValueError):
-        raise LoratuneError(f"{at}: range bounds must be numbers, got {low!r} and {high!r}") from None
+    if any(isinstance(b, bool) or not isinstance(b, int | float) for b in (low, high)):
+        raise LoratuneError(f"{at}: range bounds must be numbers, got {low!r} and {high!r}")
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise LoratuneError(f"{at}: range bounds must be finite, got {low:g} and {high:g}")
     if not low < high:
         raise LoratuneError(f"{at}: lower bound {low:g} must be below upper bound {high:g}")
     integer = typing.get_type_hints(type(_section(target)))[target.split(".")[1]] is int
@@ -202,14 +203,21 @@ def _range(name: str, target: str, low: Any, high: Any, log: Any, at: str) -> Pa
         raise LoratuneError(f"{at}: a log-scale range needs a positive lower bound, got {low:g}")
     if integer:
         low, high = float(math.ceil(low)), float(math.floor(high))
+        if not low < high:
+            raise LoratuneError(f"{at}: {target} is an integer, and this range holds "
+                                f"{'only ' + str(int(low)) if low == high else 'no integer'}: give a choice or a wider range")
     return Param(name, target, "range", low=low, high=high, log=bool(log), integer=integer)
 
 
 def _choice(name: str, target: str, values: Any, at: str) -> Param:
     if not isinstance(values, list) or not values:
         raise LoratuneError(f"{at}: empty choice: give at least one value")
-    if len(set(map(repr, values))) != len(values):
+    if any(_same_value(a, b) for i, a in enumerate(values) for b in values[i + 1:]):
         raise LoratuneError(f"{at}: choice values repeat: {values}")
+    bad = next((v for v in values if not isinstance(v, int | float | str | bool) or
+                (isinstance(v, float) and not math.isfinite(v))), None)
+    if bad is not None:
+        raise LoratuneError(f"{at}: choice values must be finite numbers, strings or booleans, got {bad!r}")
     kinds = {type(v) for v in values}
     if len(kinds) > 1 and not kinds <= {int, float}:
         raise LoratuneError(f"{at}: choice values must all be of one type, got {values}")
@@ -229,7 +237,7 @@ def apply(base: FinetuneConfig, values: dict[str, Value], space: SearchSpace, so
         tp = typing.get_type_hints(type(getattr(cfg, section)))[fname]
         value = values[p.name]
         try:
-            value = _coerce(value, tp)
+            value = coerce(value, tp)
         except ValueError:
             raise LoratuneError(f"{source or 'search_space'}.{p.name}: value {value!r} does not fit {p.target}") from None
         setattr(getattr(cfg, section), fname, value)
@@ -352,23 +360,3 @@ def check_feasible(space: SearchSpace) -> None:
     for c in space.constraints:
         if not any(satisfies(c, dict(zip(names, g, strict=True))) for g in grid):
             raise LoratuneError(f"constraint '{c.text}': no point of the search space satisfies it")
-
-
-def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
-    """Ax parameter configs and constraint strings (imports Ax lazily, via optimizer.py)."""
-    from .optimizer import ax_parameter
-
-    constraints = []
-    by_name = {p.name: p for p in space.params}
-    for c in space.constraints:
-        scale = math.log2 if c.product else float
-        bound, terms = scale(c.bound), []
-        for name, k in c.terms.items():
-            p = by_name[name]
-            if p.kind == "fixed":  # a fixed value moves to the right-hand side
-                bound -= k * scale(p.values[0])
-            else:
-                terms.append(f"{k:g}*{p.ax_name}")
-        if terms:
-            constraints.append(f"{' + '.join(terms)} {c.op} {bound:.12g}")
-    return [ax_parameter(p) for p in space.params], constraints

@@ -1,19 +1,24 @@
-"""LoRA fine-tuning with transformers + peft, top to bottom: setup -> fit -> evaluate.
+"""LoRA fine-tuning with transformers + peft, top to bottom: load the base -> attach an adapter ->
+fit -> evaluate -> save.
 
-The loop is ours rather than ``transformers.Trainer``: it batches by length (little padding),
-weights the loss by response tokens across gradient accumulation, reports a validation curve at
-fixed points of the run, and can be stopped early between optimizer steps.
+The loop is ours rather than ``transformers.Trainer``: it batches by length (little padding), weights
+the loss by response tokens across gradient accumulation, reports a validation curve at fixed points
+of the run, and can be stopped early between optimizer steps. The base model is loaded apart from
+the adapter, so a worker can keep one base and train trial after trial on it: ``attach_adapter``
+puts a fresh adapter on, ``detach_adapter`` takes it off and leaves the base as it was.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import resource
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import FinetuneConfig, to_dict
 from .data import Example, collate, length_grouped_batches, load_examples, padding_fraction, sorted_batches
@@ -25,8 +30,9 @@ from .storage import atomic_write_json
 class CurvePoint:
     step: int
     progress: float  # share of the planned optimizer steps done
-    val_loss: float
-    train_loss: float
+    val_loss: float  # mean loss per response token; on the curve's subset before the last point
+    train_loss: float  # mean loss per response token since the previous point
+    subset: int = 0  # validation examples it was computed on (all of them at the last point)
 
 
 @dataclass
@@ -37,25 +43,39 @@ class FitResult:
     steps: int
     planned_steps: int
     tokens_seen: int
-    train_time_s: float
+    train_time_s: float  # optimizer steps only: validation is timed apart
+    eval_time_s: float
     padding_fraction: float
     stopped_early: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # Called after each validation point; returning True stops training there.
 EvalCallback = Callable[[CurvePoint], bool]
+# Called after each optimizer step with (step, planned steps, seconds of training so far, running train loss).
+StepCallback = Callable[[int, int, float, float], None]
+
+
+@dataclass
+class Base:
+    """A loaded base model and its tokenizer: what a reusing worker keeps from trial to trial."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    precision: str
+    load_time_s: float = 0.0
 
 
 @dataclass
 class Setup:
-    model: object
-    tokenizer: object
+    model: Any  # the base with this trial's adapter
+    tokenizer: Any
     train: list[Example]
     validation: list[Example]
     device: str
     precision: str
     trainable_params: int
+    times: dict[str, float] = field(default_factory=dict)  # load_s, data_s
 
 
 def resolve_model(name: str) -> str:
@@ -65,9 +85,10 @@ def resolve_model(name: str) -> str:
         from .demo.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model())
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.is_dir():
         raise LoratuneError(f"model.name: model directory does not exist: {name}")
-    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    return str(path) if path.is_dir() else name
 
 
 def choose_precision(requested: str, device: str) -> str:
@@ -83,66 +104,57 @@ def choose_precision(requested: str, device: str) -> str:
 def _load_pretrained(loader, path: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        reason = first_line(exc, 160)
-        raise LoratuneError(f"model.name: cannot load '{path}' (not a local model and not reachable on the hub: {reason})") from None
+    except (OSError, ValueError) as exc:
+        raise LoratuneError(f"model.name: cannot load '{path}' (not a local model and not reachable on the "
+                            f"hub: {first_line(exc, 160)})") from None
 
 
-def preflight(cfg: FinetuneConfig) -> None:
-    """Find bad input before any trial starts: the model must resolve and the data must load and
-    tokenize. Costs a tokenizer load; a study calls it once so that trials never fail on it."""
+def load_tokenizer(cfg: FinetuneConfig):
     from transformers import AutoTokenizer
 
     tokenizer = _load_pretrained(AutoTokenizer, resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
-    load_examples(tokenizer, cfg.data, cfg.training.seed)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def setup(cfg: FinetuneConfig) -> Setup:
-    import torch
+def _quiet_libraries() -> None:
     import transformers
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft/transformers
 
+
+def load_base(cfg: FinetuneConfig) -> Base:
+    """Load the base model once: precision from the hardware, quantization, gradient checkpointing."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    _quiet_libraries()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = choose_precision(cfg.training.precision, device)
-    path = resolve_model(cfg.model.name)
-    tokenizer = _load_pretrained(AutoTokenizer, path, trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train, validation = load_examples(tokenizer, cfg.data, cfg.training.seed)
-
+    tokenizer = load_tokenizer(cfg)
     dtype = {"auto": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(cfg.model.quantization, dtype, device)
         kwargs["device_map"] = {"": 0}
-    model = _load_pretrained(AutoModelForCausalLM, path, **kwargs)
+    model = _load_pretrained(AutoModelForCausalLM, resolve_model(cfg.model.name), **kwargs)
     if cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
-    elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-
-    torch.manual_seed(cfg.training.seed)  # LoRA A matrices are drawn here
-    lora = cfg.lora
-    peft_config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, peft_config)
-    except ValueError as exc:
-        raise LoratuneError(f"lora.target_modules: {first_line(exc)}") from None
-    if cfg.model.quantization == "none":
+    else:
         model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Setup(model, tokenizer, train, validation, device, precision, trainable)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    for p in model.parameters():  # the base stays frozen; only adapters train
+        p.requires_grad_(False)
+    return Base(model, tokenizer, device, precision, time.perf_counter() - start)
 
 
 def _quantization_config(kind: str, dtype, device: str):
@@ -160,6 +172,57 @@ def _quantization_config(kind: str, dtype, device: str):
                               bnb_4bit_compute_dtype=dtype)
 
 
+def attach_adapter(base: Base, cfg: FinetuneConfig):
+    """A fresh LoRA adapter on ``base``, drawn from the trial's seed exactly as in a fresh process."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.training.seed)  # LoRA A matrices are drawn here
+    lora = cfg.lora
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base.model, peft_config)
+    except ValueError as exc:
+        raise LoratuneError(f"lora.target_modules: {first_line(exc)}") from None
+    if cfg.model.quantization == "none":
+        model.to(base.device)
+    return model
+
+
+def detach_adapter(model) -> Any:
+    """Remove the adapter's layers without merging them: the base model is left exactly as loaded."""
+    base = model.unload()  # leaves no attribute, module or weight of the adapter behind (tested)
+    base.config.use_cache = False
+    return base
+
+
+def setup(cfg: FinetuneConfig, base: Base | None = None,
+          data: tuple[list[Example], list[Example]] | None = None) -> Setup:
+    """The base (loaded unless given), the tokenized data (unless given) and a fresh adapter."""
+    base = base or load_base(cfg)
+    start = time.perf_counter()
+    train, validation = data or load_examples(base.tokenizer, cfg.data, cfg.training.seed)
+    data_s = time.perf_counter() - start
+    model = attach_adapter(base, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Setup(model, base.tokenizer, train, validation, base.device, base.precision, trainable,
+                 {"load_s": base.load_time_s, "data_s": data_s})
+
+
+def module_names(cfg: FinetuneConfig) -> list[str]:
+    """The model's module names, from its config alone (an empty model on the meta device: no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_libraries()
+    path = resolve_model(cfg.model.name)
+    config = _load_pretrained(AutoConfig, path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return [name for name, _ in model.named_modules()]
+
+
 def _autocast(s: Setup):
     import contextlib
 
@@ -170,22 +233,36 @@ def _autocast(s: Setup):
     return torch.autocast(s.device, dtype=torch.bfloat16 if s.precision == "bf16" else torch.float16)
 
 
-def evaluate(s: Setup, batch_size: int) -> float:
-    """Mean loss per response token over the validation set."""
+def evaluate(s: Setup, batch_size: int, examples: list[Example] | None = None) -> float:
+    """Mean loss per response token over ``examples`` (default: the whole validation set)."""
     import torch
 
-    lengths = [len(e) for e in s.validation]
+    examples = s.validation if examples is None else examples
+    scored_only = _can_score_only_responses(s.model)
     total, count = 0.0, 0
     s.model.eval()
     with torch.no_grad(), _autocast(s):
-        for idx in sorted_batches(lengths, batch_size):
-            batch = {k: v.to(s.device) for k, v in collate([s.validation[i] for i in idx], s.tokenizer.pad_token_id).items()}
+        for idx in sorted_batches([len(e) for e in examples], batch_size):
+            batch = {k: v.to(s.device) for k, v in collate([examples[i] for i in idx], s.tokenizer.pad_token_id).items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
-            # num_items_in_batch=1 makes the model return the summed token loss
-            total += float(s.model(**batch, num_items_in_batch=1).loss)
+            # with n_items=1 both return the summed token loss
+            total += float(response_loss(s.model, batch, 1) if scored_only else s.model(**batch, num_items_in_batch=1).loss)
             count += n
     s.model.train()
     return total / max(count, 1)
+
+
+def curve_subset(cfg: FinetuneConfig, validation: list[Example]) -> list[Example]:
+    """The fixed validation examples of the curve's intermediate points: ``training.eval_subset`` of
+    them (a share, or a count above 1), drawn once from the seed; the last point uses all of them."""
+    share = cfg.training.eval_subset
+    n = len(validation) if share >= len(validation) else round(share * len(validation)) if share <= 1 else int(share)
+    n = max(1, min(len(validation), n))
+    if n == len(validation):
+        return validation
+    order = list(range(len(validation)))
+    random.Random(cfg.training.seed).shuffle(order)
+    return [validation[i] for i in sorted(order[:n])]
 
 
 def plan(cfg: FinetuneConfig, n_train: int) -> tuple[int, int, list[int]]:
@@ -198,8 +275,7 @@ def plan(cfg: FinetuneConfig, n_train: int) -> tuple[int, int, list[int]]:
     return accumulation, steps, points
 
 
-def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
-        progress: Callable[[int, int, float], None] | None = None,
+def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None, on_step: StepCallback | None = None,
         stop_requested: Callable[[], bool] | None = None) -> FitResult:
     """Train the adapter; evaluate at the planned points; stop when ``on_eval`` says so, or right
     after the next optimizer step once ``stop_requested()`` turns true."""
@@ -208,6 +284,7 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
 
     t = cfg.training
     accumulation, steps, eval_at = plan(cfg, len(s.train))
+    subset = curve_subset(cfg, s.validation)
     params = [p for p in s.model.parameters() if p.requires_grad]
     # the fused kernel updates every LoRA tensor in one call (as Trainer's default adamw_torch_fused
     # does): measured 1.08x -> 1.17x of Trainer's throughput on the demo (benchmarks/trainer_throughput.py)
@@ -252,24 +329,30 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if progress:
-            progress(step, steps, window_loss / max(window_tokens, 1))
+        if on_step:
+            on_step(step, steps, time.perf_counter() - start - eval_time, window_loss / max(window_tokens, 1))
         if stop_requested and step < steps and stop_requested():
             stopped = True
         if step in eval_at or stopped:
             eval_start = time.perf_counter()
-            point = CurvePoint(step, step / steps, evaluate(s, t.eval_batch_size), window_loss / max(window_tokens, 1))
+            final = step == steps or stopped
+            examples = s.validation if final else subset
+            point = CurvePoint(step, step / steps, evaluate(s, t.eval_batch_size, examples),
+                               window_loss / max(window_tokens, 1), len(examples))
             eval_time += time.perf_counter() - eval_start
             curve.append(point)
             window_loss, window_tokens = 0.0, 0
             if not math.isfinite(point.val_loss):
                 raise FloatingPointError(f"validation loss is {point.val_loss} at step {step}")
             stopped = stopped or (bool(on_eval and on_eval(point)) and step < steps)
-    elapsed = time.perf_counter() - start - eval_time  # training only: validation is timed apart
+            if stopped and not final:  # the loss a stopped trial is judged by is on the whole set too
+                eval_start = time.perf_counter()
+                point.val_loss, point.subset = evaluate(s, t.eval_batch_size), len(s.validation)
+                eval_time += time.perf_counter() - eval_start
     return FitResult(
-        train_loss=curve[-1].train_loss, val_loss=curve[-1].val_loss, curve=curve, steps=step,
-        planned_steps=steps, tokens_seen=tokens, train_time_s=elapsed,
-        padding_fraction=padding_fraction(used, lengths), stopped_early=stopped, extra={"eval_time_s": eval_time},
+        train_loss=curve[-1].train_loss, val_loss=curve[-1].val_loss, curve=curve, steps=step, planned_steps=steps,
+        tokens_seen=tokens, train_time_s=time.perf_counter() - start - eval_time, eval_time_s=eval_time,
+        padding_fraction=padding_fraction(used, lengths), stopped_early=stopped,
     )
 
 
@@ -300,6 +383,7 @@ def response_loss(model, batch: dict, n_items: int):
 
 
 def peak_memory_gb(device: str) -> float:
+    """Peak GPU memory of this process (CUDA), else its peak resident memory (CPU), in GiB."""
     if device == "cuda":
         import torch
 
@@ -309,6 +393,8 @@ def peak_memory_gb(device: str) -> float:
 
 def check_output_dir(path: str | Path, overwrite: bool) -> None:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LoratuneError(f"output_dir: {out} is a file, not a directory")
     if out.exists() and not overwrite and ((out / "metrics.json").exists() or (out / "adapter").exists()):
         raise LoratuneError(f"output_dir: {out} already holds a run; choose another directory or pass --overwrite")
 
@@ -333,29 +419,38 @@ def measure_inference_time(s: Setup, n_prompts: int = 4, new_tokens: int = 16) -
                 torch.cuda.synchronize()
             elapsed += time.perf_counter() - start
             generated += out.shape[1] - x.shape[1]
+    s.model.config.use_cache = False
+    s.model.train()
     return 1000 * elapsed / max(generated, 1)
 
 
-def finetune(cfg: FinetuneConfig, *, quiet: bool = False, overwrite: bool = False,
-             on_eval: EvalCallback | None = None, stop_requested: Callable[[], bool] | None = None,
-             measure_inference: bool = False) -> dict:
-    """Fine-tune a LoRA adapter as ``cfg`` says; write ``metrics.json`` (and the adapter) to its output_dir.
+def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalCallback | None = None,
+                 on_step: StepCallback | None = None, stop_requested: Callable[[], bool] | None = None,
+                 measure_inference: bool = False, base: Base | None = None,
+                 data: tuple[list[Example], list[Example]] | None = None) -> dict:
+    """Fine-tune a LoRA adapter as ``cfg`` says; write ``metrics.json`` (and the adapter) to its
+    output_dir; return the metrics. With ``base`` (and ``data``), train on that loaded base and leave
+    it as it was: the adapter is removed afterwards.
 
-    >>> from loratune import finetune
     >>> from loratune.config import FinetuneConfig
-    >>> metrics = finetune(FinetuneConfig(output_dir="runs/demo"), quiet=True)  # doctest: +SKIP
+    >>> metrics = run_training(FinetuneConfig(output_dir="runs/demo"))  # doctest: +SKIP
     >>> metrics["val_loss"]  # doctest: +SKIP
     """
     check_output_dir(cfg.output_dir, overwrite)
     wall = time.perf_counter()
-    s = setup(cfg)
-    with _progress_bar(quiet) as progress:
-        result = fit(s, cfg, on_eval=on_eval, progress=progress, stop_requested=stop_requested)
-    inference_ms = measure_inference_time(s) if measure_inference else None
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.save_adapter:
-        s.model.save_pretrained(out / "adapter")
+    s = setup(cfg, base, data)
+    try:
+        result = fit(s, cfg, on_eval=on_eval, on_step=on_step, stop_requested=stop_requested)
+        inference_start = time.perf_counter()
+        inference_ms = measure_inference_time(s) if measure_inference else None
+        inference_s = time.perf_counter() - inference_start
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.save_adapter:
+            s.model.save_pretrained(out / "adapter")
+    finally:
+        if base is not None:
+            base.model = detach_adapter(s.model)
     metrics = {
         "state": "early_stopped" if result.stopped_early else "completed",
         "val_loss": result.val_loss,
@@ -365,7 +460,10 @@ def finetune(cfg: FinetuneConfig, *, quiet: bool = False, overwrite: bool = Fals
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_seen / max(result.train_time_s, 1e-9),
         "train_time_s": result.train_time_s,
-        "eval_time_s": result.extra["eval_time_s"],
+        "eval_time_s": result.eval_time_s,
+        "inference_measure_s": inference_s,
+        "load_time_s": s.times["load_s"] if base is None else 0.0,
+        "data_time_s": s.times["data_s"],
         "wall_time_s": time.perf_counter() - wall,
         "peak_memory_gb": peak_memory_gb(s.device),
         "padding_fraction": result.padding_fraction,
@@ -379,31 +477,5 @@ def finetune(cfg: FinetuneConfig, *, quiet: bool = False, overwrite: bool = Fals
     }
     if inference_ms is not None:
         metrics["inference_time"] = inference_ms
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(Path(cfg.output_dir) / "metrics.json", metrics)
     return metrics
-
-
-class _progress_bar:
-    """A rich progress bar with the running train loss; nothing at all when quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar, self.task = quiet, None, None
-
-    def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        return self.update
-
-    def update(self, step: int, total: int, loss: float) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task("train", total=total, loss=float("nan"))
-        self.bar.update(self.task, completed=step, loss=loss)
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)

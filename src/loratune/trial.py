@@ -1,26 +1,34 @@
-"""What a trial is and how it ends: states, results, and the one place exceptions become states."""
+"""What a trial is and how it ends: its states, the result a trial returns, the record a study keeps,
+and the one place where exceptions, exits and metric values become states."""
 
 from __future__ import annotations
 
 import enum
 import math
+import numbers
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import first_line
+from .errors import LoratuneError, first_line
 
 
 class TrialState(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     EARLY_STOPPED = "early_stopped"
-    FAILED = "failed"  # crash or non-finite loss: Ax may try the point again
+    FAILED = "failed"  # crash, non-finite loss or timeout: Ax may try the point again
     OUT_OF_MEMORY = "out_of_memory"  # deterministic: the point is abandoned, never proposed again
+
+    @property
+    def is_failure(self) -> bool:
+        return self in (TrialState.FAILED, TrialState.OUT_OF_MEMORY)
 
 
 @dataclass
 class TrialResult:
+    """How one trial ended, as its process (or thread) reports it."""
+
     state: TrialState
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)  # [{step, progress, val_loss, ...}]
@@ -37,10 +45,76 @@ class TrialResult:
         return cls(TrialState(d["state"]), d.get("metrics") or {}, d.get("curve") or [], d.get("reason"), d.get("extra") or {})
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or (isinstance(exc, MemoryError))
+@dataclass
+class TrialRecord:
+    """Everything a study knows about one trial; a row of ``optimization_results.json``."""
+
+    index: int  # Ax's trial index; the baseline is 0
+    params: dict[str, Any]  # the searched parameters, in their own types
+    state: TrialState = TrialState.RUNNING
+    baseline: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)  # validation points: {step, progress, val_loss, loss, ...}
+    reason: str | None = None  # why it failed or stopped
+    directory: str = ""  # its files, relative to the study directory
+    started_at: str | None = None  # ISO 8601, UTC
+    ended_at: str | None = None
+    duration_s: float | None = None  # wall time of its last run
+    restarts: int = 0  # times it was run again after the study was interrupted
+    extra: dict[str, Any] = field(default_factory=dict)  # steps, tokens, device, ...
+    training_saved: float | None = None  # early-stopped: share of its training not spent
+    stop_requested_at: float | None = None  # progress at which early stopping asked it to stop
+
+    @property
+    def finished(self) -> bool:
+        return self.state is not TrialState.RUNNING
+
+    def objective_values(self, objectives: list[str]) -> list[float] | None:
+        """The objective values of a completed trial with all of them finite, else None."""
+        if self.state is not TrialState.COMPLETED:
+            return None
+        values = [self.metrics.get(o) for o in objectives]
+        if any(not isinstance(v, int | float) or not math.isfinite(v) for v in values):
+            return None
+        return [float(v) for v in values]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> TrialRecord:
+        """A record read from a checkpoint or results file, checked as strictly as a config."""
+        if not isinstance(data, dict):
+            raise LoratuneError(f"{where}: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in ("index", "params", "state"):
+            if key not in data:
+                raise LoratuneError(f"{where}: missing '{key}'")
+        index, params, state = data["index"], data["params"], data["state"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise LoratuneError(f"{where}: index must be a non-negative integer, got {index!r}")
+        if not isinstance(params, dict):
+            raise LoratuneError(f"{where}: params must be a mapping, got {params!r}")
+        if state not in TrialState._value2member_map_:
+            raise LoratuneError(f"{where}: unknown state {state!r} (known: {', '.join(s.value for s in TrialState)})")
+        checks = {"metrics": dict, "curve": list, "extra": dict, "baseline": bool, "restarts": int}
+        for key, kind in checks.items():
+            if key in data and data[key] is not None and not isinstance(data[key], kind):
+                raise LoratuneError(f"{where}: {key} must be a {kind.__name__}, got {data[key]!r}")
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        values["state"] = TrialState(state)
+        return cls(**values)
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """An exception, or the text a dead process left in its log, that says memory ran out."""
+    if isinstance(error, BaseException):
+        if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
+            return True
+        error = str(error)
+    return "out of memory" in error.lower()
 
 
 def result_from_exception(exc: BaseException) -> TrialResult:
@@ -54,16 +128,42 @@ def result_from_exception(exc: BaseException) -> TrialResult:
     return TrialResult(TrialState.FAILED, reason=reason, extra={"traceback": traceback.format_exc()[-4000:]})
 
 
-def check_metrics(metrics: dict[str, Any], objectives: list[str]) -> TrialResult | None:
-    """A failed result when an objective is missing or not a finite number, else None."""
-    for name in objectives:
-        value = metrics.get(name)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return TrialResult(TrialState.FAILED, metrics=_numeric(metrics), reason=f"metric '{name}' missing or not a number")
-        if not math.isfinite(value):
-            return TrialResult(TrialState.FAILED, metrics=_numeric(metrics), reason=f"non-finite loss: {name} = {value}")
+def result_from_exit(code: int | None, log_text: str, what: str = "worker process") -> TrialResult:
+    """A process that ended without reporting a result: out of memory if its log says so, else failed."""
+    reason = f"{what} exited with code {code}" + (" (killed by a signal)" if code is not None and code < 0 else "")
+    tail = first_line("\n".join(reversed(log_text.strip().splitlines())))
+    if tail and what != "worker process":
+        reason += f": {tail}"
+    return TrialResult(TrialState.OUT_OF_MEMORY if is_out_of_memory(log_text) else TrialState.FAILED, reason=reason)
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number of any kind (Python, numpy, a 0-d tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        inner = item()
+        return float(inner) if isinstance(inner, numbers.Real) and not isinstance(inner, bool) else None
     return None
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are real numbers, as floats (what Ax and the JSON files take)."""
+    return {str(k): n for k, v in metrics.items() if (n := as_number(v)) is not None}
+
+
+def check_metrics(metrics: dict[str, Any], objectives: list[str]) -> TrialResult:
+    """A completed result with the numeric metrics, or a failed one when an objective is missing, not a
+    number, or not finite."""
+    numeric = numeric_metrics(metrics)
+    for name in objectives:
+        if name not in metrics:
+            return TrialResult(TrialState.FAILED, numeric, reason=f"metric '{name}' missing (got {sorted(metrics)})")
+        if name not in numeric:
+            return TrialResult(TrialState.FAILED, numeric, reason=f"metric '{name}' is not a number: {metrics[name]!r}"[:300])
+        if not math.isfinite(numeric[name]):
+            return TrialResult(TrialState.FAILED, numeric, reason=f"non-finite loss: {name} = {numeric[name]}")
+    return TrialResult(TrialState.COMPLETED, numeric)

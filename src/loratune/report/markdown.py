@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .. import results as R
-from .data import ReportData, effective_scale
+from ..trial import TrialState
+from .findings import ReportData, effective_scale
 
 
 def _fmt(v) -> str:
@@ -20,7 +21,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[str, str],
-           importance: dict[str, float] | None, analysis_errors: list[str], comparison: dict | None) -> str:
+           importance: dict[str, float] | None, analysis_errors: list[str], comparison: dict | None,
+           stale_comparison: str | None = None) -> str:
     obj = data.objective
     names = list(summary.get("search_space") or {})
     lines = ["# Optimization results", ""]
@@ -29,7 +31,7 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
               f"{'s' if len(summary.get('objectives', [])) > 1 else ''} "
               f"{', '.join(('minimize ' if m else 'maximize ') + o for o, m in zip(summary.get('objectives', [obj]), summary.get('minimize', [True]), strict=False))}, "
               f"seed {summary.get('seed')}, {summary.get('wall_time_s', 0) / 60:.1f} min of wall time"
-              + (f", {summary['optimizer_time_s']:.0f} s of it in Ax ({summary['optimizer_time_s'] / max(summary.get('wall_time_s') or 1, 1e-9):.0%})"
+              + (f", {summary['optimizer_time_s']:.0f} s of it in Ax ({min(summary['optimizer_time_s'] / max(summary.get('wall_time_s') or 1, 1e-9), 1.0):.0%})"
                  if summary.get("optimizer_time_s") is not None else "") + ".", ""]
     lines += ["## Settings", "", "Search space:", ""]
     lines += [f"- `{k}`: {v}" for k, v in (summary.get("search_space") or {}).items()]
@@ -41,12 +43,12 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
     if data.best is None:
         lines += ["No trial has completed yet, so there is no best configuration.", ""]
     else:
-        lines += [f"Best trial: **#{data.best['index']}**, {R.format_params(data.best['params'])}, "
-                  f"{obj} **{data.best['metrics'][obj]:.4f}**."]
+        lines += [f"Best trial: **#{data.best.index}**, {R.format_params(data.best.params)}, "
+                  f"{obj} **{data.best.metrics[obj]:.4f}**."]
         if data.improvement:
             imp = data.improvement
             word = "better" if imp.absolute >= 0 else "worse"
-            lines += [f"Baseline (#{data.baseline['index']}, {R.format_params(data.baseline['params'])}): {obj} "
+            lines += [f"Baseline (#{data.baseline.index}, {R.format_params(data.baseline.params)}): {obj} "
                       f"{imp.baseline:.4f}. Improvement: {imp.absolute:+.4f} absolute, {abs(imp.relative):.1%} {word}."]
         lines += [""]
     lines += _recommendation(data, summary, comparison)
@@ -54,14 +56,14 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
     lines += ["## Every trial", "", "★ best, ◆ baseline. Effective scale is alpha/rank"
               + (" (alpha/sqrt(rank) with rsLoRA)" if data.rslora else "") + ".", ""]
     rows = []
-    for r in sorted(data.records, key=lambda r: r["index"]):
-        mark = ("★ " if data.best and r["index"] == data.best["index"] else "") + ("◆ " if r.get("baseline") else "")
-        scale = effective_scale(r["params"], data.rslora)
-        value = r["metrics"].get(obj)
-        rows.append([f"{mark}{r['index']}", *[r["params"].get(n, "") for n in names],
+    for r in sorted(data.records, key=lambda r: r.index):
+        mark = ("★ " if data.best and r.index == data.best.index else "") + ("◆ " if r.baseline else "")
+        scale = effective_scale(r.params, data.rslora)
+        value = r.metrics.get(obj)
+        rows.append([f"{mark}{r.index}", *[r.params.get(n, "") for n in names],
                      f"{scale:.3g}" if scale else "", f"{value:.4f}" if isinstance(value, float) else "",
-                     r["state"] + (f" ({r['reason']})" if r.get("reason") and r["state"] in ("failed", "out_of_memory") else ""),
-                     f"{r.get('duration_s') or 0:.1f}"])
+                     r.state + (f" ({r.reason})" if r.reason and r.state.is_failure else ""),
+                     f"{r.duration_s or 0:.1f}"])
     lines += _table(["#", *names, "scale", obj, "state", "time (s)"], rows) + [""]
     if images.get("trace"):
         lines += [f"![Optimization trace: {obj} of each trial and the best so far]({images['trace']})", ""]
@@ -96,8 +98,8 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
                   f"trials' worth of training ({es['share_saved']:.0%} of the training the finished trials would have "
                   "needed). Their partial results are never taken as the best.", ""]
         lines += _table(["#", "stopped at", "training saved"],
-                        [[r["index"], f"{r['curve'][-1]['progress']:.0%}" if r.get("curve") else "?",
-                          f"{r.get('training_saved', 0):.0%}"] for r in data.records if r["state"] == "early_stopped"]) + [""]
+                        [[r.index, f"{r.curve[-1]['progress']:.0%}" if r.curve else "?",
+                          f"{r.training_saved or 0:.0%}"] for r in data.records if r.state is TrialState.EARLY_STOPPED]) + [""]
     else:
         lines += ["No trial was stopped early.", ""]
     if images.get("curves"):
@@ -110,13 +112,16 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
         lines += ["## Pareto front", "", "No other trial is better on every objective than these. best_config.yaml "
                   "takes the knee: the point nearest the ideal corner once each objective is scaled to [0, 1] over "
                   "the front; `loratune export DIR --trial N` writes the config of any other.", ""]
-        lines += _table(["#", *names, *objs], [[r["index"], *[r["params"].get(n) for n in names],
-                                                *[r["metrics"].get(o) for o in objs]] for r in data.pareto]) + [""]
+        lines += _table(["#", *names, *objs], [[r.index, *[r.params.get(n) for n in names],
+                                                *[r.metrics.get(o) for o in objs]] for r in data.pareto]) + [""]
         if images.get("pareto"):
             lines += [f"![Pareto front]({images['pareto']})", ""]
 
     if comparison:
         lines += _comparison(comparison)
+    elif stale_comparison:
+        lines += ["## Best versus baseline, fully retrained", "",
+                  f"Not shown: {stale_comparison}. `loratune compare DIR` retrains this study's best config.", ""]
     if html:
         lines += ["## Interactive plots (Ax)", ""] + [f"- [{name.replace('_', ' ')}]({path})" for name, path in html.items()] + [""]
     return "\n".join(lines) + "\n"
@@ -127,9 +132,9 @@ def _recommendation(data: ReportData, summary: dict, comparison: dict | None) ->
         return []
     lines = ["### Recommendation", ""]
     obj = data.objective
-    values = sorted(r["metrics"][obj] for r in data.completed)
+    values = sorted(r.metrics[obj] for r in data.completed)
     runner_up = values[1] if len(values) > 1 else None
-    text = f"Retrain with `best_config.yaml` (trial #{data.best['index']})."
+    text = f"Retrain with `best_config.yaml` (trial #{data.best.index})."
     if runner_up is not None:
         text += f" The next best trial scored {runner_up:.4f}, {abs(runner_up - values[0]):.4f} away."
     if comparison:

@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 
 from .. import results as R
-from .data import ReportData, trace
+from ..trial import TrialState
+from .findings import ReportData, trace
 
 
 def _plt():
@@ -39,11 +40,11 @@ def plot_trace(data: ReportData, path: Path) -> Path | None:
     ax.scatter(xs, [v for _, v, _ in points if v is not None], label=f"{data.objective} of the trial", zorder=3)
     ax.step([i for i, _, b in points if b is not None], [b for _, _, b in points if b is not None], where="post",
             color="tab:green", label="best so far")
-    if data.baseline and data.baseline["index"] in xs:
-        ax.axhline(data.baseline["metrics"][data.objective], color="gray", linestyle="--", label="baseline")
-    stopped = [r for r in data.records if r.get("state") == "early_stopped" and r.get("curve")]
+    if data.baseline and data.baseline.index in xs:
+        ax.axhline(data.baseline.metrics[data.objective], color="gray", linestyle="--", label="baseline")
+    stopped = [r for r in data.records if r.state is TrialState.EARLY_STOPPED and r.curve]
     if stopped:
-        ax.scatter([r["index"] for r in stopped], [r["curve"][-1].get(data.objective, math.nan) for r in stopped],
+        ax.scatter([r.index for r in stopped], [r.curve[-1].get(data.objective, math.nan) for r in stopped],
                    marker="x", color="tab:red", label="early-stopped (last value)", zorder=3)
     ax.set(xlabel="trial", ylabel=data.objective, title="Optimization trace")
     ax.legend()
@@ -51,14 +52,14 @@ def plot_trace(data: ReportData, path: Path) -> Path | None:
 
 
 def plot_contour(data: ReportData, x: str, y: str, path: Path) -> Path | None:
-    rows = [r for r in data.completed if x in r["params"] and y in r["params"]]
+    rows = [r for r in data.completed if x in r.params and y in r.params]
     if len(rows) < 3:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    xs = [float(r["params"][x]) for r in rows]
-    ys = [float(r["params"][y]) for r in rows]
-    zs = [r["metrics"][data.objective] for r in rows]
+    xs = [float(r.params[x]) for r in rows]
+    ys = [float(r.params[y]) for r in rows]
+    zs = [r.metrics[data.objective] for r in rows]
     lx, ly = [_axis(v) for v in (xs, ys)]
     dots = ax.scatter([lx(v) for v in xs], [ly(v) for v in ys], c=zs, cmap="viridis_r", edgecolors="black", zorder=3)
     try:  # a surface through the observed points, where they span an area
@@ -67,7 +68,7 @@ def plot_contour(data: ReportData, x: str, y: str, path: Path) -> Path | None:
         pass
     fig.colorbar(dots, ax=ax, label=data.objective)
     if data.best and data.best in rows:
-        ax.scatter([lx(float(data.best["params"][x]))], [ly(float(data.best["params"][y]))], marker="*", s=300,
+        ax.scatter([lx(float(data.best.params[x]))], [ly(float(data.best.params[y]))], marker="*", s=300,
                    color="gold", edgecolors="black", zorder=4, label="best")
         ax.legend(loc="best")
     ax.margins(0.08)
@@ -91,15 +92,15 @@ def _real_ticks(set_ticks, values: list[float], f) -> None:
 
 
 def plot_curves(data: ReportData, path: Path) -> Path | None:
-    rows = [r for r in data.records if r.get("curve")]
+    rows = [r for r in data.records if r.curve]
     if not rows:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        xs = [p["progress"] for p in r["curve"]]
-        ys = [p.get(data.objective, p.get("val_loss")) for p in r["curve"]]
-        stopped = r.get("state") == "early_stopped"
+        xs = [p["progress"] for p in r.curve]
+        ys = [p.get(data.objective, p.get("val_loss")) for p in r.curve]
+        stopped = r.state is TrialState.EARLY_STOPPED
         ax.plot(xs, ys, linestyle="--" if stopped else "-", alpha=0.8, color="tab:red" if stopped else None,
                 label=None)
         if stopped:
@@ -111,19 +112,19 @@ def plot_curves(data: ReportData, path: Path) -> Path | None:
 
 
 def plot_parallel(data: ReportData, names: list[str], path: Path) -> Path | None:
-    rows = [r for r in data.completed if all(n in r["params"] for n in names)]
+    rows = [r for r in data.completed if all(n in r.params for n in names)]
     if len(rows) < 2 or len(names) < 2:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     cols = []
     for n in names:
-        vals = [float(r["params"][n]) if not isinstance(r["params"][n], str) else 0.0 for r in rows]
+        vals = [float(r.params[n]) if not isinstance(r.params[n], str) else 0.0 for r in rows]
         f = _axis(vals)
         t = [f(v) for v in vals]
         lo, hi = min(t), max(t)
         cols.append([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in t])
-    zs = [r["metrics"][data.objective] for r in rows]
+    zs = [r.metrics[data.objective] for r in rows]
     zlo, zhi = min(zs), max(zs)
     cmap = plt.get_cmap("viridis_r")
     for i, z in sorted(enumerate(zs), key=lambda p: -p[1] if data.minimize else p[1]):  # best drawn last
@@ -151,14 +152,14 @@ def plot_pareto(data: ReportData, objectives: list[str], path: Path) -> Path | N
     if not data.pareto or len(objectives) < 2:
         return None
     a, b = objectives[:2]
-    done = [r for r in data.records if R.objective_values(r, [a, b]) is not None]
+    done = [r for r in data.records if r.objective_values([a, b]) is not None]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([r["metrics"][a] for r in done], [r["metrics"][b] for r in done], color="lightgray", label="trials")
-    front = sorted(data.pareto, key=lambda r: r["metrics"][a])
-    ax.plot([r["metrics"][a] for r in front], [r["metrics"][b] for r in front], "o-", color="tab:blue", label="Pareto front")
+    ax.scatter([r.metrics[a] for r in done], [r.metrics[b] for r in done], color="lightgray", label="trials")
+    front = sorted(data.pareto, key=lambda r: r.metrics[a])
+    ax.plot([r.metrics[a] for r in front], [r.metrics[b] for r in front], "o-", color="tab:blue", label="Pareto front")
     if data.best:
-        ax.scatter([data.best["metrics"][a]], [data.best["metrics"][b]], marker="*", s=300, color="gold",
+        ax.scatter([data.best.metrics[a]], [data.best.metrics[b]], marker="*", s=300, color="gold",
                    edgecolors="black", zorder=4, label="best_config.yaml")
     ax.set(xlabel=a, ylabel=b, title="Pareto front")
     ax.legend()

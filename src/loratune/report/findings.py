@@ -11,6 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from .. import results as R
+from ..trial import TrialRecord
 
 LR, RANK, ALPHA, BS = "learning_rate", "lora_rank", "lora_alpha", "batch_size"
 
@@ -35,14 +36,14 @@ class Insight:
 class ReportData:
     objective: str
     minimize: bool
-    records: list[dict]
-    completed: list[dict]
+    records: list[TrialRecord]
+    completed: list[TrialRecord]
     insights: list[Insight]
-    best: dict | None
-    baseline: dict | None
+    best: TrialRecord | None
+    baseline: TrialRecord | None
     improvement: R.Improvement | None
     early_stopping: dict
-    pareto: list[dict] | None
+    pareto: list[TrialRecord] | None
     running: int
     rslora: bool = False
 
@@ -71,10 +72,11 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
 
 
-def group_by(records: list[dict], key, objective: str, minimize: bool) -> list[GroupStat]:
+def group_by(keys: list, values: list[float], minimize: bool) -> list[GroupStat]:
+    """The values grouped by their keys: count, mean and best per key, in key order."""
     groups: dict = {}
-    for r in records:
-        groups.setdefault(key(r), []).append(r["metrics"][objective])
+    for k, v in zip(keys, values, strict=True):
+        groups.setdefault(k, []).append(v)
     pick = min if minimize else max
     return [GroupStat(v, len(ys), statistics.fmean(ys), pick(ys)) for v, ys in sorted(groups.items())]
 
@@ -93,60 +95,59 @@ def _strength(rho: float | None) -> str:
     return f"{size} {'rises' if rho > 0 else 'falls'} with it (Spearman {rho:+.2f})"
 
 
-def _done_with(completed: list[dict], *names: str) -> list[dict]:
-    return [r for r in completed if all(n in r["params"] for n in names)]
+def _done_with(completed: list[TrialRecord], *names: str) -> list[TrialRecord]:
+    return [r for r in completed if all(n in r.params for n in names)]
 
 
-def discrete_insight(title: str, name: str, completed: list[dict], objective: str, minimize: bool) -> Insight | None:
+def discrete_insight(title: str, name: str, completed: list[TrialRecord], objective: str, minimize: bool) -> Insight | None:
     rows = _done_with(completed, name)
-    if len({r["params"][name] for r in rows}) < 2:
+    if len({r.params[name] for r in rows}) < 2:
         return None
-    groups = group_by(rows, lambda r: r["params"][name], objective, minimize)
-    rho = spearman([float(r["params"][name]) for r in rows], [r["metrics"][objective] for r in rows])
+    groups = group_by([r.params[name] for r in rows], [r.metrics[objective] for r in rows], minimize)
+    rho = spearman([float(r.params[name]) for r in rows], [r.metrics[objective] for r in rows])
     best = (min if minimize else max)(groups, key=lambda g: g.mean)
     finding = (f"{objective.capitalize()} {_strength(rho)}; the best mean {objective} is at {name} = {best.value} "
                f"({best.mean:.4f} over {best.n} trial{'s' * (best.n != 1)}).")
     return Insight(title, finding, groups, rho)
 
 
-def learning_rate_insight(completed: list[dict], objective: str, minimize: bool, bounds: tuple | None) -> Insight | None:
+def learning_rate_insight(completed: list[TrialRecord], objective: str, minimize: bool, bounds: tuple | None) -> Insight | None:
     rows = _done_with(completed, LR)
     if len(rows) < 2:
         return None
-    ranked = sorted(rows, key=lambda r: r["metrics"][objective] * (1 if minimize else -1))
+    ranked = sorted(rows, key=lambda r: r.metrics[objective] * (1 if minimize else -1))
     top = ranked[: max(2, len(ranked) // 4)]
-    low, high = min(r["params"][LR] for r in top), max(r["params"][LR] for r in top)
-    best_lr = ranked[0]["params"][LR]
+    low, high = min(r.params[LR] for r in top), max(r.params[LR] for r in top)
+    best_lr = ranked[0].params[LR]
     edge = ""
     if bounds and best_lr >= bounds[1] * 0.95:
         edge = f" The best trial sits at the top of the range ({bounds[1]:.2g}): a wider range may find more."
     elif bounds and best_lr <= bounds[0] * 1.05:
         edge = f" The best trial sits at the bottom of the range ({bounds[0]:.2g}): a wider range may find more."
-    decades = [math.floor(math.log10(r["params"][LR]) * 2) / 2 for r in rows]  # half-decade bins
-    groups = group_by([{**r, "bin": d} for r, d in zip(rows, decades, strict=True)],
-                      lambda r: (round(10 ** r["bin"], 12), round(10 ** (r["bin"] + 0.5), 12)), objective, minimize)
-    rho = spearman([math.log(r["params"][LR]) for r in rows], [r["metrics"][objective] for r in rows])
+    decades = [math.floor(math.log10(r.params[LR]) * 2) / 2 for r in rows]  # half-decade bins
+    groups = group_by([(round(10 ** d, 12), round(10 ** (d + 0.5), 12)) for d in decades],
+                      [r.metrics[objective] for r in rows], minimize)
+    rho = spearman([math.log(r.params[LR]) for r in rows], [r.metrics[objective] for r in rows])
     span = f"all used {low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"used learning rates from {low:.2g} to {high:.2g}"
     finding = (f"The best {len(top)} trials {span}; the best one {best_lr:.2g}. "
                f"{objective.capitalize()} {_strength(rho)} on a log scale.{edge}")
     return Insight("Learning-rate sweet spot", finding, groups, rho)
 
 
-def alpha_ratio_insight(completed: list[dict], objective: str, minimize: bool, rslora: bool) -> Insight | None:
+def alpha_ratio_insight(completed: list[TrialRecord], objective: str, minimize: bool, rslora: bool) -> Insight | None:
     rows = _done_with(completed, RANK, ALPHA)
     if len(rows) < 2:
         return None
-    scales = [effective_scale(r["params"], rslora) for r in rows]
-    ys = [r["metrics"][objective] for r in rows]
+    scales = [effective_scale(r.params, rslora) for r in rows]
+    ys = [r.metrics[objective] for r in rows]
     rho = spearman([math.log(s) for s in scales], ys)
     what = "alpha/sqrt(rank)" if rslora else "alpha/rank"
-    groups = group_by([{**r, "s": s} for r, s in zip(rows, scales, strict=True)], lambda r: round(r["s"], 3),
-                      objective, minimize)
+    groups = group_by([round(s, 3) for s in scales], ys, minimize)
     finding = f"The effective scale {what} matters: {objective} {_strength(rho)}."
     if rho is not None and abs(rho) < 0.3:
         finding = f"The effective scale {what} hardly matters here (Spearman {rho:+.2f})."
-    if LR in rows[0]["params"]:
-        eff = spearman([math.log(s * r["params"][LR]) for s, r in zip(scales, rows, strict=True)], ys)
+    if LR in rows[0].params:
+        eff = spearman([math.log(s * r.params[LR]) for s, r in zip(scales, rows, strict=True)], ys)
         if eff is not None:
             finding += (f" Scale x learning rate, the step the adapter actually takes (LoRA paper, 4.1), "
                         f"correlates at {eff:+.2f}.")
@@ -155,10 +156,10 @@ def alpha_ratio_insight(completed: list[dict], objective: str, minimize: bool, r
 
 def compute(summary: dict) -> ReportData:
     """Everything the report shows, from ``optimization_results.json`` (or a partial one)."""
-    records = summary.get("trials") or []
+    records = [TrialRecord.from_dict(r, f"trials[{i}]") for i, r in enumerate(summary.get("trials") or [])]
     objectives, minimize = summary.get("objectives") or ["loss"], summary.get("minimize") or [True]
     objective, mini = objectives[0], minimize[0]
-    completed = [r for r in records if R.objective_values(r, [objective]) is not None]
+    completed = [r for r in records if r.objective_values([objective]) is not None]
     space = summary.get("search_space") or {}
     lr_spec = space.get(LR)
     bounds = tuple(lr_spec) if isinstance(lr_spec, list) and len(lr_spec) == 2 else \
@@ -176,17 +177,17 @@ def compute(summary: dict) -> ReportData:
         insights=[i for i in insights if i is not None],
         best=R.best_record(records, objectives, minimize), baseline=R.baseline_record(records),
         improvement=R.improvement(records, objective, mini), early_stopping=R.early_stopping_savings(records),
-        pareto=front, running=sum(r.get("state") == "running" for r in records), rslora=rslora,
+        pareto=front, running=sum(not r.finished for r in records), rslora=rslora,
     )
 
 
-def trace(records: list[dict], objective: str, minimize: bool) -> list[tuple[int, float | None, float | None]]:
+def trace(records: list[TrialRecord], objective: str, minimize: bool) -> list[tuple[int, float | None, float | None]]:
     """(trial index, its value, best so far) in trial order, for the optimization trace."""
     out, best = [], None
     pick = min if minimize else max
-    for r in sorted(records, key=lambda r: r["index"]):
-        v = r["metrics"].get(objective) if R.objective_values(r, [objective]) is not None else None
+    for r in sorted(records, key=lambda r: r.index):
+        v = r.metrics.get(objective) if r.objective_values([objective]) is not None else None
         if v is not None:
             best = v if best is None else pick(best, v)
-        out.append((r["index"], v, best))
+        out.append((r.index, v, best))
     return out

@@ -1,0 +1,258 @@
+"""A study on disk: its file names, the checkpoint that resumes it, the results people read and the
+best config. Read and written without a running study: the report, ``compare`` and ``export`` use it.
+
+Everything is written atomically after every round of trial events: ``optimization_checkpoint.json``
+(our records, the study's settings and Ax's experiment), ``optimization_results.json`` (the history
+people read, the same as ``run_optimization`` returns) and ``best_config.yaml``. A trial that was
+running when the process died is still ``running`` in the checkpoint, and a resume runs it again
+under the same Ax trial index.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import results as R
+from .config import FinetuneConfig, StudyConfig, to_dict
+from .errors import LoratuneError
+from .search_space import SearchSpace, apply, parse_search_space
+from .settings import Origin, build, dump_yaml, validate_study
+from .storage import atomic_write_json, atomic_write_text, read_json
+from .trial import TrialRecord, TrialState
+
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "loratune-study", 1
+CHECKPOINT_NAME = "optimization_checkpoint.json"
+RESULTS_NAME = "optimization_results.json"
+BEST_CONFIG_NAME = "best_config.yaml"
+REPORT_NAME = "OPTIMIZATION_RESULTS.md"
+COMPARISON_NAME = "comparison.json"
+TRIALS_DIR, PLOTS_DIR, COMPARISON_DIR, BEST_MODEL_DIR = "trials", "plots", "comparison", "best_model"
+EVALUATIONS = ("finetune", "command", "callable")
+
+
+@dataclass
+class StudyPaths:
+    directory: Path
+    results: Path
+
+    @classmethod
+    def from_output(cls, output: str | Path) -> StudyPaths:
+        """``configs/optimization_results.json`` (a file) or ``configs/`` (a directory)."""
+        out = Path(output)
+        if out.suffix == ".json":
+            return cls(out.parent, out)
+        return cls(out, out / RESULTS_NAME)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / CHECKPOINT_NAME
+
+    @property
+    def best_config(self) -> Path:
+        return self.directory / BEST_CONFIG_NAME
+
+    @property
+    def report(self) -> Path:
+        return self.directory / REPORT_NAME
+
+    @property
+    def comparison(self) -> Path:
+        return self.directory / COMPARISON_NAME
+
+    def trial_dir(self, index: int) -> Path:
+        return self.directory / TRIALS_DIR / str(index)
+
+    def written_by_a_study(self) -> list[Path]:
+        """Every file and folder a study, its report and its comparison write here: what ``--overwrite``
+        removes, and nothing else (a retrained ``best_model/`` is the user's, and stays)."""
+        d = self.directory
+        return [self.checkpoint, self.results, self.best_config, self.report, self.comparison,
+                d / TRIALS_DIR, d / PLOTS_DIR, d / COMPARISON_DIR]
+
+    def holds_a_study(self) -> bool:
+        return self.checkpoint.exists() or self.results.exists()
+
+    def clear(self) -> None:
+        """Remove what an earlier study wrote here (``--overwrite``)."""
+        import shutil
+
+        for path in self.written_by_a_study():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@dataclass
+class StoredStudy:
+    """What a checkpoint holds: enough to report on a study, export from it, or resume it."""
+
+    config: StudyConfig
+    records: list[TrialRecord]
+    evaluation: str  # "finetune" (loratune's trainer), "command" or "callable"
+    ax: dict | None = None  # Ax's experiment, as Client.save_to_json_file writes it
+    elapsed_s: float = 0.0  # wall time of every session so far
+    optimizer_s: float = 0.0  # seconds of it spent in Ax
+    study_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a comparison to its study
+
+    @property
+    def space(self) -> SearchSpace:
+        return parse_search_space(self.config.search_space, self.config.constraints, self.config.base())
+
+    def best(self) -> TrialRecord | None:
+        return R.best_record(self.records, self.config.objectives, self.config.minimize)
+
+    def record(self, index: int) -> TrialRecord | None:
+        return next((r for r in self.records if r.index == index), None)
+
+    def finished(self) -> int:
+        return sum(r.finished for r in self.records)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, StoredStudy]:
+    """Read a checkpoint (or the directory holding one), checked as strictly as a config."""
+    path = checkpoint_path(path)
+    data = read_json(path, "checkpoint")
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise LoratuneError(f"{path}: not a loratune checkpoint")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise LoratuneError(f"{path}: checkpoint version {data.get('version')} is not supported (expected {CHECKPOINT_VERSION})")
+    for key, kind in (("config", dict), ("records", list), ("ax", dict)):
+        if not isinstance(data.get(key), kind):
+            raise LoratuneError(f"{path}: checkpoint is incomplete ('{key}' missing or not a {kind.__name__})")
+    evaluation = data.get("evaluation", "finetune")
+    if evaluation not in EVALUATIONS:
+        raise LoratuneError(f"{path}: unknown evaluation {evaluation!r}")
+    origin = Origin(str(path))
+    cfg = build(StudyConfig, data["config"], origin, "config.")
+    cfg.trials += additional_trials
+    validate_study(cfg, origin, custom_metrics=evaluation != "finetune")
+    records = [TrialRecord.from_dict(r, f"{path}: records[{i}]") for i, r in enumerate(data["records"])]
+    seen: set[int] = set()
+    for i, r in enumerate(records):
+        if r.index in seen:
+            raise LoratuneError(f"{path}: records[{i}]: trial {r.index} is recorded twice")
+        seen.add(r.index)
+    results_name = Path(str(data.get("results_file") or RESULTS_NAME)).name
+    stored = StoredStudy(cfg, records, evaluation, data["ax"], _number(data.get("elapsed_s")),
+                         _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]))
+    return StudyPaths(path.parent, path.parent / results_name), stored
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def load_results(directory: str | Path) -> dict:
+    """The results file, or what a study killed before its first results left in its checkpoint, as a
+    summary (the report reads this; records stay plain mappings there)."""
+    directory = Path(directory)
+    results = directory / RESULTS_NAME
+    if results.exists():
+        data = read_json(results, "results file")
+        if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
+            raise LoratuneError(f"{results}: not a loratune results file")
+        return data
+    if (directory / CHECKPOINT_NAME).exists():
+        paths, stored = load(directory)
+        return summary(stored, paths)
+    raise LoratuneError(f"{directory}: holds no loratune study (no {RESULTS_NAME} or {CHECKPOINT_NAME})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
+    """What ``run_optimization`` returns and ``optimization_results.json`` holds."""
+    cfg, records = stored.config, stored.records
+    best = stored.best()
+    gain = R.improvement(records, cfg.objectives[0], cfg.minimize[0])
+    baseline = R.baseline_record(records)
+    finetune = stored.evaluation == "finetune"
+    return {
+        "best_loss": best.metrics.get("loss") if best else None,
+        "best_params": dict(best.params) if best else None,
+        "best_trial": best.index if best else None,
+        "best_metrics": dict(best.metrics) if best else None,
+        "baseline": baseline.to_dict() if baseline else None,
+        "improvement": gain.__dict__ if gain else None,
+        "pareto_front": [{"index": r.index, "params": r.params, "metrics": r.metrics}
+                         for r in R.pareto_front(records, cfg.objectives, cfg.minimize)]
+        if len(cfg.objectives) > 1 else None,
+        "objectives": cfg.objectives,
+        "minimize": cfg.minimize,
+        "search_space": cfg.search_space,
+        "constraints": cfg.constraints,
+        "seed": cfg.seed,
+        "rslora": cfg.lora.use_rslora,
+        "evaluation": stored.evaluation,
+        "study_id": stored.study_id,
+        "n_trials": stored.finished(),
+        "early_stopping": R.early_stopping_savings(records),
+        "states": {s.value: sum(r.state is s for r in records) for s in TrialState},
+        "wall_time_s": stored.elapsed_s,
+        "optimizer_time_s": stored.optimizer_s,
+        "best_config": str(paths.best_config) if best and finetune else None,
+        "trials": [r.to_dict() for r in records],
+    }
+
+
+def save(stored: StoredStudy, paths: StudyPaths) -> dict:
+    """Write the checkpoint, the results and the best config, each atomically; return the summary."""
+    result = summary(stored, paths)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "saved_at": now(), "study_id": stored.study_id,
+        "config": to_dict(stored.config), "results_file": paths.results.name, "evaluation": stored.evaluation,
+        "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s,
+        "records": result["trials"], "ax": stored.ax,
+    }
+    atomic_write_json(paths.checkpoint, checkpoint)
+    atomic_write_json(paths.results, result)
+    best = stored.best()
+    if best and stored.evaluation == "finetune":
+        atomic_write_text(paths.best_config, config_yaml(stored, paths, best, paths.best_config))
+    return result
+
+
+def training_config(stored: StoredStudy, paths: StudyPaths, record: TrialRecord) -> FinetuneConfig:
+    """A complete training config with the record's parameters and the retrain's epochs."""
+    cfg = apply(stored.config.base(), record.params, stored.space)
+    cfg.training.epochs = stored.config.retrain_epochs
+    if stored.config.seed is not None:
+        cfg.training.seed = stored.config.seed
+    cfg.output_dir = str((paths.directory / BEST_MODEL_DIR).resolve())
+    for attr in ("path", "validation_path"):  # absolute, so the file works from any directory
+        value = getattr(cfg.data, attr)
+        if value and not value.startswith("builtin:") and Path(value).expanduser().exists():
+            setattr(cfg.data, attr, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
+def config_yaml(stored: StoredStudy, paths: StudyPaths, record: TrialRecord, path: Path) -> str:
+    """``training_config`` as YAML, headed by the command that retrains it."""
+    cfg, objectives = training_config(stored, paths, record), stored.config.objectives
+    metric = ", ".join(f"{o}={record.metrics[o]:.4g}" for o in objectives if o in record.metrics)
+    best = stored.best()
+    which = (f"Best of {stored.finished()} trials: trial {record.index}" if best and best.index == record.index
+             else f"Trial {record.index} of {stored.finished()}")
+    header = (f"# python finetune_lora.py --config {path}\n"
+              f"# {which} ({metric}), {stored.config.retrain_epochs:g} epochs for the full retrain.\n")
+    return dump_yaml(to_dict(cfg), header)
