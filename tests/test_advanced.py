@@ -1,5 +1,7 @@
 """The seed's advanced features: early stopping, several objectives, parameter constraints."""
 
+import os
+
 import pytest
 from conftest import fake_loss
 
@@ -165,3 +167,33 @@ def test_bad_advanced_settings(tmp_path, kwargs, message):
 def test_check_at_outside_the_unit_interval(check_at):
     with pytest.raises(LoratuneError, match=r"check_at must be in \(0, 1\]"):
         EarlyStoppingCallback(threshold=0.7, check_at=check_at)
+
+
+STUDY_OF_TWO_OBJECTIVES = """
+import math
+from loratune import run_optimization
+results = run_optimization(num_trials=8, output_dir={out!r}, objectives=["loss", "inference_time"],
+                           search_space={{"lora_rank": [8, 16, 32, 64], "learning_rate": [1e-5, 5e-4]}},
+                           evaluate=lambda p: {{"loss": abs(math.log10(p["learning_rate"]) + 3.5),
+                                               "inference_time": p["lora_rank"] / 10}}, report=False, seed=0)
+print("trials", len(results["trials"]))
+"""
+
+
+def test_a_stale_lock_of_botorchs_kernel_build_does_not_hang_a_multi_objective_study(tmp_path):
+    """A compile killed mid-way leaves `lock` behind; torch's loader would wait on it forever."""
+    import subprocess
+    import sys
+
+    from loratune.processes import die_with_parent
+
+    extensions = tmp_path / "torch_extensions"
+    build = extensions / "logei_fused_ext"  # where torch builds it under TORCH_EXTENSIONS_DIR
+    build.mkdir(parents=True)
+    (build / "lock").write_text("")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run([sys.executable, "-c", STUDY_OF_TWO_OBJECTIVES.format(out=str(tmp_path / "study"))],
+                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=die_with_parent())
+    assert proc.returncode == 0, proc.stderr
+    assert "trials 8" in proc.stdout
+    assert f"locked by {build / 'lock'}" in proc.stdout and "Delete that file" in proc.stdout

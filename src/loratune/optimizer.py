@@ -11,12 +11,16 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from .errors import LoratuneError, first_line
+from .processes import die_with_parent
 from .search_space import Param, SearchSpace
 
 PROGRESSION_SCALE = 1000  # Ax progressions are integers: per-mille of a trial's training
@@ -31,6 +35,46 @@ def _quiet_ax() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(ax|botorch|gpytorch|linear_operator)(\.|$)")
+
+
+FUSED_KERNEL_BUILD_TIMEOUT_S = 300
+
+
+def _bounded_fused_kernel() -> str | None:
+    """BoTorch's multi-objective acquisition (qLogNEHVI) compiles a fused C++ kernel on first use with
+    torch's JIT extension loader, which waits forever on the ``lock`` file a killed compile leaves
+    behind. Never let it wait: a lock present means the pure-Python path (the same numbers, slower);
+    a first build runs in a child process with a time limit. Returns a note for the user, or None."""
+    import botorch.acquisition.multi_objective.logei as logei
+
+    if logei._load_attempted:
+        return None
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory("logei_fused_ext", verbose=False))
+    lock = build / "lock"
+    if lock.exists():
+        logei._load_attempted = True  # BoTorch then uses its pure-Python implementation
+        return (f"BoTorch's fused multi-objective kernel is locked by {lock} (left by an interrupted build?); using "
+                "the slower pure-Python version. Delete that file if no other process is building the kernel.")
+    if not (build / "logei_fused_ext.so").exists():
+        code = ("import sys, botorch.acquisition.multi_objective.logei as m; m._try_load_fused_kernel(); "
+                "sys.exit(0 if m._C is not None else 1)")
+        started = time.time()
+        try:
+            subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, timeout=FUSED_KERNEL_BUILD_TIMEOUT_S,
+                           preexec_fn=die_with_parent())
+        except subprocess.TimeoutExpired:
+            if lock.exists() and lock.stat().st_mtime >= started - 1:  # ours: the build we just ended made it
+                lock.unlink(missing_ok=True)
+            logei._load_attempted = True
+            return (f"building BoTorch's fused multi-objective kernel took over {FUSED_KERNEL_BUILD_TIMEOUT_S} s; "
+                    "using the slower pure-Python version")
+        if not (build / "logei_fused_ext.so").exists():  # no compiler here: BoTorch's own fallback, quietly
+            logei._load_attempted = True
+            return None
+    logei._try_load_fused_kernel()  # built: loads at once
+    return None
 
 
 def ax_parameter(p: Param) -> Any:
@@ -93,6 +137,7 @@ class Optimizer:
     def __init__(self, client: Any, space: SearchSpace, seed: int | None):
         self.client, self.space, self.seed = client, space, seed
         self.exhausted = False
+        self.note: str | None = None  # something the user should hear about the optimizer (shown once)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
 
     @classmethod
@@ -115,6 +160,8 @@ class Optimizer:
         opt = cls(client, space, seed)
         opt._configure_generation(init_trials)
         opt._set_early_stopping(early_stopping)
+        if len(objectives) > 1:
+            opt.note = _bounded_fused_kernel()
         opt.busy_s = time.perf_counter() - start
         return opt
 
@@ -220,6 +267,8 @@ class Optimizer:
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
         opt = cls(client, space, seed)
         opt._set_early_stopping(early_stopping)
+        if client._experiment.optimization_config.is_moo_problem:
+            opt.note = _bounded_fused_kernel()
         opt.busy_s = time.perf_counter() - start
         return opt
 

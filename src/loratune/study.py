@@ -57,6 +57,8 @@ class Study:
         aborted = None
         try:
             with self.console:
+                if self.opt.note:
+                    self.console.print(f"[yellow]note[/]: {self.opt.note}")
                 self._start_interrupted(executor, running)
                 changed = self._fill(executor, running)
                 while running:
