@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from loratune.config import FinetuneConfig, StudyConfig
-from loratune.settings import load_finetune_config, load_study_config
 from loratune.errors import LoratuneError
+from loratune.settings import load_finetune_config, load_study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

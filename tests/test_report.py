@@ -8,7 +8,6 @@ from conftest import fake_loss
 from loratune import run_optimization
 from loratune.compare import compare_runs
 from loratune.errors import LoratuneError
-from loratune.trial import TrialRecord, TrialState
 from loratune.report import write_report
 from loratune.report.findings import (
     alpha_ratio_insight,
@@ -18,6 +17,7 @@ from loratune.report.findings import (
     spearman,
     trace,
 )
+from loratune.trial import TrialRecord, TrialState
 
 
 def record(index, loss, state="completed", baseline=False, **params) -> TrialRecord:
