@@ -28,8 +28,9 @@ def response_text(tokenizer, example) -> str:
 def test_each_format_masks_everything_but_the_response(tokenizer, tmp_path, row):
     path = write_jsonl(tmp_path / "d.jsonl", [row])
     (ex,) = tokenize_rows(tokenizer, [row], DataConfig(path=str(path)), str(path))
-    # the loss sees exactly the assistant's answer and the end-of-turn token, nothing of the prompt
-    assert response_text(tokenizer, ex) == "Framing: a single close-up.<|im_end|>\n"
+    # the loss sees exactly the assistant's answer and its end-of-turn token, nothing of the prompt nor the
+    # line break the template puts between turns
+    assert response_text(tokenizer, ex) == "Framing: a single close-up.<|im_end|>"
     n_prompt = ex.labels.index(next(label for label in ex.labels if label != IGNORE))
     prompt = tokenizer.decode(ex.input_ids[:n_prompt])
     assert prompt.endswith("<|im_start|>assistant\n") and "A lone man says goodbye." in prompt
@@ -102,3 +103,130 @@ def test_shipped_demo_data_is_what_the_generator_makes():
     assert (len(train), len(validation)) == (148, 37)
     assert dataset.TRAIN_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in train)
     assert dataset.VALIDATION_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in validation)
+
+
+THREE_TURNS = {"messages": [
+    {"role": "system", "content": "You plan shots."},
+    {"role": "user", "content": "A lone man says goodbye."},
+    {"role": "assistant", "content": "Framing: a single close-up."},
+    {"role": "user", "content": "And at night?"},
+    {"role": "assistant", "content": "Low key light, one practical lamp."},
+    {"role": "user", "content": "Rain?"},
+    {"role": "assistant", "content": "Rain on the window, shallow focus."},
+]}
+ANSWERS = [m["content"] for m in THREE_TURNS["messages"] if m["role"] == "assistant"]
+
+
+def trained_runs(tokenizer, example) -> list[str]:
+    """The trained tokens as the texts of their consecutive runs."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE:
+            assert label == token  # a trained position is labelled with its own token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def check_three_turn_mask(tokenizer, end_of_turn: str):
+    (every,) = tokenize_rows(tokenizer, [THREE_TURNS], DataConfig(), "t")
+    assert trained_runs(tokenizer, every) == [a + end_of_turn for a in ANSWERS]
+    # token by token: what is not trained is exactly the rendered conversation minus the answers
+    rendered = tokenizer.apply_chat_template(THREE_TURNS["messages"], tokenize=False)
+    assert tokenizer.decode(every.input_ids) == rendered
+    untrained = tokenizer.decode([t for t, label in zip(every.input_ids, every.labels, strict=True) if label == IGNORE])
+    assert untrained == rendered.replace(ANSWERS[0] + end_of_turn, "", 1).replace(
+        ANSWERS[1] + end_of_turn, "", 1).replace(ANSWERS[2] + end_of_turn, "", 1)
+    (last,) = tokenize_rows(tokenizer, [THREE_TURNS], DataConfig(train_on="last_assistant_turn"), "t")
+    assert trained_runs(tokenizer, last) == [ANSWERS[2] + end_of_turn] and last.input_ids == every.input_ids
+
+
+def test_every_assistant_turn_is_trained_under_the_demo_template(tokenizer):
+    check_three_turn_mask(tokenizer, "<|im_end|>")
+
+
+def test_every_assistant_turn_is_trained_under_smollm2s_chatml(smollm2):
+    from transformers import AutoTokenizer
+
+    check_three_turn_mask(AutoTokenizer.from_pretrained(smollm2), "<|im_end|>")
+
+
+@pytest.mark.parametrize(("row", "trained"), [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "A lone "}, {"type": "text", "text": "man."}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "A close-up."}]}]}, "A close-up."),
+    ({"prompt": "Scene", "completion": "NA"}, "NA"),
+    ({"prompt": "Scene", "completion": "None"}, "None"),
+])
+def test_text_is_trained_exactly_as_written(tokenizer, row, trained):
+    (ex,) = tokenize_rows(tokenizer, [row], DataConfig(), "t")
+    assert trained_runs(tokenizer, ex) == [trained + "<|im_end|>"]
+    if "messages" in row:
+        assert "A lone man." in tokenizer.decode(ex.input_ids)  # parts joined, not a printed Python list
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+     "row 1: not in chat form: message 2's content is null"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+     "row 1: not in chat form: the assistant's answer is empty"),
+    ({"prompt": "x", "completion": None}, "row 1: not in completion form: 'completion' is null"),
+    ({"prompt": "x", "completion": ""}, "row 1: not in completion form: the assistant's answer is empty"),
+    ({"instruction": "x", "output": 3}, "row 1: not in instruction form: 'output' is int, not text"),
+])
+def test_null_or_empty_answers_are_row_errors(tokenizer, row, message):
+    with pytest.raises(LoratuneError, match=message):
+        tokenize_rows(tokenizer, [row], DataConfig(), "d.jsonl")
+
+
+def test_csv_cells_are_text_exactly_as_written(tokenizer, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\nScene one,NA\nScene two,null\nScene three,N/A\nScene four,"None"\n5,6\n')
+    train, _ = load_examples(tokenizer, DataConfig(path=str(path), validation_size=1), seed=0)
+    answers = sorted(trained_runs(tokenizer, e)[0].removesuffix("<|im_end|>") for e in train)
+    all_answers = sorted(["NA", "null", "N/A", "None", "6"])
+    assert set(answers) <= set(all_answers) and len(answers) == 4
+    path.write_text("prompt,completion\nScene one,\nScene two,ok\n")
+    with pytest.raises(LoratuneError, match="d.csv: row 1: not in completion form: the assistant's answer is empty"):
+        load_examples(tokenizer, DataConfig(path=str(path), validation_size=1), seed=0)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(tiny_model)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(LoratuneError) as err:
+        tokenize_rows(strict, [COMPLETION], DataConfig(system_prompt="Be brief."), "d.jsonl")
+    assert str(err.value) == ("d.jsonl: row 1: the model's chat template refused it: System role not supported "
+                              "(data.system_prompt adds a system message, which this template may not take)")
+
+
+def test_without_a_template_a_tokenizer_that_adds_bos_keeps_it(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = None
+    tok.bos_token = "<|endoftext|>"
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.bos_token_id)])
+    assert tok("Scene")["input_ids"][0] == tok.bos_token_id  # as at inference
+    (ex,) = tokenize_rows(tok, [COMPLETION], DataConfig(), "t")
+    assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids[1] != tok.bos_token_id  # one BOS, not zero or two
+    assert trained_runs(tok, ex) == ["Framing: a single close-up.<|im_end|>"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\xff\xfe\x00garbage\x01", "cannot read"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n', "line 2: not valid JSON"),
+])
+def test_unreadable_data_files_name_the_line(tokenizer, tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(LoratuneError) as err:
+        load_examples(tokenizer, DataConfig(path=str(path)), seed=0)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -52,18 +52,30 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = DEMO_TRAIN
-    """Training data: a .jsonl/.json/.csv file, or ``builtin:ai_director_train``."""
+    """Training data: a .jsonl/.json/.csv/.parquet file, a directory saved with datasets' ``save_to_disk``, a
+    Hugging Face hub dataset id (``org/name``), or ``builtin:ai_director_train`` (the demo)."""
+    split: str = "train"
+    """The split to train on, for a hub dataset or a saved dataset with several splits."""
+    subset: str | None = None
+    """A hub dataset's named configuration (``load_dataset(path, name=subset)``)."""
     format: Literal["auto", "chat", "instruction", "completion"] = "auto"
     """Row form: chat (``messages``), instruction (``instruction``/``input``/``output``) or
     completion (``prompt``/``completion``); ``auto`` detects it from the columns."""
-    validation_path: str | None = DEMO_VALIDATION
-    """Validation data in the same form; when null, a split of the training data is held out."""
+    columns: dict[str, str] | None = None
+    """loratune's column names -> yours, e.g. ``{prompt: question, completion: answer}``."""
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    """Which assistant messages of a chat the loss covers (each up to its end-of-turn token); nothing
+    of system, user or tool messages ever is."""
+    validation_split: str | None = None
+    """A named split of the same dataset to validate on (e.g. ``test``)."""
+    validation_path: str | None = None
+    """Validation data in the same form, from a file, directory or hub id; the demo's own with the demo data."""
     validation_size: float = 0.2
-    """Held-out share (< 1) or count (>= 1) of the training data when no validation file is given."""
+    """Held-out share (< 1) or count (>= 1) of the training data when neither a validation split nor a path is given."""
     max_length: int = 512
-    """Longest tokenized example; longer responses are truncated. A prompt longer than this is an error."""
+    """Longest tokenized example; longer ones are cut at the end. A prompt this long or longer is an error."""
     system_prompt: str | None = None
-    """System message prepended to instruction/completion rows rendered with a chat template."""
+    """System message put before instruction/completion rows rendered with a chat template."""
 
 
 @dataclass

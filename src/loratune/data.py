@@ -1,13 +1,22 @@
-"""Data: load rows, render them with the model's chat template, tokenize with response-only labels,
-split, and batch with as little padding as the batch needs (length-grouped batching)."""
+"""Data: rows as users have them (JSONL, JSON, CSV or parquet files, a dataset saved with
+``save_to_disk``, a Hugging Face hub dataset) -> conversations -> tokens, with labels on the assistant's
+tokens only -> batches with as little padding as each batch needs.
+
+Chats are rendered with the model's own chat template. The loss covers each trained assistant
+message up to and including its end-of-turn token (``<|im_end|>`` under ChatML), and nothing of the
+system, user or tool messages nor of the template's text around them.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import DataConfig
+from .config import DEMO_TRAIN, DEMO_VALIDATION, DataConfig
 from .errors import LoratuneError, first_line
 
 IGNORE = -100  # label value that the loss skips
@@ -16,55 +25,155 @@ FORMAT_FIELDS = {
     "instruction": ("instruction", "output"),
     "completion": ("prompt", "completion"),
 }
+STANDARD_COLUMNS = ("messages", "instruction", "input", "output", "prompt", "completion")
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens: the loss is on the response only
+    labels: list[int]  # IGNORE everywhere but on the trained assistant tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def resolve_data_path(path: str, field: str) -> Path:
-    if path.startswith("builtin:"):
-        from .demo import dataset
-
-        builtin = dataset.HERE / f"{path.removeprefix('builtin:')}.jsonl"
-        if not builtin.is_file():
-            known = sorted(p.stem for p in dataset.HERE.glob("*.jsonl"))
-            raise LoratuneError(f"{field}: unknown built-in dataset '{path}' (known: {', '.join(known)})")
-        return builtin
-    resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise LoratuneError(f"{field}: dataset file not found: {path}")
-    return resolved
+# ---------------------------------------------------------------------------------------------
+# Rows
 
 
-def load_rows(path: str, field: str) -> list[dict]:
-    """Read a .jsonl/.json/.csv file with ``datasets`` into a list of rows."""
+def load_rows(source: str, field: str, cfg: DataConfig, split: str | None = None,
+              split_field: str = "data.split") -> list[dict]:
+    """The rows of a file, a saved dataset directory, or a hub dataset (``split`` of it, named by ``split_field``)."""
     import datasets
 
-    file = resolve_data_path(path, field)
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(file.suffix.lower())
-    if kind is None:
-        raise LoratuneError(f"{field}: unsupported file type '{file.suffix}' for {path} (use .jsonl, .json or .csv)")
-    if file.stat().st_size == 0:
-        raise LoratuneError(f"{field}: dataset {path} is empty")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    try:
-        rows = datasets.load_dataset(kind, data_files=str(file), split="train").to_list()
-    except Exception as exc:  # datasets raises many types for unreadable files
-        reason = first_line(exc)
-        raise LoratuneError(f"{field}: cannot read {path}: {reason}") from None
+    split = split or cfg.split
+    if source.startswith("builtin:"):
+        rows = _read_file(_builtin(source, field), field)
+    elif Path(source).expanduser().is_file():
+        rows = _read_file(Path(source).expanduser(), field)
+    elif Path(source).expanduser().is_dir():
+        rows = _from_disk(Path(source).expanduser(), split, field, split_field)
+    elif source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_KINDS:
+        raise LoratuneError(f"{field}: dataset file not found: {source}")
+    else:
+        rows = _from_hub(source, cfg.subset, split, field, split_field)
     if not rows:
-        raise LoratuneError(f"{field}: dataset {path} is empty")
+        raise LoratuneError(f"{field}: dataset {source} is empty")
     return rows
 
 
-def detect_format(rows: list[dict], fmt: str, path: str) -> str:
+def _builtin(source: str, field: str) -> Path:
+    from .demo import dataset
+
+    builtin = dataset.HERE / f"{source.removeprefix('builtin:')}.jsonl"
+    if not builtin.is_file():
+        known = sorted(f"builtin:{p.stem}" for p in dataset.HERE.glob("*.jsonl"))
+        raise LoratuneError(f"{field}: unknown built-in dataset '{source}' (known: {', '.join(known)})")
+    return builtin
+
+
+def _read_file(file: Path, field: str) -> list[dict]:
+    import datasets
+
+    kind = FILE_KINDS.get(file.suffix.lower())
+    if kind is None:
+        raise LoratuneError(f"{field}: unsupported file type '{file.suffix}' for {file} "
+                            f"(use {', '.join(FILE_KINDS)}, a dataset directory or a hub dataset id)")
+    if file.stat().st_size == 0:
+        raise LoratuneError(f"{field}: dataset {file} is empty")
+    options: dict[str, Any] = {}
+    if kind == "csv":  # every cell is text exactly as written: "NA", "None", "null" and "" are not missing values
+        options = {"keep_default_na": False, "na_values": [],
+                   "features": datasets.Features({c: datasets.Value("string") for c in _csv_header(file, field)})}
+    try:
+        return datasets.load_dataset(kind, data_files=str(file), split="train", **options).to_list()
+    except Exception as exc:  # datasets raises many types for unreadable files: find the line ourselves
+        raise LoratuneError(f"{field}: cannot read {file}: {_diagnose(file, kind) or first_line(exc)}") from None
+
+
+def _csv_header(file: Path, field: str) -> list[str]:
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except UnicodeDecodeError:
+        raise LoratuneError(f"{field}: cannot read {file}: not UTF-8 text") from None
+    if not header:
+        raise LoratuneError(f"{field}: {file} has no header row")
+    return header
+
+
+def _diagnose(file: Path, kind: str) -> str | None:
+    """Where a JSON or JSONL file stops being valid, as a user would look for it."""
+    if kind != "json":
+        return None
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start})"
+    if file.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}: not valid JSON ({exc.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"line {number}: expected a JSON object, got {type(value).__name__}"
+    return None
+
+
+def _from_disk(directory: Path, split: str, field: str, split_field: str) -> list[dict]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(directory))
+    except Exception as exc:
+        raise LoratuneError(f"{field}: {directory} is a directory but not a dataset saved with save_to_disk "
+                            f"({first_line(exc, 120)})") from None
+    return _split(loaded, split, split_field, str(directory)).to_list()
+
+
+def _from_hub(name: str, subset: str | None, split: str, field: str, split_field: str) -> list[dict]:
+    import datasets
+
+    from . import hub
+
+    online = hub.use_hub()
+    try:
+        loaded = datasets.load_dataset(name, name=subset)
+    except Exception as exc:
+        text = first_line(exc, 160)
+        if subset and ("config" in text.lower() or "subset" in text.lower()):
+            raise LoratuneError(f"data.subset: '{subset}' is not a configuration of {name}: {text}") from None
+        raise LoratuneError(f"{field}: '{name}' is not a local file or directory, and not a dataset found in "
+                            f"{hub.where_looked(online)} ({text})") from None
+    return _split(loaded, split, split_field, name).to_list()
+
+
+def _split(loaded, split: str, split_field: str, source: str):
+    """One split of a DatasetDict (a plain Dataset is its own only split)."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split not in loaded:
+        raise LoratuneError(f"{split_field}: {source} has no split '{split}' (it has {', '.join(loaded)})")
+    return loaded[split]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations
+
+
+def detect_format(rows: list[dict], fmt: str, where: str) -> str:
     if fmt != "auto":
         return fmt
     columns = set(rows[0])
@@ -72,66 +181,176 @@ def detect_format(rows: list[dict], fmt: str, path: str) -> str:
         if set(needed) <= columns:
             return name
     raise LoratuneError(
-        f"{path}: cannot tell the data format from columns {sorted(columns)}; expected 'messages', "
-        "'instruction'/'output' or 'prompt'/'completion'"
+        f"{where}: cannot tell the data format from columns {sorted(columns)}; expected 'messages', "
+        "'instruction'/'output' or 'prompt'/'completion' (or map yours with data.columns)"
     )
 
 
-def split_row(row: dict, fmt: str, system_prompt: str | None) -> tuple[list[dict], str]:
-    """Return (prompt messages, response text). Raises KeyError/TypeError on a malformed row."""
+def rename_columns(rows: list[dict], columns: dict | None, where: str) -> list[dict]:
+    """``data.columns`` maps loratune's names to the dataset's: ``{prompt: question, completion: answer}``."""
+    if not columns:
+        return rows
+    for ours, theirs in columns.items():
+        if ours not in STANDARD_COLUMNS:
+            raise LoratuneError(f"data.columns: '{ours}' is not a column loratune reads ({', '.join(STANDARD_COLUMNS)})")
+        if theirs not in rows[0]:
+            raise LoratuneError(f"data.columns.{ours}: {where} has no column '{theirs}' (it has {', '.join(rows[0])})")
+    return [{**row, **{ours: row.get(theirs) for ours, theirs in columns.items()}} for row in rows]
+
+
+def _text(value: Any, what: str) -> str:
+    """A message's content as text: a string, or a list of text parts joined; never null or empty."""
+    if isinstance(value, list):  # [{"type": "text", "text": "..."}, ...]
+        parts = [p.get("text") if isinstance(p, dict) else p for p in value]
+        if not all(isinstance(p, str) for p in parts):
+            raise ValueError(f"{what} has parts that are not text")
+        value = "".join(parts)
+    if value is None:
+        raise ValueError(f"{what} is null")
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {type(value).__name__}, not text")
+    return value
+
+
+def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict]:
+    """The row as a conversation of text messages; raises ValueError on a malformed row."""
     if fmt == "chat":
-        messages = row["messages"]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise KeyError("the last message must have role 'assistant'")
-        return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    if fmt == "instruction":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return system + [{"role": "user", "content": user}], row["output"]
-    return system + [{"role": "user", "content": row["prompt"]}], row["completion"]
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' is not a list of messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"message {i + 1} has no role")
+            out.append({"role": m["role"], "content": _text(m.get("content"), f"message {i + 1}'s content")})
+    else:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        if fmt == "instruction":
+            extra = row.get("input")
+            user = _text(row.get("instruction"), "'instruction'") + (f"\n\n{extra}" if isinstance(extra, str) and extra else "")
+            answer = _text(row.get("output"), "'output'")
+        else:
+            user, answer = _text(row.get("prompt"), "'prompt'"), _text(row.get("completion"), "'completion'")
+        out = [*system, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if out[-1]["role"] != "assistant":
+        raise ValueError("the last message must have role 'assistant'")
+    if not out[-1]["content"].strip():
+        raise ValueError("the assistant's answer is empty")
+    return out
 
 
-def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
-    """Prompt and response text: the chat template where the model has one, plain text otherwise."""
-    if tokenizer.chat_template:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-        if full.startswith(prompt_text):
-            return prompt_text, full[len(prompt_text):]
-        return prompt_text, response + (tokenizer.eos_token or "")
-    prompt_text = "".join(f"{m['content']}\n\n" for m in prompt)
-    return prompt_text, response + (tokenizer.eos_token or "")
+# ---------------------------------------------------------------------------------------------
+# Rendering and tokenizing
 
 
-def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, path: str) -> list[Example]:
-    fmt = detect_format(rows, cfg.format, path)
+def segments(tokenizer, messages: list[dict], train_on: str) -> list[tuple[str, bool]]:
+    """The conversation as text pieces, each marked trained or not, rendered with the chat template
+    where the model has one. Raises ValueError when the template refuses the conversation."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant_turn":
+        trained = trained[-1:]
+    if not tokenizer.chat_template:
+        return _plain_segments(messages, set(trained), tokenizer.eos_token or "")
+    full = _render(tokenizer, messages, False)
+    pieces, done = [], 0
+    for i in trained:
+        prompt = _render(tokenizer, messages[:i], True)
+        turn = _render(tokenizer, messages[:i + 1], False)
+        if not (turn.startswith(prompt) and full.startswith(turn) and len(prompt) >= done):
+            raise ValueError("the chat template renders a conversation differently from its beginning, so the "
+                             "assistant's tokens cannot be told apart")
+        end = len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"], tokenizer.eos_token)
+        pieces += [(full[done:len(prompt)], False), (full[len(prompt):end], True)]
+        done = end
+    return [p for p in [*pieces, (full[done:], False)] if p[0]]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _turn_end(turn: str, content: str, eos: str | None) -> int:
+    """Where the assistant's turn ends: just after its end-of-turn token (ChatML's ``<|im_end|>``, the
+    tokenizer's eos), not after the line break a template puts between turns."""
+    start = turn.find(content)
+    after = start + len(content) if start >= 0 else 0
+    if eos and (end := turn.find(eos, after)) >= 0:
+        return end + len(eos)
+    return len(turn.rstrip())
+
+
+def _plain_segments(messages: list[dict], trained: set[int], eos: str) -> list[tuple[str, bool]]:
+    """Without a chat template: each message's text on its own paragraph, an answer ended by eos."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            out.append((m["content"] + eos, i in trained))
+            if i < len(messages) - 1:
+                out.append(("\n\n", False))
+        else:
+            out.append((f"{m['content']}\n\n", False))
+    return out
+
+
+def _adds_bos(tokenizer) -> bool:
+    """True when ``tokenizer(text)`` starts with BOS, as at inference: training sequences must too."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def tokenize(tokenizer, pieces: list[tuple[str, bool]], max_length: int, adds_bos: bool) -> Example:
+    ids: list[int] = []
+    labels: list[int] = []
+    if adds_bos and not pieces[0][0].startswith(tokenizer.bos_token or "\0"):  # never two BOS
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    for text, trained in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
+    import jinja2
+
+    rows = rename_columns(rows, cfg.columns, where)
+    fmt = detect_format(rows, cfg.format, where)
+    adds_bos = _adds_bos(tokenizer)
     examples = []
     for i, row in enumerate(rows):
+        at = f"{where}: row {i + 1}"
         try:
-            prompt, response = split_row(row, fmt, cfg.system_prompt)
-            prompt_text, response_text = render(tokenizer, prompt, str(response))
-        except (KeyError, TypeError, IndexError) as exc:
-            raise LoratuneError(f"{path}: row {i + 1}: not in {fmt} form ({exc})") from None
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) >= cfg.max_length:
-            raise LoratuneError(
-                f"data.max_length: {cfg.max_length} tokens is shorter than the prompt of {path} row {i + 1} "
-                f"({len(prompt_ids)} tokens)"
-            )
-        ids = (prompt_ids + response_ids)[: cfg.max_length]
-        labels = ([IGNORE] * len(prompt_ids) + response_ids)[: cfg.max_length]
-        examples.append(Example(ids, labels))
+            messages = to_messages(row, fmt, cfg.system_prompt)
+            pieces = segments(tokenizer, messages, cfg.train_on)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LoratuneError(f"{at}: not in {fmt} form: {first_line(exc)}") from None
+        except jinja2.TemplateError as exc:
+            hint = " (data.system_prompt adds a system message, which this template may not take)" \
+                if cfg.system_prompt and fmt != "chat" else ""
+            raise LoratuneError(f"{at}: the model's chat template refused it: {first_line(exc)}{hint}") from None
+        example = tokenize(tokenizer, pieces, cfg.max_length, adds_bos)
+        if all(label == IGNORE for label in example.labels):
+            raise LoratuneError(f"data.max_length: {cfg.max_length} tokens is shorter than the prompt of {at} "
+                                f"(no answer token is left to train on)")
+        examples.append(example)
     return examples
 
 
 def load_examples(tokenizer, cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
-    """Tokenized (train, validation) examples; the split is drawn from ``seed`` when there is no file."""
-    rows = load_rows(cfg.path, "data.path")
-    train = tokenize_rows(tokenizer, rows, cfg, cfg.path)
-    if cfg.validation_path:
-        val_rows = load_rows(cfg.validation_path, "data.validation_path")
-        return train, tokenize_rows(tokenizer, val_rows, cfg, cfg.validation_path)
+    """Tokenized (train, validation) examples: from ``data.validation_split``, ``data.validation_path``, or
+    ``data.validation_size`` of the training rows held out at random from ``seed``."""
+    train = tokenize_rows(tokenizer, load_rows(cfg.path, "data.path", cfg), cfg, cfg.path)
+    validation_path = cfg.validation_path or (DEMO_VALIDATION if cfg.path == DEMO_TRAIN else None)
+    if cfg.validation_split:
+        rows = load_rows(cfg.path, "data.path", cfg, split=cfg.validation_split, split_field="data.validation_split")
+        return train, tokenize_rows(tokenizer, rows, cfg, f"{cfg.path} [{cfg.validation_split}]")
+    if validation_path:
+        rows = load_rows(validation_path, "data.validation_path", cfg)
+        return train, tokenize_rows(tokenizer, rows, cfg, validation_path)
     n_val = int(cfg.validation_size) if cfg.validation_size >= 1 else round(cfg.validation_size * len(train))
     if n_val < 1 or n_val >= len(train):
         raise LoratuneError(

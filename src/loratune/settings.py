@@ -219,6 +219,9 @@ def _finetune_checks(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
          "must be 'all-linear' or a non-empty list of module names"),
         ("data.validation_size", d.validation_size > 0, "must be > 0"),
         ("data.max_length", d.max_length >= 8, "must be at least 8 tokens"),
+        ("data.columns", d.columns is None or all(isinstance(k, str) and isinstance(v, str) and v
+                                                  for k, v in d.columns.items()),
+         "must map loratune's column names to your column names, e.g. {prompt: question}"),
         ("training.epochs", t.epochs > 0, "must be > 0"),
         ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
         ("training.batch_size", t.batch_size >= 1, "must be a positive integer"),
