@@ -1,5 +1,6 @@
 """Tests on a real instruct model, SmolLM2-135M-Instruct (built offline by ``loratune.demo.smollm2``)."""
 
+import pytest
 import torch
 
 
@@ -16,3 +17,24 @@ def test_smollm2_answers_with_its_chat_template(smollm2):
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_a_fraction_of_an_epoch_on_smollm2_lowers_its_validation_loss(smollm2, tmp_path):
+    """The real path on a real instruct model: its ChatML template with the default system prompt, grouped-
+    query attention, tied embeddings; the adapter learns within a few optimizer steps."""
+    from loratune.config import FinetuneConfig
+    from loratune.training import detach_adapter, evaluate, load_base, run_training, setup
+
+    cfg = FinetuneConfig(output_dir=str(tmp_path / "run"))
+    cfg.model.name = str(smollm2)
+    cfg.data.validation_size, cfg.data.validation_path = 12, "builtin:ai_director_validation"
+    cfg.training.epochs, cfg.training.learning_rate, cfg.training.eval_points = 0.11, 5e-4, 2
+    base = load_base(cfg)
+    s = setup(cfg, base)
+    s.validation = s.validation[:12]
+    before = evaluate(s, cfg.training.eval_batch_size)
+    base.model = detach_adapter(s.model)  # the loss of the untrained adapter measured, the same base trains
+    metrics = run_training(cfg, base=base, data=(s.train, s.validation))
+    assert metrics["steps"] == 5 and metrics["val_loss"] < before - 0.05, (before, metrics["val_loss"])
+    assert metrics["trainable_params"] > 0 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

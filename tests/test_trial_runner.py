@@ -1,0 +1,61 @@
+"""Workers that keep the base model loaded give the same results as a fresh process per trial."""
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from loratune.config import FinetuneConfig, to_dict
+from loratune.executors.base import TrialSpec
+from loratune.executors.local import LocalExecutor
+
+# different ranks, alphas, batch sizes, dropouts and target modules: everything a fresh adapter changes
+TRIALS = [
+    {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "training": {"batch_size": 1}},
+    {"lora": {"rank": 32, "alpha": 128, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}, "training": {"batch_size": 2}},
+    {"lora": {"rank": 16, "alpha": 32, "dropout": 0.05}, "training": {"batch_size": 4, "learning_rate": 5e-4}},
+    {"lora": {"rank": 4, "alpha": 8, "dropout": 0.2, "target_modules": ["gate_proj", "up_proj", "down_proj"],
+              "use_rslora": True}, "training": {"batch_size": 1}},
+]
+
+
+def trial_config(i: int, directory: Path) -> dict:
+    cfg = FinetuneConfig(output_dir=str(directory))
+    cfg.training.epochs, cfg.training.eval_points = 0.25, 2
+    for section, values in TRIALS[i].items():
+        setattr(cfg, section, replace(getattr(cfg, section), **values))
+    return to_dict(cfg)
+
+
+def run_all(executor: LocalExecutor, order: list[int], root: Path) -> dict[int, dict]:
+    """Run the trials one after another; {trial: (validation loss, curve, timings)}."""
+    out = {}
+    try:
+        for i in order:
+            d = root / str(i)
+            executor.submit(TrialSpec(i, {}, d, trial_config(i, d)))
+            deadline = time.monotonic() + 300
+            while i not in out and time.monotonic() < deadline:
+                for event in executor.poll(0.5):
+                    if event.result is not None:
+                        assert event.result.state.value == "completed", event.result.reason
+                        out[i] = event.result
+    finally:
+        executor.shutdown()
+    return out
+
+
+@pytest.mark.slow
+def test_a_reused_worker_trains_exactly_as_a_fresh_process(tiny_model, tmp_path):
+    fresh = run_all(LocalExecutor(reuse_model=False), [0, 1, 2, 3], tmp_path / "fresh")
+    reused = run_all(LocalExecutor(reuse_model=True), [0, 1, 2, 3], tmp_path / "reused")
+    backwards = run_all(LocalExecutor(reuse_model=True), [3, 2, 1, 0], tmp_path / "backwards")
+    for i in range(len(TRIALS)):  # bit for bit, at every point of the curve
+        assert fresh[i].metrics["loss"] == reused[i].metrics["loss"] == backwards[i].metrics["loss"], i
+        assert fresh[i].curve == reused[i].curve == backwards[i].curve, i
+        assert fresh[i].metrics["trainable_params"] == reused[i].metrics["trainable_params"]
+    # one model load for the reused worker, against one per trial
+    assert [reused[i].extra["timings"]["load_s"] > 0 for i in range(4)] == [True, False, False, False]
+    assert all(fresh[i].extra["timings"]["load_s"] > 0 for i in range(4))
+    assert {r.metrics["trainable_params"] for r in fresh.values()} == {r.metrics["trainable_params"] for r in backwards.values()}
