@@ -119,7 +119,7 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
         raise _already_holds_a_study(paths)
     evaluation = "callable" if evaluate is not None else "command" if cfg.command else "finetune"
     if evaluation == "finetune":
-        preflight.check_training_inputs(cfg.base(), space)
+        preflight.check_training_inputs(cfg.base(), space, origin)
     optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
                                  cfg.init_trials, cfg.early_stopping)
     with DirectoryLock(paths.directory):
@@ -191,17 +191,17 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     if not isinstance(additional_trials, int) or isinstance(additional_trials, bool) or additional_trials < 0:
         raise LoratuneError(f"additional_trials: must be a non-negative integer, got {additional_trials!r}")
     paths, stored = checkpoint.load(path, additional_trials)
-    if stored.evaluation == "callable" and evaluate is None:
-        raise LoratuneError(f"{paths.checkpoint}: this study evaluated a Python function; pass the same evaluate= "
-                            "to resume it (resume_optimization)")
-    if stored.evaluation != "callable" and evaluate is not None:
-        raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
     data, origin = {}, Origin(str(paths.checkpoint))
     for dotted, value, label in overrides:
         if dotted.split(".")[0] not in RESUMABLE:
             raise LoratuneError(f"{label}: cannot change when a study resumes (it would mix trials of two set-ups); "
                                 f"what can: {', '.join(RESUMABLE)}")
         override(data, StudyConfig, dotted, value, label, origin)
+    if stored.evaluation == "callable" and evaluate is None:
+        raise LoratuneError(f"{paths.checkpoint}: this study evaluated a Python function; pass the same evaluate= "
+                            "to resume it (resume_optimization)")
+    if stored.evaluation != "callable" and evaluate is not None:
+        raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
     if data:
         merged = {**to_dict(stored.config), **data}
         stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation != "finetune")
@@ -209,7 +209,7 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
     preflight.check_evaluation(cfg, space, evaluate)
     if stored.evaluation == "finetune":
-        preflight.check_training_inputs(cfg.base(), space)
+        preflight.check_training_inputs(cfg.base(), space, origin)
     optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
     with DirectoryLock(paths.directory):
         return _run(stored, paths, optimizer, evaluate, quiet, started)
@@ -226,6 +226,7 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
 
     overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
     cfg = load_finetune_config(config, overrides)
+    preflight.check_adapter_targets(cfg)
     with TrainingProgress(quiet) as on_step:
         return run_training(cfg, overwrite=overwrite, on_step=on_step)
 

@@ -15,6 +15,7 @@ from .config import FinetuneConfig, StudyConfig
 from .errors import LoratuneError
 from .executors.command import check_command
 from .search_space import SearchSpace
+from .settings import Origin
 
 
 def check_output(paths: StudyPaths, output: str | Path) -> None:
@@ -28,7 +29,7 @@ def check_output(paths: StudyPaths, output: str | Path) -> None:
     directory = paths.directory
     existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise LoratuneError(f"--output: {existing} is a file, so {directory} cannot be a directory")
+        raise LoratuneError(f"--output: {existing} is a file, so the study's directory {directory} cannot be made")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise LoratuneError(f"--output: {existing} is not writable")
 
@@ -51,14 +52,22 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
             raise LoratuneError("executor: ray needs Ray: pip install 'loratune[ray]'") from None
 
 
-def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None) -> None:
+def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
     """The model resolves, the data loads and renders with its chat template, and the adapter's target
     modules exist in the model: what would otherwise fail every trial, one by one."""
     from .data import load_examples
-    from .training import load_tokenizer, module_names
+    from .training import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     load_examples(tokenizer, cfg.data, cfg.training.seed)
+    check_adapter_targets(cfg, space, origin)
+
+
+def check_adapter_targets(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
+    """Every target module the adapter names exists in the model (peft itself ignores a misspelt one as
+    long as another name matches)."""
+    from .training import module_names
+
     targets = [cfg.lora.target_modules]
     if space is not None:
         targets += [v for p in space.params if p.target == "lora.target_modules" for v in p.candidates()]
@@ -66,18 +75,19 @@ def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None)
     patterns = [t for t in targets if isinstance(t, str) and t != "all-linear"]
     if lists or patterns:
         modules = module_names(cfg)
-        check_target_modules([m for t in lists for m in t], modules)
+        at = (origin or Origin()).at("lora.target_modules")
+        check_target_modules([m for t in lists for m in t], modules, at)
         for pattern in patterns:  # peft reads a single string as a regular expression over module names
             try:
                 regex = re.compile(pattern)
             except re.error as exc:
-                raise LoratuneError(f"lora.target_modules: '{pattern}' is not a valid regular expression: {exc}") from None
+                raise LoratuneError(f"{at}: '{pattern}' is not a valid regular expression: {exc}") from None
             if not any(regex.fullmatch(m) for m in modules):
-                raise LoratuneError(f"lora.target_modules: the pattern '{pattern}' matches no module of the model; "
+                raise LoratuneError(f"{at}: the pattern '{pattern}' matches no module of the model; "
                                     "give 'all-linear' or a list of names such as [q_proj, v_proj]")
 
 
-def check_target_modules(wanted: list[str], modules: list[str]) -> None:
+def check_target_modules(wanted: list[str], modules: list[str], at: str = "lora.target_modules") -> None:
     """Each name must match a module as peft matches them (the whole name, or its last dotted parts)."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if n})
     for name in wanted:
@@ -85,5 +95,5 @@ def check_target_modules(wanted: list[str], modules: list[str]) -> None:
             close = difflib.get_close_matches(name, leaves, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             linear = [n for n in leaves if n.endswith("proj") or n in ("fc1", "fc2", "c_attn", "c_proj", "query", "value")]
-            raise LoratuneError(f"lora.target_modules: no module named '{name}' in the model; {hint}"
+            raise LoratuneError(f"{at}: no module named '{name}' in the model; {hint}"
                                 f"its modules include {', '.join(linear[:8] or leaves[:8])}")

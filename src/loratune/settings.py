@@ -41,8 +41,10 @@ class Origin:
         return self.default
 
     def at(self, dotted: str) -> str:
-        """``"cfg.yaml: training.epochs"``, ``"--set: lora.rank"`` or just the field."""
+        """``"cfg.yaml: training.epochs"``, ``"--set: lora.rank"``, ``"--seed"`` or just the field."""
         label = self.label(dotted)
+        if label and label.lstrip("-").replace("-", "_") == dotted:  # --seed, workers=: the label is the field
+            return label
         return f"{label}: {dotted}" if label else dotted
 
 
@@ -214,9 +216,9 @@ def _finetune_checks(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
         ("lora.rank", lo.rank >= 1, "must be a positive integer"),
         ("lora.alpha", lo.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
-        ("lora.target_modules", lo.target_modules == "all-linear" or (
+        ("lora.target_modules", (isinstance(lo.target_modules, str) and bool(lo.target_modules.strip())) or (
             isinstance(lo.target_modules, list) and lo.target_modules and all(m.strip() for m in lo.target_modules)),
-         "must be 'all-linear' or a non-empty list of module names"),
+         "must be 'all-linear', a regular expression over module names, or a non-empty list of module names"),
         ("data.validation_size", d.validation_size > 0, "must be > 0"),
         ("data.max_length", d.max_length >= 8, "must be at least 8 tokens"),
         ("data.columns", d.columns is None or all(isinstance(k, str) and isinstance(v, str) and v

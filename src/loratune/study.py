@@ -244,7 +244,11 @@ class Study:
         self.stored.elapsed_s = self.elapsed_before + (time.time() - self.session_start)
         self.stored.optimizer_s = self.optimizer_before + self.opt.busy_s
         self.stored.ax = self.opt.snapshot()
-        return checkpoint.save(self.stored, self.paths)
+        try:
+            return checkpoint.save(self.stored, self.paths)
+        except OSError as exc:  # a full disk, a directory gone: the writes are atomic, the last checkpoint holds
+            raise StudyAborted(f"cannot write {exc.filename or self.paths.directory}: {exc.strerror or exc}; the last "
+                               f"checkpoint is intact: {self._resume_hint()} once this is fixed") from None
 
     def _resume_hint(self) -> str:
         if self.stored.evaluation == "callable":

@@ -88,7 +88,12 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not path.is_dir():
         raise LoratuneError(f"model.name: model directory does not exist: {name}")
-    return str(path) if path.is_dir() else name
+    if path.is_dir():
+        return str(path)
+    from . import hub
+
+    hub.use_hub()  # a hub id: the cache only, at once, when the hub is out of reach
+    return name
 
 
 def choose_precision(requested: str, device: str) -> str:
@@ -105,8 +110,11 @@ def _load_pretrained(loader, path: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise LoratuneError(f"model.name: cannot load '{path}' (not a local model and not reachable on the "
-                            f"hub: {first_line(exc, 160)})") from None
+        from . import hub
+
+        where = "a local model directory" if Path(path).is_dir() else \
+            f"a local directory, nor a model found in {hub.where_looked(not hub.offline())}"
+        raise LoratuneError(f"model.name: cannot load '{path}': not {where} ({first_line(exc, 160)})") from None
 
 
 def load_tokenizer(cfg: FinetuneConfig):
