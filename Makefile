@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench
+.PHONY: demo test test-fast lint bench docs
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed  # a quick loop: the suite without its end-to-end runs (marked slow)
+	$(PY) -m pytest -m "not slow"
+
+docs: $(VENV)/.installed  # the README's config reference, from the config dataclasses
+	$(PY) docs/config_reference.py --write README.md
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"

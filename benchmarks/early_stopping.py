@@ -3,9 +3,9 @@ benchmark, with and without each early-stopping mode.
 
     python benchmarks/early_stopping.py [--reps 15] [--trials 20] [--jobs 2]
 
-Each repetition runs a real study (``run_optimization`` with the embedded default: the seed's
+Each repetition runs a real study (``run_optimization`` with the embedded default: the default
 search space, the baseline as trial 1) whose evaluation replays a recorded fine-tune from
-data/tabular_lora.csv: one seed's run of the nearest grid point, reporting its 10-point validation
+data/tabular_lora.csv: one random seed's run of the nearest grid point, reporting its 10-point validation
 curve as training would, and stopping when the study says so. Training spent is the recorded
 training time up to the point where the trial ended. Final regret is the true value (mean over
 seeds) of the study's best trial minus the grid optimum. Repetition r uses seed r in every mode.

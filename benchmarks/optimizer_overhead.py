@@ -2,7 +2,7 @@
 
     python benchmarks/optimizer_overhead.py [--trials 50]
 
-Runs loratune's Optimizer over the seed's search space (with the seed's constraint, as the
+Runs loratune's Optimizer over the default search space (with Module 4.5's constraint, as the
 multi-parameter case users run) with an instant stand-in evaluation, and times every ``ask``.
 Reported at 10, 20 and 50 completed trials (the median of the three asks around each point).
 """

@@ -1,4 +1,4 @@
-"""Search efficiency: loratune's search against random search, grid search in the seed's order and
+"""Search efficiency: loratune's search against random search, grid search in declaration order and
 Optuna's TPE sampler, on the tabular LoRA benchmark and on Branin and Hartmann6 with a mix of
 continuous and discrete parameters.
 
@@ -9,7 +9,7 @@ loratune's search is its ``Optimizer`` with the defaults a study uses (Ax's Sobo
 Bayesian optimization), fed the same search space a user declares. Every method gets ``--trials``
 evaluations per repetition; repetition r seeds every method with r. Regret after k trials is the
 true value of the best point observed so far minus the optimum (on the tabular benchmark an
-observation is one seed's fine-tune and the true value the mean over seeds). "Within 1%" means
+observation is one random seed's fine-tune and the true value the mean over seeds). "Within 1%" means
 regret <= 1% of |optimum|.
 """
 

@@ -1,8 +1,8 @@
-"""The tabular LoRA benchmark as an objective: look up a point of the seed's space in
+"""The tabular LoRA benchmark as an objective: look up a point of the default space in
 ``data/tabular_lora.csv`` (made by tabular_grid.py) instead of fine-tuning it.
 
 A learning rate between grid values is read at the nearest grid value in log space. An
-observation is one seed's fine-tune, drawn at random (the run-to-run noise a real search sees);
+observation is one random seed's fine-tune, drawn at random (the run-to-run noise a real search sees);
 the true value of a point, which regret is measured on, is the mean over the seeds.
 """
 
@@ -44,7 +44,7 @@ class Tabular:
         return self.true_value_of(self.key(p))
 
     def run(self, p: dict, rng: random.Random) -> dict:
-        """One seed's fine-tune of this point: {seed, val_loss, train_time_s, curve}."""
+        """One random seed's fine-tune of this point: {seed, val_loss, train_time_s, curve}."""
         return rng.choice(self.rows[self.key(p)])
 
     def observe(self, p: dict, rng: random.Random) -> float:

@@ -1,4 +1,4 @@
-"""The tabular LoRA benchmark: loratune's own trainer on the demo model over a grid of the seed's
+"""The tabular LoRA benchmark: loratune's own trainer on the demo model over a grid of the default
 space (rank x alpha x batch size x 8 log-spaced learning rates, 2 seeds each), stored as a CSV.
 
     python benchmarks/tabular_grid.py [--shard 0/2] [--threads 1]

@@ -1,4 +1,4 @@
-"""The seed's advanced features: early stopping, several objectives, parameter constraints."""
+"""Module 4.5's advanced features: early stopping, several objectives, parameter constraints."""
 
 import os
 
@@ -180,6 +180,7 @@ print("trials", len(results["trials"]))
 """
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_botorchs_kernel_build_does_not_hang_a_multi_objective_study(tmp_path):
     """A compile killed mid-way leaves `lock` behind; torch's loader would wait on it forever."""
     import subprocess

@@ -287,6 +287,7 @@ def test_a_shell_script_command_gets_its_values_quoted(tmp_path):
     assert command_argv("python train.py --note {note}", {"note": "a b; x"}) == ["python", "train.py", "--note", "a b; x"]
 
 
+@pytest.mark.slow
 def test_the_worker_log_starts_clean(tiny_model, tmp_path):
     results = run_optimization(num_trials=1, output_dir=tmp_path, quiet=True, report=False,
                                training={"epochs": 0.05, "eval_points": 1})

@@ -1,7 +1,8 @@
-"""A few real trials on the tiny demo model, from the seed's commands, then the retrain."""
+"""A few real trials on the tiny demo model, by Module 4.5's commands, then the retrain."""
 
 import json
 
+import pytest
 import yaml
 from conftest import ROOT, run_cli
 
@@ -9,6 +10,7 @@ from loratune.settings import load_finetune_config
 from loratune.training import plan
 
 
+@pytest.mark.slow
 def test_seed_commands_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "configs"
     proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "3", "--output", str(out / "optimization_results.json"))
@@ -49,6 +51,7 @@ def test_seed_commands_end_to_end(tiny_model, tmp_path):
     assert (out / "best_model" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
     out = tmp_path / "study"
     proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report")

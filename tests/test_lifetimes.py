@@ -78,6 +78,7 @@ def test_kill_9_of_the_study_alone_ends_its_command_trial_and_the_trials_childre
     assert trials[0]["restarts"] == 1 and trials[0]["metrics"]["loss"] == pytest.approx(1 / 16)
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_study_alone_ends_its_fine_tune_worker(tiny_model, tmp_path):
     config = tmp_path / "slow.yaml"  # long enough to be killed while training
     config.write_text("trials: 2\ntraining: {epochs: 20}\n")

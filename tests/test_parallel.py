@@ -116,6 +116,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_small_study_on_local_ray(tiny_model, tmp_path, local_ray):
     results = run_optimization(num_trials=2, output_dir=tmp_path, workers=2, executor="ray", quiet=True,
                                report=False, seed=0)

@@ -50,6 +50,7 @@ def command_of(config: Path, tmp_path: Path) -> list[str]:
     return [str(ROOT / script), *kept, *out, *cpu_overrides(config)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_runs_by_its_own_command(config, tiny_model, tmp_path):
     proc = run_cli(*command_of(config, tmp_path), cwd=tmp_path)

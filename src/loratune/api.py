@@ -38,7 +38,8 @@ _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space"
               "report": "report"}
 # what may change when a study resumes: how it runs, never what it measures
 RESUMABLE = ("workers", "gpus", "gpus_per_trial", "executor", "ray_address", "shared_dir", "reuse_model",
-             "trials_per_worker", "trial_timeout", "max_failures_in_a_row", "keep_adapters", "report", "retrain_epochs")
+             "trials_per_worker", "trial_timeout", "max_failures_in_a_row", "keep_adapters", "report", "retrain_epochs",
+             "tracking", "tracking_uri", "tracking_experiment")
 
 
 def run_optimization(
@@ -142,16 +143,31 @@ def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate:
 
     cfg = stored.config
     console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers)
-    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started)
+    tracker = _tracker(cfg, paths, console)
+    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker)
     try:
         result = study.run()
     except StudyAborted:
-        _write_report(paths, cfg.report, console)
+        report = _write_report(paths, cfg.report, console)
+        tracker.study_ended(paths, checkpoint.summary(stored, paths), report)
+        raise
+    except BaseException:
+        tracker.study_ended(paths, checkpoint.summary(stored, paths), None)
         raise
     report = _write_report(paths, cfg.report, console)
+    tracker.study_ended(paths, result, report)
     console.summary(stored.records, study.space.names, cfg.objectives, {**result, "results_file": str(paths.results)},
                     str(report) if report else None)
     return result
+
+
+def _tracker(cfg: StudyConfig, paths: StudyPaths, console: StudyConsole):
+    from . import tracking
+
+    if cfg.tracking != "mlflow":
+        return tracking.Tracker()
+    return tracking.MlflowTracker(cfg.tracking_uri or tracking.default_uri(paths.directory), cfg.tracking_experiment,
+                                  warn=lambda text: console.print(f"[yellow]warning[/]: {text}"))
 
 
 def _write_report(paths: StudyPaths, wanted: bool, console: StudyConsole) -> Path | None:

@@ -50,7 +50,8 @@ STUDY_FLAGS = {
     "trials": ("trials", None), "model": ("model.name", None), "seed": ("seed", None), "workers": ("workers", None),
     "gpus_per_trial": ("gpus_per_trial", None), "gpus": ("gpus", lambda text: [g.strip() for g in text.split(",")]),
     "executor": ("executor", None), "ray_address": ("ray_address", None), "shared_dir": ("shared_dir", None),
-    "command": ("command", None), "trial_timeout": ("trial_timeout", None),
+    "command": ("command", None), "trial_timeout": ("trial_timeout", None), "tracking": ("tracking", None),
+    "tracking_uri": ("tracking_uri", None),
 }
 
 
@@ -74,6 +75,8 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer (failed: timeout)")
     p.add_argument("--no-reuse-model", action="store_true",
                    help="a fresh process per trial instead of workers that keep the base model loaded")
+    p.add_argument("--tracking", choices=["none", "mlflow"], help="log the study to MLflow (a parent run, a child run per trial)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a local store in the output directory)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments", help=SET_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
     p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md (write it later with `loratune report`)")
@@ -156,6 +159,8 @@ def add_resume_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1")
     p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer")
     p.add_argument("--no-reuse-model", action="store_true", help="a fresh process per trial")
+    p.add_argument("--tracking", choices=["none", "mlflow"], help="log the study to MLflow")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a local store in the output directory)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
                    help="override a setting that may change on resume (workers, trial_timeout, ...)")
     p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md")

@@ -182,16 +182,16 @@ class StudyConfig:
     gpus: list[str] | None = None
     """Which local GPUs trials may use (ids as CUDA_VISIBLE_DEVICES takes them); null: all visible."""
     executor: Literal["local", "ray"] = "local"
-    """Where trials run: child processes here, or Ray tasks on a cluster."""
+    """Where trials run: child processes here, or Ray actors on a cluster."""
     ray_address: str | None = None
     """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); null starts Ray on this machine."""
+    shared_dir: str | None = None
+    """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
     reuse_model: bool = True
     """Each worker keeps the base model loaded and runs trial after trial on it with a fresh adapter
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
     trials_per_worker: int = 50
     """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
-    shared_dir: str | None = None
-    """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
     max_failures_in_a_row: int = 3
     """Stop the study after this many failed trials in a row."""
     keep_adapters: Literal["best", "all", "none"] = "best"
@@ -202,6 +202,13 @@ class StudyConfig:
     """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
     command: str | None = None
     """External training command with {parameter} placeholders; its last JSON line holds the metrics."""
+    tracking: Literal["none", "mlflow"] = "none"
+    """Log the study to an experiment tracker: ``mlflow`` (``pip install 'loratune[mlflow]'``)."""
+    tracking_uri: str | None = None
+    """The MLflow tracking URI (a server such as ``http://mlflow.internal:5000``); null: a local store in the
+    output directory (``sqlite:///<output>/mlflow.db``, artifacts in ``mlartifacts/``)."""
+    tracking_experiment: str = "loratune"
+    """The MLflow experiment the study's runs go to."""
     trial_timeout: float | None = None
     """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"). Null: no limit."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

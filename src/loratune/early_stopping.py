@@ -1,4 +1,4 @@
-"""The seed's threshold rule for stopping poor trials early.
+"""The threshold rule for stopping poor trials early (Module 4.5's ``EarlyStoppingCallback``).
 
 Ax's learning-curve (percentile) stopping is the other kind; it lives in the optimizer, configured
 by ``early_stopping.percentile``. Both can be used together.

@@ -42,6 +42,10 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
         raise LoratuneError("evaluate and command: give one way to evaluate a trial, not both")
     if cfg.command:
         check_command(cfg.command, space.names)
+    if cfg.tracking == "mlflow":
+        from .tracking import check_available
+
+        check_available()
     if cfg.executor == "ray":
         if evaluate is not None or cfg.command:
             raise LoratuneError("executor: Ray runs loratune's fine-tune trials; a Python evaluate or --command "

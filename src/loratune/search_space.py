@@ -1,11 +1,11 @@
 """Our parameter specs and constraints, and how they map to what Ax accepts.
 
-Users write the seed's short form (``lora_rank: [8, 16, 32, 64]``, ``learning_rate: [1e-5, 5e-4]``)
+Users write the short form of Module 4.5 (``lora_rank: [8, 16, 32, 64]``, ``learning_rate: [1e-5, 5e-4]``)
 or a mapping (``{low: 1e-5, high: 5e-4, log: true}``, ``{values: [...]}``). Each parameter names a
 training-config field: ``lora_rank`` -> ``lora.rank``, ``learning_rate`` -> ``training.learning_rate``,
 or a dotted ``section.field``.
 
-Ax only takes linear parameter constraints. A product of positive parameters, such as the seed's
+Ax only takes linear parameter constraints. A product of positive parameters, such as Module 4.5's
 ``lora_rank * batch_size <= 128``, is linear in log2 space: the parameters it names are given to Ax
 as their base-2 exponents (``log2(lora_rank) + log2(batch_size) <= 7``) and decoded on the way back,
 so Ax never proposes a point that breaks the constraint.

@@ -25,13 +25,15 @@ from .executors import Event, Executor, TrialSpec, create_executor
 from .optimizer import PROGRESSION_SCALE, Optimizer
 from .search_space import apply, parse_search_space
 from .settings import outcome_metric
+from .tracking import Tracker
 from .trial import TrialRecord, TrialResult, TrialState, check_metrics
 
 
 class Study:
     def __init__(self, stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, console: StudyConsole, *,
-                 evaluate: Callable | None = None, started: float | None = None):
+                 evaluate: Callable | None = None, started: float | None = None, tracker: Tracker | None = None):
         self.stored, self.paths, self.opt, self.console, self.evaluate = stored, paths, optimizer, console, evaluate
+        self.tracker = tracker or Tracker()
         self.cfg = stored.config
         self.space = parse_search_space(self.cfg.search_space, self.cfg.constraints, self.cfg.base())
         es = self.cfg.early_stopping
@@ -59,6 +61,7 @@ class Study:
             with self.console:
                 if self.opt.note:
                     self.console.print(f"[yellow]note[/]: {self.opt.note}")
+                self.tracker.study_started(self.stored, self.paths)
                 self._start_interrupted(executor, running)
                 changed = self._fill(executor, running)
                 while running:
@@ -146,6 +149,7 @@ class Study:
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.console.started(record)
+        self.tracker.trial_started(record)
 
     def _enforce_timeout(self, executor: Executor, running: dict) -> None:
         limit = self.cfg.trial_timeout
@@ -177,6 +181,7 @@ class Study:
             point["loss"] = point["val_loss"]
         record.curve.append(point)
         self.console.point(record, point)
+        self.tracker.trial_point(record, point)
         if record.baseline:  # the reference every trial is measured against always runs to the end
             return
         objective = self.cfg.objectives[0]
@@ -208,6 +213,7 @@ class Study:
         self.failures_in_a_row = self.failures_in_a_row + 1 if result.state.is_failure else 0
         self._prune_adapters()
         self.console.ended(record, before, [r.duration_s for r in self.records if r.duration_s])
+        self.tracker.trial_ended(record)
 
     def _tell_ax(self, record: TrialRecord) -> None:
         index, state = record.index, record.state

@@ -3,7 +3,7 @@
 Generated here, deterministically, from a few tables of film-craft rules, so that a model can learn
 the mapping (mood -> lighting and pacing, cast size -> framing, place -> lens and sound, action ->
 camera movement). ``python -m loratune.demo.dataset`` rewrites the shipped JSONL files; a test checks
-that they match this code. 185 examples: 148 for training, as in the seed, and 37 for validation.
+that they match this code. 185 examples: 148 for training, as in Module 4.5, and 37 for validation.
 """
 
 from __future__ import annotations
