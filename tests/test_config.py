@@ -83,3 +83,28 @@ def test_every_shipped_config_loads():
 def test_shipped_optimization_config_is_the_embedded_default():
     shipped = load_study_config(ROOT / "configs" / "optimization_config.yaml")[0]
     assert shipped == StudyConfig()
+
+
+def test_the_readmes_config_reference_is_the_schema():
+    """Every field of every section, with its default and docstring: generated, so never out of date."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    from config_reference import END, START
+
+    from loratune import config
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(START)[1].split(END)[0].strip()
+    assert section == config.reference_markdown().strip(), "run `make docs`"
+    for cls in (config.StudyConfig, config.ModelConfig, config.LoraConfig, config.DataConfig, config.TrainingConfig,
+                config.EarlyStoppingConfig, config.FinetuneConfig):
+        docs = config.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) and f.name not in SECTIONS_AND_RULE:
+                assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+                assert f"| `{f.name}` |" in section
+
+
+SECTIONS_AND_RULE = ("model", "lora", "data", "training", "early_stopping")

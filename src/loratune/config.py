@@ -263,7 +263,8 @@ def reference_markdown() -> str:
     import yaml
 
     def show(value: Any) -> str:
-        return "`" + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() + "`"
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
+        return "`" + text.strip().removesuffix("...").strip() + "`"
 
     parts = []
     sections = [("Study fields (optimization config, top level)", StudyConfig), ("`model`", ModelConfig),

@@ -391,7 +391,7 @@ def response_loss(model, batch: dict, n_items: int):
 
 
 def peak_memory_gb(device: str) -> float:
-    """Peak GPU memory of this process (CUDA), else its peak resident memory (CPU), in GiB."""
+    """Peak GPU memory of this trial (CUDA), else the peak resident memory of its process so far (CPU), in GiB."""
     if device == "cuda":
         import torch
 
@@ -447,6 +447,10 @@ def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalC
     check_output_dir(cfg.output_dir, overwrite)
     wall = time.perf_counter()
     s = setup(cfg, base, data)
+    if s.device == "cuda":  # the peak of this trial, not of the trials before it on a reused base
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     try:
         result = fit(s, cfg, on_eval=on_eval, on_step=on_step, stop_requested=stop_requested)
         inference_start = time.perf_counter()

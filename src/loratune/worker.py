@@ -150,13 +150,39 @@ def run_trial(trial_dir: Path, cache: Cache | None = None) -> TrialResult:
     finally:
         progress.close()
     state = TrialState.EARLY_STOPPED if m["state"] == "early_stopped" else TrialState.COMPLETED
+    memory = _memory_after_trial()
     timings = {"load_s": load_s if cache is not None else m["load_time_s"], "data_s": m["data_time_s"],
                "train_s": m["train_time_s"], "eval_s": m["eval_time_s"], "inference_s": m["inference_measure_s"],
                "trial_s": time.time() - started}
     extra = {k: m[k] for k in ("steps", "planned_steps", "tokens_seen", "device", "precision")}
+    extra["gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return TrialResult(state, metrics_from_training(m), m["curve"],
                        reason="early-stopped" if state is TrialState.EARLY_STOPPED else None,
-                       extra={**extra, "timings": timings})
+                       extra={**extra, "timings": timings, "memory_after": memory})
+
+
+def _memory_after_trial() -> dict[str, float]:
+    """What this process holds once a trial is over (its adapter gone): a reused worker's memory must stay flat."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    out = {"rss_gb": _rss_bytes() / 2**30}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        out["cuda_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        out["cuda_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where the current is not known
 
 
 def _run_in(trial_dir: Path, cache: Cache | None, startup_s: float | None) -> TrialResult:
