@@ -23,7 +23,7 @@ def test_seed_commands_end_to_end(tiny_model, tmp_path):
     assert [t["state"] for t in trials] == ["completed"] * 3
     for t in trials:  # every trial really trained: a curve that goes down, and its own process' metrics
         losses = [p["val_loss"] for p in t["curve"]]
-        assert len(losses) == 10 and losses[-1] < losses[0]
+        assert len(losses) == 5 and losses[-1] < losses[0]  # no early-stopping rule reads it: 5 points
         assert t["metrics"]["loss"] == losses[-1] and t["metrics"]["train_time"] > 0
         assert "inference_time" not in t["metrics"]  # measured only where an objective or a constraint uses it
     best = min(trials, key=lambda t: t["metrics"]["loss"])

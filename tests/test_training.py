@@ -16,9 +16,11 @@ def config(tmp_path, **training) -> FinetuneConfig:
 
 
 def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_path):
-    metrics = run_training(config(tmp_path))
+    metrics = run_training(config(tmp_path, eval_points=10))
     curve = metrics["curve"]
     assert len(curve) == 10 and curve[-1]["progress"] == 1.0
+    # the points before the last on the fixed subset (a quarter of the 37, at least 8), the last on all
+    assert [p["subset"] for p in curve] == [9] * 9 + [37]
     assert curve[-1]["val_loss"] < 0.85 * curve[0]["val_loss"]  # the adapter learned the task
     assert metrics["val_loss"] == curve[-1]["val_loss"]
     assert (metrics["n_train"], metrics["n_validation"], metrics["steps"]) == (148, 37, 37)
@@ -97,3 +99,16 @@ def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
         full = s.model(**batch, num_items_in_batch=n_items).loss
         scored = response_loss(s.model, batch, n_items)
     assert float(scored) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_the_curves_subset_is_fixed_and_the_last_point_uses_every_example(tiny_model, tmp_path):
+    from loratune.training import curve_subset, load_base, setup
+
+    cfg = config(tmp_path, epochs=0.2, eval_points=3)
+    s = setup(cfg, load_base(cfg))
+    subset = curve_subset(cfg, s.validation)
+    assert len(subset) == 9 and subset == curve_subset(cfg, s.validation)  # the same examples at every point
+    cfg.training.eval_subset = 1.0
+    assert curve_subset(cfg, s.validation) == s.validation
+    cfg.training.eval_subset = 0.01
+    assert len(curve_subset(cfg, s.validation)) == 8  # never fewer than 8

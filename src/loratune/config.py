@@ -78,6 +78,9 @@ class DataConfig:
     """System message put before instruction/completion rows rendered with a chat template."""
 
 
+EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING = 5, 10  # curve points when training.eval_points is null
+
+
 @dataclass
 class TrainingConfig:
     epochs: float = 1.0
@@ -102,11 +105,12 @@ class TrainingConfig:
     """Gradient clipping norm (0 disables it)."""
     seed: int = 42
     """Seed for weights of the adapter, data order and the validation split."""
-    eval_points: int = 10
-    """Validation loss is computed this many times, evenly spread over training (the learning curve)."""
-    eval_subset: float = 1.0
-    """Validation examples for the curve's points before the last: a share (<= 1) or a count (> 1), drawn
-    once from the seed. The last point, the trial's result, always uses the whole validation set."""
+    eval_points: int | None = None
+    """Points of the validation curve, evenly spread over training; null: 10 in a study with an early-stopping
+    rule (the rules read the curve), else 5."""
+    eval_subset: float = 0.25
+    """Validation examples for the curve's points before the last: a share (<= 1, at least 8 examples) or a
+    count (> 1), drawn once from the seed. The last point, the trial's result, always uses the whole set."""
     eval_batch_size: int = 8
     """Examples per forward pass when computing validation loss."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -234,7 +234,7 @@ def _finetune_checks(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
         ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("training.max_grad_norm", t.max_grad_norm >= 0, "must be >= 0"),
         ("training.seed", 0 <= t.seed < 2**32, "must be in [0, 2**32)"),
-        ("training.eval_points", t.eval_points >= 1, "must be a positive integer"),
+        ("training.eval_points", t.eval_points is None or t.eval_points >= 1, "must be a positive integer or null"),
         ("training.eval_batch_size", t.eval_batch_size >= 1, "must be a positive integer"),
         ("training.eval_subset", t.eval_subset > 0, "must be > 0 (a share up to 1, or a count)"),
     ]

@@ -17,7 +17,7 @@ from datetime import datetime
 from . import checkpoint
 from . import results as R
 from .checkpoint import StoredStudy, StudyPaths
-from .config import get_field, to_dict
+from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, get_field, to_dict
 from .console import StudyConsole
 from .early_stopping import EarlyStoppingCallback
 from .errors import StudyAborted
@@ -142,6 +142,10 @@ class Study:
             cfg.training.seed = self.cfg.seed if self.cfg.seed is not None else cfg.training.seed
             cfg.output_dir = str(self.paths.trial_dir(record.index).resolve())
             cfg.save_adapter = self.cfg.keep_adapters != "none"
+            if cfg.training.eval_points is None:  # a denser curve only where a rule reads it
+                es = self.cfg.early_stopping
+                reads = es.threshold is not None or es.percentile is not None
+                cfg.training.eval_points = EVAL_POINTS_FOR_EARLY_STOPPING if reads else EVAL_POINTS
             config = to_dict(cfg)
         record.started_at, record.curve, record.state = checkpoint.now(), [], TrialState.RUNNING
         measure = "inference_time" in self.cfg.objectives + [outcome_metric(c) for c in self.cfg.outcome_constraints]
@@ -177,9 +181,7 @@ class Study:
         return True
 
     def _on_point(self, record: TrialRecord, point: dict, executor: Executor) -> None:
-        if "loss" not in point and "val_loss" in point:
-            point["loss"] = point["val_loss"]
-        record.curve.append(point)
+        record.curve.append(_with_loss(point))
         self.console.point(record, point)
         self.tracker.trial_point(record, point)
         if record.baseline:  # the reference every trial is measured against always runs to the end
@@ -204,8 +206,8 @@ class Study:
         record.state, record.metrics, record.reason = result.state, result.metrics, result.reason
         record.ended_at, record.extra = checkpoint.now(), result.extra or {}
         record.duration_s = (datetime.fromisoformat(record.ended_at) - datetime.fromisoformat(record.started_at)).total_seconds()
-        if result.curve and not record.curve:
-            record.curve = result.curve
+        if result.curve:  # the trial's own account: a stopped trial's last point is on the whole validation set
+            record.curve = [_with_loss(p) for p in result.curve]
         if result.state is TrialState.EARLY_STOPPED:
             reached = record.curve[-1]["progress"] if record.curve else 0.0
             record.training_saved = round(1.0 - reached, 6)  # share of this trial's training not spent
@@ -270,3 +272,9 @@ class Study:
         return (f"stopped after {self.failures_in_a_row} failed trials in a row; {what}{where}; "
                 f"fix the cause, then {self._resume_hint()}")
 
+
+def _with_loss(point: dict) -> dict:
+    """A validation point under the objective's name too: ``loss`` is the validation loss."""
+    if "loss" not in point and "val_loss" in point:
+        point["loss"] = point["val_loss"]
+    return point
