@@ -44,30 +44,33 @@ def local_run(trials: int, workers: int, seconds: float, bayesian: bool, out: Pa
 
 
 def ray_run(trials: int, workers: int, seconds: float, out: Path) -> tuple[float, float]:
-    """The Ray executor's loop with the fine-tune task swapped for a sleeping one."""
+    """The Ray executor's loop (an actor per slot) with the fine-tune swapped for a sleeping one."""
     import ray
 
+    from loratune.checkpoint import StoredStudy, StudyPaths
+    from loratune.console import StudyConsole
     from loratune.executors.ray import RayExecutor
-    from loratune.study import Study, StudyPaths
+    from loratune.optimizer import Optimizer
+    from loratune.search_space import parse_search_space
+    from loratune.study import Study
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
-    @ray.remote(num_cpus=1, max_retries=0)
-    def sleep_task(spec, shared_dir, progress, flags):
-        time.sleep(seconds)
-        return {"result": {"state": "completed", "metrics": {"loss": spec["params"]["learning_rate"] * 1000}},
-                "files": None}
+    class SleepActor:
+        def run(self, payload, shared_dir, progress, flags):
+            time.sleep(seconds)
+            return {"result": {"state": "completed", "metrics": {"loss": payload["params"]["learning_rate"] * 1000}},
+                    "files": None}
 
-    class SleepStudy(Study):
-        def _executor(self):
-            executor = RayExecutor(self.cfg.workers)
-            executor.task = sleep_task
-            return executor
-
-    cfg = StudyConfig(init_trials=trials, search_space=SPACE, trials=trials, workers=workers, report=False,
-                      executor="ray")
-    study = SleepStudy(cfg, StudyPaths.from_output(out / "ray"), quiet=True, preflight=False)
+    executor = RayExecutor(workers)
+    executor.actor_class = ray.remote(SleepActor).options(num_cpus=1)
+    executor.actor_args = ()
+    cfg = StudyConfig(init_trials=trials, search_space=SPACE, trials=trials, workers=workers, report=False, executor="ray")
+    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
     t0 = time.time()
+    optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, [], 0, cfg.init_trials)
+    study = Study(StoredStudy(cfg, [], "finetune"), StudyPaths.from_output(out / "ray"), optimizer,
+                  StudyConsole(quiet=True), executor=executor)
     results = study.run()
     elapsed = time.time() - t0
     ray.shutdown()

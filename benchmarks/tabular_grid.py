@@ -39,14 +39,15 @@ def done_keys() -> set[tuple]:
 
 def run_point(rank: int, alpha: int, bs: int, lr: float, seed: int) -> dict:
     from loratune.config import FinetuneConfig
-    from loratune.training import finetune
+    from loratune.training import run_training
 
     cfg = FinetuneConfig(save_adapter=False)
+    cfg.training.eval_points, cfg.training.eval_subset = 10, 1.0  # the whole-set curve at 10 points, as recorded
     cfg.lora.rank, cfg.lora.alpha = rank, alpha
     cfg.training.batch_size, cfg.training.learning_rate, cfg.training.seed = bs, lr, seed
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output_dir = tmp
-        m = finetune(cfg, quiet=True, overwrite=True)
+        m = run_training(cfg, overwrite=True)
     return {"lora_rank": rank, "lora_alpha": alpha, "batch_size": bs, "learning_rate": lr, "seed": seed,
             "val_loss": m["val_loss"], "train_time_s": round(m["train_time_s"], 3),
             "curve": json.dumps([round(p["val_loss"], 6) for p in m["curve"]])}

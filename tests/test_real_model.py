@@ -24,7 +24,8 @@ def test_a_fraction_of_an_epoch_on_smollm2_lowers_its_validation_loss(smollm2, t
     """The real path on a real instruct model: its ChatML template with the default system prompt, grouped-
     query attention, tied embeddings; the adapter learns within a few optimizer steps."""
     from loratune.config import FinetuneConfig
-    from loratune.training import detach_adapter, evaluate, load_base, run_training, setup
+    from loratune.model import detach_adapter, load_base
+    from loratune.training import evaluate, run_training, setup
 
     cfg = FinetuneConfig(output_dir=str(tmp_path / "run"))
     cfg.model.name = str(smollm2)

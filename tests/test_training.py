@@ -102,7 +102,8 @@ def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
 
 
 def test_the_curves_subset_is_fixed_and_the_last_point_uses_every_example(tiny_model, tmp_path):
-    from loratune.training import curve_subset, load_base, setup
+    from loratune.model import load_base
+    from loratune.training import curve_subset, setup
 
     cfg = config(tmp_path, epochs=0.2, eval_points=3)
     s = setup(cfg, load_base(cfg))

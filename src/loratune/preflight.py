@@ -60,7 +60,7 @@ def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None,
     """The model resolves, the data loads and renders with its chat template, and the adapter's target
     modules exist in the model: what would otherwise fail every trial, one by one."""
     from .data import load_examples
-    from .training import load_tokenizer
+    from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     load_examples(tokenizer, cfg.data, cfg.training.seed)
@@ -70,7 +70,7 @@ def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None,
 def check_adapter_targets(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
     """Every target module the adapter names exists in the model (peft itself ignores a misspelt one as
     long as another name matches)."""
-    from .training import module_names
+    from .model import module_names
 
     targets = [cfg.lora.target_modules]
     if space is not None:

@@ -31,9 +31,11 @@ from .trial import TrialRecord, TrialResult, TrialState, check_metrics
 
 class Study:
     def __init__(self, stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, console: StudyConsole, *,
-                 evaluate: Callable | None = None, started: float | None = None, tracker: Tracker | None = None):
+                 evaluate: Callable | None = None, started: float | None = None, tracker: Tracker | None = None,
+                 executor: Executor | None = None):
         self.stored, self.paths, self.opt, self.console, self.evaluate = stored, paths, optimizer, console, evaluate
         self.tracker = tracker or Tracker()
+        self.executor = executor  # None: the one the settings ask for (benchmarks give their own)
         self.cfg = stored.config
         self.space = parse_search_space(self.cfg.search_space, self.cfg.constraints, self.cfg.base())
         es = self.cfg.early_stopping
@@ -54,7 +56,7 @@ class Study:
     def run(self) -> dict:
         """Run until the budget is spent; return the summary. Raises StudyAborted (everything saved) after
         ``max_failures_in_a_row`` failures with trials left to run, or when no trial completed."""
-        executor = create_executor(self.cfg, self.evaluate)
+        executor = self.executor or create_executor(self.cfg, self.evaluate)
         running: dict[int, TrialRecord] = {}
         aborted = None
         try:

@@ -97,13 +97,14 @@ class Cache:
     """What a serving worker keeps between trials: the loaded base model and the tokenized data."""
 
     def __init__(self):
-        self.base: tuple[str, Any] | None = None  # (base_key, training.Base)
+        self.base: tuple[str, Any] | None = None  # (base_key, model.Base)
         self.data: tuple[str, Any] | None = None  # (data key, (train, validation))
 
 
 def run_trial(trial_dir: Path, cache: Cache | None = None) -> TrialResult:
     """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises."""
     from . import training
+    from .model import load_base
     from .settings import finetune_config_from_dict
 
     started = time.time()
@@ -133,7 +134,7 @@ def run_trial(trial_dir: Path, cache: Cache | None = None) -> TrialResult:
             key = base_key(spec["config"])
             if cache.base is None or cache.base[0] != key:
                 cache.base = cache.data = None  # the old base goes before the new one loads
-                cache.base = (key, training.load_base(cfg))
+                cache.base = (key, load_base(cfg))
                 load_s = cache.base[1].load_time_s
             base = cache.base[1]
             data_key = json.dumps([asdict(cfg.data), cfg.training.seed])
