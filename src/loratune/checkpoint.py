@@ -224,7 +224,7 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
         "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s,
         "records": result["trials"], "ax": stored.ax,
     }
-    atomic_write_json(paths.checkpoint, checkpoint)
+    atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)
     best = stored.best()
     if best and stored.evaluation == "finetune":

@@ -6,14 +6,12 @@ and keeps what Ax does not persist (the random seed, the early-stopping strategy
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import logging
 import math
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -239,14 +237,15 @@ class Optimizer:
 
     @_timed
     def snapshot(self) -> dict:
-        fd, path = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        try:
-            self.client.save_to_json_file(path)
-            with open(path) as f:
-                return json.load(f)
-        finally:
-            os.unlink(path)
+        """Ax's experiment and generation strategy as JSON (``Client.save_to_json_file`` without the file).
+
+        The generation strategy's own copy of the experiment is left out: ``Client`` decodes the strategy
+        with the experiment it decoded first and never reads that copy, which was a third of the file."""
+        snapshot = self.client._to_json_snapshot()  # what save_to_json_file writes, with no disk round trip
+        strategy = snapshot.get("generation_strategy")
+        if isinstance(strategy, dict) and "experiment" in strategy:
+            strategy["experiment"] = None
+        return snapshot
 
     @classmethod
     def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, early_stopping: Any = None) -> Optimizer:
@@ -255,15 +254,10 @@ class Optimizer:
         _quiet_ax()
         from ax import Client
 
-        fd, path = tempfile.mkstemp(suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(snapshot, f)
-            client = Client.load_from_json_file(path)
+        try:  # what load_from_json_file reads, with no disk round trip; Ax's decoder consumes its input
+            client = Client._from_json_snapshot(copy.deepcopy(snapshot))
         except Exception as exc:
             raise LoratuneError(f"checkpoint: the Ax experiment in it cannot be loaded ({first_line(exc, 160)})") from None
-        finally:
-            os.unlink(path)
         client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
         opt = cls(client, space, seed)
         opt._set_early_stopping(early_stopping)

@@ -40,8 +40,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """JSON for people (indented) or for loratune alone (``indent=None``: compact)."""
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=indent, allow_nan=False, separators=None if indent
+                                       else (",", ":")) + "\n")
 
 
 def read_json(path: str | Path, what: str) -> Any:
