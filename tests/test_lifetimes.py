@@ -120,3 +120,52 @@ def test_an_exception_in_the_loop_stops_the_running_trials(tmp_path, monkeypatch
                          command=f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}")
     trial_pids = [int(p) for p in pids.read_text().split()]
     wait_for(lambda: not any(alive(p) for p in trial_pids), 10, "the trial's processes to end")
+
+
+def test_a_trial_past_its_time_limit_is_stopped_with_its_children_and_the_study_goes_on(tmp_path):
+    script, pids = tmp_path / "train.py", tmp_path / "pids"
+    script.write_text(TRAIN.replace("if first:", "if int(sys.argv[1]) == 64:"))  # rank 64 hangs, the others finish
+    from loratune import run_optimization
+
+    results = run_optimization(num_trials=3, output_dir=tmp_path / "study", quiet=True, report=False, trial_timeout=3,
+                               search_space={"lora_rank": [16, 64]}, max_failures_in_a_row=5,
+                               command=f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}")
+    states = {t["params"]["lora_rank"]: (t["state"], t["reason"]) for t in results["trials"]}
+    assert states[64] == ("failed", "timeout: still running after 3 s (trial_timeout)")
+    assert states[16][0] == "completed" and len(results["trials"]) == 3
+    every_pid = [int(p) for p in pids.read_text().split()]
+    wait_for(lambda: not any(alive(p) for p in every_pid), 10, "the timed-out trial's processes to end")
+
+
+@pytest.mark.slow
+def test_a_cancelled_fine_tune_frees_its_worker_and_the_next_trial_runs(tiny_model, tmp_path):
+    """What a trial_timeout does to a worker that keeps the model loaded: it goes, memory and all."""
+    from loratune.config import FinetuneConfig, to_dict
+    from loratune.executors.base import TrialSpec
+    from loratune.executors.local import LocalExecutor
+
+    def spec(index: int, epochs: float) -> TrialSpec:
+        cfg = FinetuneConfig(output_dir=str(tmp_path / str(index)))
+        cfg.training.epochs = epochs
+        return TrialSpec(index, {}, tmp_path / str(index), to_dict(cfg))
+
+    executor = LocalExecutor(reuse_model=True)
+    try:
+        executor.submit(spec(0, 30))
+        worker = executor.running[0].proc.pid
+        lock = tmp_path / "0" / ".lock"
+        wait_for(lambda: (tmp_path / "0" / "progress.jsonl").exists(), 120, "the trial to train")
+        executor.cancel(0, "timeout: still running after 25 s (trial_timeout)")
+        events = []
+        wait_for(lambda: events.extend(executor.poll(0.2)) or any(e.result for e in events), 30, "the cancelled result")
+        result = next(e.result for e in events if e.result)
+        assert result.state.value == "failed" and result.reason.startswith("timeout")
+        wait_for(lambda: not alive(worker), 10, "the worker to end")
+        assert TrialLock.clear(lock.parent) is None
+        executor.submit(spec(1, 0.1))
+        events = []
+        wait_for(lambda: events.extend(executor.poll(0.5)) or any(e.result for e in events), 120, "the next trial")
+        result = next(e.result for e in events if e.result)
+        assert result.state.value == "completed" and result.extra["timings"]["load_s"] > 0  # a fresh worker
+    finally:
+        executor.shutdown()
