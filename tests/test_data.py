@@ -230,3 +230,14 @@ def test_unreadable_data_files_name_the_line(tokenizer, tmp_path, content, messa
     with pytest.raises(LoratuneError) as err:
         load_examples(tokenizer, DataConfig(path=str(path)), seed=0)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('prompt,completion\n"unterminated,x\n', "d.csv: line 2: unexpected end of data"),
+    ("prompt,completion\na,b,c\n", "d.csv: line 2: 3 fields where the header has 2"),
+])
+def test_broken_csv_files_name_the_line(tokenizer, tmp_path, content, message):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(LoratuneError, match=message):
+        load_examples(tokenizer, DataConfig(path=str(path)), seed=0)

@@ -48,7 +48,7 @@ def load_rows(source: str, field: str, cfg: DataConfig, split: str | None = None
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is our one error line
     split = split or cfg.split
     if source.startswith("builtin:"):
         rows = _read_file(_builtin(source, field), field)
@@ -86,6 +86,9 @@ def _read_file(file: Path, field: str) -> list[dict]:
         raise LoratuneError(f"{field}: dataset {file} is empty")
     options: dict[str, Any] = {}
     if kind == "csv":  # every cell is text exactly as written: "NA", "None", "null" and "" are not missing values
+        problem = _diagnose(file, kind)  # pandas would shift a row with a field too many into the wrong columns
+        if problem:
+            raise LoratuneError(f"{field}: cannot read {file}: {problem}")
         options = {"keep_default_na": False, "na_values": [],
                    "features": datasets.Features({c: datasets.Value("string") for c in _csv_header(file, field)})}
     try:
@@ -106,13 +109,23 @@ def _csv_header(file: Path, field: str) -> list[str]:
 
 
 def _diagnose(file: Path, kind: str) -> str | None:
-    """Where a JSON or JSONL file stops being valid, as a user would look for it."""
-    if kind != "json":
+    """Where a JSON, JSONL or CSV file stops being valid, as a user would look for it."""
+    if kind == "parquet":
         return None
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         return f"not UTF-8 text (byte {exc.start})"
+    if kind == "csv":
+        reader = csv.reader(text.splitlines(keepends=True), strict=True)
+        try:
+            header = next(reader)
+            for row in reader:
+                if len(row) != len(header):
+                    return f"line {reader.line_num}: {len(row)} fields where the header has {len(header)}"
+        except csv.Error as exc:
+            return f"line {reader.line_num}: {exc}"
+        return None
     if file.suffix.lower() == ".json":
         try:
             json.loads(text)
