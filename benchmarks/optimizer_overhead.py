@@ -1,49 +1,118 @@
-"""Optimizer overhead: seconds Ax takes to suggest the next trial as a study grows, on this machine.
+"""Optimizer cost at scale: seconds Ax takes to suggest trials as a study grows, with other trials still
+running, and what a long study spends in the optimizer and its checkpoint.
 
-    python benchmarks/optimizer_overhead.py [--trials 50]
+    python benchmarks/optimizer_overhead.py                  # both parts, ~25 minutes on 2 cores
+    python benchmarks/optimizer_overhead.py --part suggest   # the suggestion table only
 
-Runs loratune's Optimizer over the default search space (with Module 4.5's constraint, as the
-multi-parameter case users run) with an instant stand-in evaluation, and times every ``ask``.
-Reported at 10, 20 and 50 completed trials (the median of the three asks around each point).
+Part 1 (suggest): loratune's Optimizer over the default search space, with and without Module 4.5's
+product constraint (lora_rank * batch_size <= 128). At 10, 20, 50 and 100 completed trials (attached
+at random points with an instant stand-in objective, the last one suggested so that Ax's quasi-random
+start hands over to Bayesian optimization), it times:
+one suggestion; one suggestion while 3 and 7 others are pending (a slot frees up while the other
+workers train); and a batch of 4 and of 8 suggestions at once.
+
+Part 2 (study): a 200-trial study through run_optimization with 4 workers and an instant objective:
+wall time, time in Ax, and the checkpoint's size and writing time at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from loratune.config import FinetuneConfig, default_search_space
 from loratune.optimizer import Optimizer
 from loratune.search_space import parse_search_space
 
+CONSTRAINT = "lora_rank * batch_size <= 128"
+
 
 def stand_in(p: dict) -> float:
+    """A smooth LoRA-shaped surface: best near lr=3e-4, rank 32, alpha = 2 x rank, small batches."""
     return (0.5 + 0.08 * (math.log10(p["learning_rate"]) + 3.5) ** 2 + 0.02 * abs(math.log2(p["lora_rank"]) - 5)
             + 0.02 * abs(math.log2(p["lora_alpha"] / p["lora_rank"]) - 1) + 0.01 * p["batch_size"])
 
 
+def random_point(space, rng: random.Random) -> dict:
+    while True:
+        point = {p.name: rng.choice(p.values) if p.kind != "range" else
+                 math.exp(rng.uniform(math.log(p.low), math.log(p.high))) for p in space.params}
+        if space.contains(point):
+            return point
+
+
+def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
+    space = parse_search_space(default_search_space(), [CONSTRAINT] if constrained else [], FinetuneConfig())
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=seed)
+    rng = random.Random(seed)
+    for _ in range(n - 1):
+        point = random_point(space, rng)
+        index = opt.attach(point)
+        opt.complete(index, {"loss": stand_in(point) + rng.gauss(0, 0.002)})
+    (index, point), = opt.ask(1).items()  # Ax's quasi-random step hands over to Bayesian optimization here
+    opt.complete(index, {"loss": stand_in(point)})
+    return opt
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def suggest(counts: list[int]) -> None:
+    print("| completed trials | constraint | 1 suggestion (s) | 1 with 3 pending | 1 with 7 pending | batch of 4 | batch of 8 |")
+    print("|---|---|---|---|---|---|---|")
+    for constrained in (False, True):
+        for n in counts:
+            cells = []
+            opt = optimizer_with(n, constrained)
+            cells.append(timed(lambda o=opt: o.ask(1)))
+            for pending in (3, 7):
+                opt = optimizer_with(n, constrained)
+                for _ in range(pending):  # trials still running: Ax knows their points and suggests around them
+                    opt.attach(random_point(opt.space, random.Random(pending)))
+                cells.append(timed(lambda o=opt: o.ask(1)))
+            for batch in (4, 8):
+                opt = optimizer_with(n, constrained)
+                cells.append(timed(lambda o=opt, b=batch: o.ask(b)))
+            print(f"| {n} | {'yes' if constrained else 'no'} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
+def study(trials: int, workers: int) -> None:
+    from loratune import run_optimization
+    from loratune.checkpoint import load, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        results = run_optimization(num_trials=trials, output_dir=tmp, evaluate=stand_in, workers=workers,
+                                   quiet=True, report=False, seed=0)
+        wall = time.perf_counter() - started
+        checkpoint = Path(tmp) / "optimization_checkpoint.json"
+        paths, stored = load(tmp)
+        saves = [timed(lambda: save(stored, paths)) for _ in range(3)]
+        print(f"\n{trials} trials, {workers} workers, instant objective: {wall:.0f} s in all, "
+              f"{results['optimizer_time_s']:.0f} s of it in Ax; checkpoint {checkpoint.stat().st_size / 1e6:.2f} MB "
+              f"({checkpoint.stat().st_size / trials / 1e3:.1f} kB a trial), written in "
+              f"{statistics.median(saves):.2f} s (median of 3; the snapshot of Ax's state is taken by the study)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--constraint", default="lora_rank * batch_size <= 128")
+    parser.add_argument("--part", choices=["suggest", "study", "all"], default="all")
+    parser.add_argument("--counts", default="10,20,50,100")
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
-    space = parse_search_space(default_search_space(), [args.constraint] if args.constraint else [], FinetuneConfig())
-    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
-    times = []
-    for n in range(args.trials):
-        start = time.perf_counter()
-        (index, params), = opt.ask(1).items()
-        times.append(time.perf_counter() - start)
-        opt.complete(index, {"loss": stand_in(params)})
-        print(f"trial {n + 1}: ask {times[-1]:.2f} s", flush=True)
-    print("\n| completed trials | seconds per suggestion |\n|---|---|")
-    for at in (10, 20, 50):
-        if at <= len(times):
-            around = times[max(0, at - 2): at + 1]
-            print(f"| {at} | {statistics.median(around):.2f} |")
-    print(f"\ntotal {sum(times):.1f} s over {len(times)} suggestions")
+    if args.part in ("suggest", "all"):
+        suggest([int(c) for c in args.counts.split(",")])
+    if args.part in ("study", "all"):
+        study(args.trials, args.workers)
 
 
 if __name__ == "__main__":

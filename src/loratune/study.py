@@ -43,7 +43,7 @@ class Study:
             EarlyStoppingCallback(es.threshold, es.check_at, metric=self.cfg.objectives[0])
         self.failures_in_a_row = 0
         self.session_start = started or time.time()  # this session's clock starts when the caller began
-        self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s - optimizer.busy_s
+        self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s  # earlier sessions
         self.started_at: dict[int, float] = {}  # trial index -> monotonic start, for trial_timeout
         console.elapsed = lambda: self.elapsed_before + time.time() - self.session_start
 
@@ -116,20 +116,23 @@ class Study:
         return self._new_record(self.opt.attach(values, baseline=True), values, baseline=True)
 
     def _fill(self, executor: Executor, running: dict) -> bool:
-        """Keep every slot busy; True when new trials started."""
-        free = min(executor.slots - len(running), self.cfg.trials - self.stored.finished() - len(running))
-        if free <= 0:
-            return False
-        new = [self._new_record(index, params) for index, params in self.opt.ask(free).items()]
-        if new:
+        """Keep every slot busy, one suggestion at a time: each trial starts as soon as its own point is
+        chosen (Ax knows the running ones), where a batch would keep every slot waiting for the whole
+        batch (8 at once cost 5-9 times one; docs/BENCHMARKS.md). True when new trials started."""
+        started = False
+        while min(executor.slots - len(running), self.cfg.trials - self.stored.finished() - len(running)) > 0:
+            new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
+            if not new:
+                break
             self.save()  # the checkpoint knows a trial before it starts
-        for record in new:
-            self._submit(executor, record, running)
-        if not new and not running:
+            for record in new:
+                self._submit(executor, record, running)
+            started = True
+        if not started and not running:
             why = "every point of the search space has been tried" if self.opt.exhausted else \
                 "it waits for completed trials that will not come"
             self.console.print(f"Ax proposes no further trials: {why}")
-        return bool(new)
+        return started
 
     def _new_record(self, index: int, params: dict, baseline: bool = False) -> TrialRecord:
         directory = self.paths.trial_dir(index).relative_to(self.paths.directory)
