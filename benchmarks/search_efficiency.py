@@ -1,22 +1,29 @@
-"""Search efficiency: loratune's search against random search, grid search in declaration order and
-Optuna's TPE sampler, on the tabular LoRA benchmark and on Branin and Hartmann6 with a mix of
-continuous and discrete parameters.
+"""Search efficiency: loratune's search against a plain Ax ``Client``, random search, grid search in
+declaration order and Optuna's TPE sampler, on the tabular LoRA benchmark, on LoRA-shaped synthetic
+surfaces (surfaces.py) and on Branin and Hartmann6 with a mix of continuous and discrete parameters.
 
     pip install -e ".[bench]"                  # Optuna, for the TPE rows
     python benchmarks/search_efficiency.py [--reps 20] [--trials 20] [--jobs 2] [--problems tabular,branin,hartmann6]
+    python benchmarks/search_efficiency.py --problems lora_scale,rslora_asymmetric,batch_scaled --methods loratune,ax,ax_baseline,random,optuna_tpe
 
-loratune's search is its ``Optimizer`` with the defaults a study uses (Ax's Sobol start, then
-Bayesian optimization), fed the same search space a user declares. Every method gets ``--trials``
-evaluations per repetition; repetition r seeds every method with r. Regret after k trials is the
+loratune's search is its ``Optimizer`` used as a study uses it: on the problems over the default
+search space (tabular and the surfaces) the baseline (rank 16, alpha 32, lr 2e-4, batch size 1) is trial 0,
+attached as Ax's baseline, then one trial is asked and completed at a time; ``--no-baseline`` leaves
+it out. **ax**: a plain ``ax.Client`` with its defaults, the parameters written as an Ax user would
+(ordered int choices, log-scale learning rate); **ax_baseline**: the same with the baseline attached
+first, as loratune does. Every method gets ``--trials`` evaluations per repetition, the baseline
+included where there is one; repetition r seeds every method with r. Regret after k trials is the
 true value of the best point observed so far minus the optimum (on the tabular benchmark an
-observation is one random seed's fine-tune and the true value the mean over seeds). "Within 1%" means
-regret <= 1% of |optimum|.
+observation is one random seed's fine-tune and the true value the mean over seeds; a surface named
+``lora_scale:0.002`` adds Gaussian observation noise of sd 0.002). "Within 1%" means
+regret <= 1% of |optimum|. ``--save`` writes every regret trace as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import random
@@ -29,8 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import surfaces  # noqa: E402
+
 CHECKPOINTS = (5, 10, 15, 20)
-METHODS = ("loratune", "random", "grid", "optuna_tpe")
+METHODS = ("loratune", "ax", "ax_baseline", "random", "grid", "optuna_tpe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +54,7 @@ class Problem:
     optimum: float
     objective: object = field(repr=False)  # (params, rng) -> observed value
     truth: object = field(repr=False)  # params -> true value
+    baseline: dict | None = None  # a study's trial 0 (the current config), where the problem has one
 
 
 def branin(x1: float, x2: float) -> float:
@@ -75,7 +85,13 @@ def make_problem(name: str) -> Problem:
                   ("learning_rate", "float", 1e-5, 5e-4, True), ("batch_size", "choice", [1, 2, 4])]
         grid = [dict(zip(("lora_rank", "lora_alpha", "learning_rate", "batch_size"), g, strict=True))
                 for g in itertools.product([8, 16, 32, 64], [16, 32, 64, 128], t.learning_rates, [1, 2, 4])]
-        return Problem(name, params, grid, t.optimum, t.observe, t.true_value)
+        return Problem(name, params, grid, t.optimum, t.observe, t.true_value, baseline=dict(surfaces.BASELINE))
+    if name.split(":")[0] in surfaces.SURFACES:  # "lora_scale" or "lora_scale:0.002" (noise sd)
+        surface, _, noise = name.partition(":")
+        grid = [dict(zip(("lora_rank", "lora_alpha", "learning_rate", "batch_size"), g, strict=True))
+                for g in itertools.product([8, 16, 32, 64], [16, 32, 64, 128], [1e-5, 5e-5, 1e-4, 5e-4], [1, 2, 4])]
+        return Problem(name, surfaces.SPACE, grid, surfaces.OPTIMA[surface], surfaces.observe(surface, float(noise or 0)),
+                       surfaces.SURFACES[surface], baseline=dict(surfaces.BASELINE))
     if name == "branin":  # x1 continuous, x2 an integer
         def f(p, rng=None):
             return branin(p["x1"], p["x2"])
@@ -91,7 +107,8 @@ def make_problem(name: str) -> Problem:
         params = [(f"x{i}", "float", 0.0, 1.0, False) for i in (1, 2, 3)] + [(f"x{i}", "choice", TENTHS) for i in (4, 5, 6)]
         grid = [dict(zip([f"x{i}" for i in range(1, 7)], g, strict=True)) for g in itertools.product([0.0, 0.5, 1.0], repeat=6)]
         return Problem(name, params, grid, _hartmann6_mixed_optimum(), f, f)
-    raise SystemExit(f"unknown problem '{name}' (tabular, branin, hartmann6)")
+    raise SystemExit(f"unknown problem '{name}' (tabular, branin, hartmann6, {', '.join(surfaces.SURFACES)}; "
+                     "a surface may carry noise: lora_scale:0.002)")
 
 
 def _minimize_1d(fn, low: float, high: float) -> float:
@@ -126,12 +143,17 @@ def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, f
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
 
-    if problem.name == "tabular":  # exactly what a study builds from the seed's search space
+    if problem.name == "tabular":  # exactly what a study builds from the default search space
         space = parse_search_space(default_search_space(), [], FinetuneConfig())
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
     opt = Optimizer.create(space, ["value"], [True], [], seed=seed)
     rng, history = random.Random(seed), []
+    if problem.baseline is not None:  # as a study: the current config is trial 0, attached as Ax's baseline
+        index = opt.attach(problem.baseline, baseline=True)
+        value = problem.objective(problem.baseline, rng)
+        opt.complete(index, {"value": value})
+        history.append((problem.baseline, value))
     while len(history) < trials:
         for index, params in opt.ask(1).items():
             value = problem.objective(params, rng)
@@ -147,6 +169,45 @@ def _loratune_param(spec: tuple):
     if kind == "choice":
         return Param(name, name, "choice", list(spec[2]), integer=all(isinstance(v, int) for v in spec[2]))
     return Param(name, name, "range", low=spec[2], high=spec[3], log=kind == "float" and spec[4], integer=kind == "int")
+
+
+def run_ax(problem: Problem, trials: int, seed: int, baseline: bool = False) -> list[tuple[dict, float]]:
+    """A plain Ax ``Client`` with its defaults, the parameters written as an Ax user would."""
+    from ax import ChoiceParameterConfig, Client, RangeParameterConfig
+
+    from loratune.optimizer import _quiet_ax
+
+    _quiet_ax()
+    params = []
+    for spec in problem.params:
+        name, kind = spec[0], spec[1]
+        if kind == "choice":
+            ptype = "int" if all(isinstance(v, int) for v in spec[2]) else "float"
+            params.append(ChoiceParameterConfig(name=name, values=list(spec[2]), parameter_type=ptype))
+        elif kind == "int":
+            params.append(RangeParameterConfig(name=name, bounds=(spec[2], spec[3]), parameter_type="int"))
+        else:
+            params.append(RangeParameterConfig(name=name, bounds=(spec[2], spec[3]), parameter_type="float",
+                                               scaling="log" if spec[4] else "linear"))
+    client = Client(random_seed=seed)
+    client.configure_experiment(parameters=params, name="plain_ax")
+    client.configure_optimization(objective="-value")
+    rng, history = random.Random(seed), []
+    if baseline and problem.baseline is not None:
+        index = client.attach_baseline(dict(problem.baseline))
+        value = problem.objective(problem.baseline, rng)
+        client.complete_trial(index, raw_data={"value": value})
+        history.append((problem.baseline, value))
+    while len(history) < trials:
+        for index, params_ in client.get_next_trials(max_trials=1).items():
+            value = problem.objective(dict(params_), rng)
+            client.complete_trial(index, raw_data={"value": value})
+            history.append((dict(params_), value))
+    return history
+
+
+def run_ax_baseline(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    return run_ax(problem, trials, seed, baseline=True)
 
 
 def run_random(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
@@ -205,7 +266,8 @@ def _evenly_spaced(values: list) -> bool:
     return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
 
 
-RUNNERS = {"loratune": run_loratune, "random": run_random, "grid": run_grid, "optuna_tpe": run_optuna_tpe}
+RUNNERS = {"loratune": run_loratune, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
+           "grid": run_grid, "optuna_tpe": run_optuna_tpe}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +298,8 @@ _PROBLEMS: dict[str, Problem] = {}
 def _problem(name: str) -> Problem:
     if name not in _PROBLEMS:
         _PROBLEMS[name] = make_problem(name)
+        if os.environ.get("LORATUNE_BENCH_NO_BASELINE"):
+            _PROBLEMS[name].baseline = None
     return _PROBLEMS[name]
 
 
@@ -251,30 +315,25 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, med, q3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--problems", default="tabular,branin,hartmann6")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    args = parser.parse_args()
-    problems, methods = args.problems.split(","), args.methods.split(",")
-    tasks = [(p, m, r, args.trials) for p in problems for m in methods for r in range(args.reps)]
-    tasks.sort(key=lambda t: t[1] != "loratune")  # the slow ones first, so the pool ends together
+def measure(problems: list[str], methods: list[str], reps: int, trials: int, jobs: int, task=run_task, first_seed: int = 0):
+    """Every method on every problem, ``reps`` seeds each: ({(problem, method): traces}, {...: seconds})."""
+    tasks = [(p, m, r, trials) for p in problems for m in methods for r in range(first_seed, first_seed + reps)]
+    tasks.sort(key=lambda t: t[1] in ("random", "grid", "optuna_tpe"))  # the slow ones first, so the pool ends together
     results: dict[tuple[str, str], list[list[float]]] = {}
     seconds: dict[tuple[str, str], float] = {}
-    start = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
-        for problem_name, method, _seed, trace, took in pool.map(run_task, tasks):
+    with ProcessPoolExecutor(jobs, initializer=_init_worker) as pool:
+        for problem_name, method, _seed, trace, took in pool.map(task, tasks):
             results.setdefault((problem_name, method), []).append(trace)
             seconds[(problem_name, method)] = seconds.get((problem_name, method), 0.0) + took
-    print(f"{len(tasks)} runs in {time.perf_counter() - start:.0f} s with {args.jobs} jobs\n")
+    return results, seconds
+
+
+def print_tables(problems: list[str], methods: list[str], results: dict, seconds: dict, reps: int, trials: int) -> None:
     for problem_name in problems:
         problem = _problem(problem_name)
         within = 0.01 * abs(problem.optimum)
-        at = [k for k in CHECKPOINTS if k <= args.trials]
-        print(f"### {problem_name} (optimum {problem.optimum:.6g}; regret median [q1, q3]; {args.reps} repetitions)\n")
+        at = [k for k in CHECKPOINTS if k <= trials]
+        print(f"### {problem_name} (optimum {problem.optimum:.6g}; regret median [q1, q3]; {reps} repetitions)\n")
         print("| method | " + " | ".join(f"after {k}" for k in at) + " | trials to within 1% (median) | reached by 15 | s per run |")
         print("|---|" + "---|" * (len(at) + 3))
         for method in methods:
@@ -287,9 +346,31 @@ def main() -> None:
             median_first = statistics.median(firsts)
             reached = sum(f <= 15 for f in firsts)
             print(f"| {method} | " + " | ".join(cells)
-                  + f" | {'>' + str(args.trials) if math.isinf(median_first) else f'{median_first:g}'}"
+                  + f" | {'>' + str(trials) if math.isinf(median_first) else f'{median_first:g}'}"
                   + f" | {reached}/{len(traces)} | {seconds[(problem_name, method)] / len(traces):.1f} |")
         print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--problems", default="tabular,branin,hartmann6")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--save", help="write every regret trace to this JSON file")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="run loratune without the baseline trial (as this benchmark did before the surfaces)")
+    args = parser.parse_args()
+    problems, methods = args.problems.split(","), args.methods.split(",")
+    if args.no_baseline:
+        os.environ["LORATUNE_BENCH_NO_BASELINE"] = "1"  # read by the workers, which build their own problems
+    start = time.perf_counter()
+    results, seconds = measure(problems, methods, args.reps, args.trials, args.jobs)
+    print(f"{len(problems) * len(methods) * args.reps} runs in {time.perf_counter() - start:.0f} s with {args.jobs} jobs\n")
+    if args.save:
+        Path(args.save).write_text(json.dumps({f"{p}/{m}": t for (p, m), t in results.items()}))
+    print_tables(problems, methods, results, seconds, args.reps, args.trials)
 
 
 if __name__ == "__main__":

@@ -108,13 +108,14 @@ def test_product_constraint_never_runs_a_violating_trial(tmp_path):
         seen.append(params)
         return fake_loss(params)
 
-    results = optimize(tmp_path, 7, evaluate=evaluate, constraints=["lora_rank * batch_size <= 32"])
-    assert len(seen) == len(results["trials"]) == 7  # two of them proposed by Bayesian optimization
+    cfg = StudyConfig(init_trials=4)  # the baseline, the centre and 3 Sobol points; then 2 from Bayesian optimization
+    results = optimize(tmp_path, 7, evaluate=evaluate, constraints=["lora_rank * batch_size <= 32"], config=cfg)
+    assert len(seen) == len(results["trials"]) == 7
     assert all(p["lora_rank"] * p["batch_size"] <= 32 for p in seen)
     assert {p["lora_rank"] for p in seen} <= {8, 16, 32}
 
 
-def test_seed_constraint_over_the_seed_space(tmp_path):
+def test_default_constraint_over_the_default_space(tmp_path):
     cfg = StudyConfig(init_trials=12)  # quasi-random points spread over the whole space
     results = optimize(tmp_path, 12, evaluate=fake_loss, constraints=["lora_rank * batch_size <= 128"], config=cfg)
     assert all(t["params"]["lora_rank"] * t["params"]["batch_size"] <= 128 for t in results["trials"])

@@ -178,7 +178,8 @@ class StudyConfig:
     baseline: bool = True
     """Run the current config (the training section's values of the searched parameters) first."""
     init_trials: int | None = None
-    """Quasi-random trials before Bayesian optimization starts; null lets Ax decide."""
+    """Trials of the initial design (the centre of the space, then Sobol points) before Bayesian
+    optimization starts; the baseline comes on top. null: Ax's default, 5."""
     workers: int = 1
     """Trials running at once."""
     gpus_per_trial: int = 1

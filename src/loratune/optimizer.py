@@ -164,10 +164,15 @@ class Optimizer:
         return opt
 
     def _configure_generation(self, init_trials: int | None) -> None:
+        # The baseline is one hand-picked point, not part of a space-filling design: it does not count
+        # toward the initialization (the centre of the space, then Sobol points), which would shrink to
+        # 4 points that cover less. On LoRA-shaped surfaces counting it lost to a plain Ax Client at
+        # 10-20 trials; not counting it won on all three (docs/BENCHMARKS.md, "Search efficiency").
         # Early-stopped and failed trials do not count as observed: keep drawing quasi-random points
         # until enough have completed, instead of stalling before Bayesian optimization can start.
         self.client.configure_generation_strategy(initialization_budget=init_trials,
                                                   initialization_random_seed=self.seed,
+                                                  use_existing_trials_for_initialization=False,
                                                   allow_exceeding_initialization_budget=True)
 
     # -- asking and telling ---------------------------------------------------------------
