@@ -23,7 +23,8 @@ import search_efficiency as se  # noqa: E402
 
 # name -> settings: "gs": keyword arguments for Client.configure_generation_strategy (absent: the
 # Optimizer's own), "attach": how the baseline is attached ("baseline" | "trial" | None),
-# "exponents": power-of-two choices given to Ax as base-2 exponents, "sem": the standard error
+# "exponents": power-of-two choices given to Ax as base-2 exponents, "constraint": a parameter
+# constraint of the space, "ax_optimizer_defaults": Ax's acquisition-search settings, "sem": the standard error
 # reported with every observation (absent: none, Ax infers the noise)
 ALLOW = {"allow_exceeding_initialization_budget": True}
 SHIPPED = {**ALLOW, "use_existing_trials_for_initialization": False}  # the baseline comes on top of the design
@@ -43,6 +44,11 @@ VARIANTS: dict[str, dict] = {
     "no_center": {"gs": {**SHIPPED, "initialize_with_center": False}, "attach": "baseline"},
     "exponents": {"attach": "baseline", "exponents": True},
     "noiseless": {"attach": "baseline", "sem": 0.0},
+    # the product constraint of Module 4.5 (it cuts rank 64 with batch size 4, never an optimum): with
+    # the lighter acquisition search loratune uses under constraints, and with Ax's defaults
+    "constrained": {"attach": "baseline", "constraint": "lora_rank * batch_size <= 128"},
+    "constrained_ax_defaults": {"attach": "baseline", "constraint": "lora_rank * batch_size <= 128",
+                                "ax_optimizer_defaults": True},
     # the model sees the objective through a Yeo-Johnson power transform (Ax's PowerTransformY)
     "power_y": {"attach": "baseline", "power_y": True},
 }
@@ -51,7 +57,7 @@ VARIANTS: dict[str, dict] = {
 def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> list[tuple[dict, float]]:
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
-    from loratune.search_space import SearchSpace, parse_search_space
+    from loratune.search_space import SearchSpace, _encode_for_products, parse_constraint, parse_search_space
 
     v = VARIANTS[variant]
     gs, attach, exponents, sem = v.get("gs"), v.get("attach"), v.get("exponents", False), v.get("sem")
@@ -74,15 +80,22 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
                         node.generator_specs[0].generator_kwargs["transforms"] = [
                             *MBM_X_trans, Derelativize, Winsorize, PowerTransformY, StandardizeY]
 
+    constraints = [v["constraint"]] if "constraint" in v else []
     if problem.name == "tabular":
-        space = parse_search_space(default_search_space(), [], FinetuneConfig())
+        space = parse_search_space(default_search_space(), constraints, FinetuneConfig())
     else:
-        space = SearchSpace([se._loratune_param(p) for p in problem.params])
+        params = [se._loratune_param(p) for p in problem.params]
+        space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
+        _encode_for_products(space)
     if exponents:  # power-of-two choices as base-2 exponents, as a product constraint would have them
         for p in space.params:
             if p.kind == "choice" and p.integer and all(v > 0 and v & (v - 1) == 0 for v in p.values):
                 p.log2_encoded = True
     opt = Variant.create(space, ["value"], [True], [], seed=seed)
+    if v.get("ax_optimizer_defaults"):
+        for node in opt.client._generation_strategy._nodes:
+            for spec in node.generator_specs:
+                spec.generator_gen_kwargs.pop("model_gen_options", None)
     rng, history = random.Random(seed), []
     if attach and problem.baseline is not None:
         index = opt.attach(problem.baseline, baseline=attach == "baseline")

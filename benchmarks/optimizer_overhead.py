@@ -48,13 +48,15 @@ def random_point(space, rng: random.Random) -> dict:
 
 def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
     space = parse_search_space(default_search_space(), [CONSTRAINT] if constrained else [], FinetuneConfig())
-    opt = Optimizer.create(space, ["loss"], [True], [], seed=seed)
+    # Attached trials do not count toward Ax's initial design; with a design of one point (the centre,
+    # suggested last) the next suggestion is Bayesian optimization's.
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=1)
     rng = random.Random(seed)
     for _ in range(n - 1):
         point = random_point(space, rng)
         index = opt.attach(point)
         opt.complete(index, {"loss": stand_in(point) + rng.gauss(0, 0.002)})
-    (index, point), = opt.ask(1).items()  # Ax's quasi-random step hands over to Bayesian optimization here
+    (index, point), = opt.ask(1).items()
     opt.complete(index, {"loss": stand_in(point)})
     return opt
 
