@@ -40,6 +40,13 @@ def test_baseline_first_best_tracking_and_return_value(tmp_path):
     assert 0 < results["optimizer_time_s"] <= results["wall_time_s"]
 
 
+def test_a_study_that_spends_its_budget_says_nothing_about_ax_stalling(tmp_path, capsys):
+    run_optimization(num_trials=3, output_dir=tmp_path / "study", seed=0, report=False, evaluate=fake_loss,
+                     search_space=SPACE)
+    out = capsys.readouterr().out
+    assert "Trial 3/3" in out and "proposes no further trials" not in out
+
+
 def test_a_seed_makes_the_search_reproducible(tmp_path):
     a = optimize(tmp_path / "a", seed=3)["trials"]
     b = optimize(tmp_path / "b", seed=3)["trials"]

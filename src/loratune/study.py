@@ -128,7 +128,7 @@ class Study:
             for record in new:
                 self._submit(executor, record, running)
             started = True
-        if not started and not running:
+        if not started and not running and self.stored.finished() < self.cfg.trials:
             why = "every point of the search space has been tried" if self.opt.exhausted else \
                 "it waits for completed trials that will not come"
             self.console.print(f"Ax proposes no further trials: {why}")
