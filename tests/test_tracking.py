@@ -73,6 +73,31 @@ def test_a_failed_trial_is_a_failed_child_run(tmp_path):
     assert failed[0].data.tags["loratune.reason"] == "RuntimeError: CUDA error: device-side assert triggered"
 
 
+def test_where_a_stopped_trial_ended_reaches_mlflow(tmp_path):
+    """A fine-tune that is stopped reports its last point (on the whole validation set) only in its result."""
+    from types import SimpleNamespace
+
+    from loratune.config import StudyConfig
+    from loratune.tracking import MlflowTracker, default_uri
+    from loratune.trial import TrialRecord, TrialState
+
+    tracker = MlflowTracker(default_uri(tmp_path), "loratune", warn=print)
+    tracker.study_started(SimpleNamespace(study_id="s", evaluation="finetune", config=StudyConfig()),
+                          SimpleNamespace(directory=tmp_path))
+    record = TrialRecord(1, {"lora_rank": 8})
+    tracker.trial_started(record)
+    streamed = {"step": 4, "progress": 0.1, "val_loss": 1.3, "loss": 1.3}
+    tracker.trial_point(record, streamed)
+    record.curve = [streamed, {"step": 9, "progress": 0.24, "val_loss": 1.2, "loss": 1.2}]
+    record.state, record.metrics = TrialState.EARLY_STOPPED, {"loss": 1.2}
+    tracker.trial_ended(record)
+    tracker.close()
+    client, _, children = runs(default_uri(tmp_path))
+    history = client.get_metric_history(children[0].info.run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(4, 1.3), (9, 1.2)]
+    assert children[0].info.status == "KILLED"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

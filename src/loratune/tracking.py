@@ -60,6 +60,7 @@ class MlflowTracker(Tracker):
         self.failed: str | None = None
         self.parent: str | None = None
         self.children: dict[int, str] = {}  # trial index -> child run id
+        self.logged_steps: dict[int, int] = {}  # trial index -> last curve step sent
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a server that is down fails at once
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.thread = threading.Thread(target=self._work, name="loratune-mlflow", daemon=True)
@@ -95,9 +96,10 @@ class MlflowTracker(Tracker):
             self.failed = "not reachable"
             self.warn(f"MLflow tracking server {self.uri} is not reachable; the study runs without tracking")
             return
-        self._later(lambda: self._open_parent(stored, paths))
+        started = _now_ms()  # the worker thread may get to it later (importing mlflow takes seconds)
+        self._later(lambda: self._open_parent(stored, paths, started))
 
-    def _open_parent(self, stored, paths) -> None:
+    def _open_parent(self, stored, paths, started: int) -> None:
         import logging
 
         from mlflow import MlflowClient
@@ -118,7 +120,7 @@ class MlflowTracker(Tracker):
             self.children = {int(r.data.tags["loratune.trial"]): r.info.run_id for r in children}
         else:
             cfg = stored.config
-            run = self.client.create_run(experiment_id, run_name=paths.directory.resolve().name, tags={
+            run = self.client.create_run(experiment_id, run_name=paths.directory.resolve().name, start_time=started, tags={
                 "loratune.study_id": stored.study_id, "loratune.role": "study", "loratune.evaluation": stored.evaluation,
                 "loratune.directory": str(paths.directory.resolve())})
             self.parent = run.info.run_id
@@ -129,12 +131,13 @@ class MlflowTracker(Tracker):
         self.experiment_id = experiment_id
 
     def trial_started(self, record: TrialRecord) -> None:
-        index, params, baseline = record.index, dict(record.params), record.baseline
+        index, params, baseline, started = record.index, dict(record.params), record.baseline, _now_ms()
+        self.logged_steps[index] = -1
 
         def start() -> None:
             if index in self.children:  # run again after an interruption: a fresh child in place of the old
                 self.client.delete_run(self.children.pop(index))
-            run = self.client.create_run(self.experiment_id, run_name=f"trial {index}", tags={
+            run = self.client.create_run(self.experiment_id, run_name=f"trial {index}", start_time=started, tags={
                 "mlflow.parentRunId": self.parent, "loratune.trial": str(index), "loratune.baseline": str(baseline),
                 "loratune.state": "running"})
             self.children[index] = run.info.run_id
@@ -144,6 +147,7 @@ class MlflowTracker(Tracker):
 
     def trial_point(self, record: TrialRecord, point: dict) -> None:
         index, step = record.index, int(point.get("step") or 0)
+        self.logged_steps[index] = max(step, self.logged_steps.get(index, -1))
         values = {k: float(v) for k, v in point.items()
                   if k in ("val_loss", "train_loss", "loss", "progress") or isinstance(v, float) and k != "subset"}
 
@@ -156,6 +160,10 @@ class MlflowTracker(Tracker):
         self._later(log)
 
     def trial_ended(self, record: TrialRecord) -> None:
+        # the points the trial reported only in its result (where a stopped trial ended, on the whole set)
+        for point in record.curve:
+            if int(point.get("step") or 0) > self.logged_steps.get(record.index, -1):
+                self.trial_point(record, point)
         index, state, reason = record.index, record.state, record.reason
         metrics = {k: float(v) for k, v in record.metrics.items()}
 
