@@ -11,7 +11,7 @@ from loratune.training import plan
 
 
 @pytest.mark.slow
-def test_seed_commands_end_to_end(tiny_model, tmp_path):
+def test_module_commands_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "configs"
     proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "3", "--output", str(out / "optimization_results.json"))
     assert proc.returncode == 0, proc.stderr

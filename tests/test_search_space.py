@@ -12,7 +12,7 @@ def space(spec=None, constraints=()):
     return parse_search_space(spec or default_search_space(), list(constraints), FinetuneConfig())
 
 
-def test_seed_space_forms():
+def test_default_space_forms():
     s = space()
     rank, alpha, lr, bs = s.params
     assert (rank.kind, rank.values, rank.target) == ("choice", [8, 16, 32, 64], "lora.rank")
@@ -21,7 +21,7 @@ def test_seed_space_forms():
     assert (bs.kind, bs.values, bs.target) == ("choice", [1, 2, 4], "training.batch_size")
 
 
-def test_seed_custom_space_forms():
+def test_custom_space_forms():
     s = space({"lora_rank": [16], "lora_alpha": [32], "learning_rate": [5e-5, 3e-4], "batch_size": [1, 2]})
     assert [p.kind for p in s.params] == ["fixed", "fixed", "range", "choice"]
 

@@ -226,3 +226,41 @@ def test_a_config_file_that_writes_alpha_runs(tmp_path):
     results = optimize(tmp_path, trials=2, config=str(config))
     assert [t["state"] for t in results["trials"]] == ["completed", "completed"]
     assert results["trials"][0]["params"]["lora_alpha"] == 32 and type(results["trials"][0]["params"]["lora_alpha"]) is int
+
+
+def _node_names(opt: Optimizer) -> list[str]:
+    trials = opt.client._experiment.trials
+    return [trials[i].generator_runs[0]._generation_node_name for i in sorted(trials)]
+
+
+def test_the_baseline_comes_on_top_of_the_initial_design_and_bayesian_optimization_follows():
+    from loratune.search_space import parse_search_space
+
+    space = parse_search_space(SPACE, [], StudyConfig().base())
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
+    index = opt.attach({"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}, baseline=True)
+    opt.complete(index, {"loss": 1.0})
+    for _ in range(6):
+        (index, params), = opt.ask(1).items()
+        opt.complete(index, {"loss": fake_loss(params)})
+    # the baseline is not one of the 5 points of the design (the centre of the space, then 4 Sobol points)
+    assert _node_names(opt)[1:] == ["CenterOfSearchSpace"] + ["Sobol"] * 4 + ["MBM"]
+
+
+def _acquisition_search(opt: Optimizer) -> list[dict]:
+    return [spec.generator_gen_kwargs.get("model_gen_options", {}).get("optimizer_kwargs")
+            for node in opt.client._generation_strategy._nodes for spec in node.generator_specs
+            if spec.generator_enum.name == "BOTORCH_MODULAR"]
+
+
+def test_a_lighter_acquisition_search_only_under_constraints_and_kept_on_restore():
+    from loratune.optimizer import ACQUISITION_SEARCH_UNDER_CONSTRAINTS
+    from loratune.search_space import parse_search_space
+
+    free = parse_search_space(SPACE, [], StudyConfig().base())
+    assert _acquisition_search(Optimizer.create(free, ["loss"], [True], [], seed=0)) == [None]
+    constrained = parse_search_space(SPACE, ["lora_rank * batch_size <= 128"], StudyConfig().base())
+    opt = Optimizer.create(constrained, ["loss"], [True], [], seed=0)
+    assert _acquisition_search(opt) == [ACQUISITION_SEARCH_UNDER_CONSTRAINTS]
+    restored = Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)
+    assert _acquisition_search(restored) == [ACQUISITION_SEARCH_UNDER_CONSTRAINTS]

@@ -179,7 +179,8 @@ class StudyConfig:
     """Run the current config (the training section's values of the searched parameters) first."""
     init_trials: int | None = None
     """Trials of the initial design (the centre of the space, then Sobol points) before Bayesian
-    optimization starts; the baseline comes on top. null: Ax's default, 5."""
+    optimization starts; the baseline comes on top (when it is the centre, the centre is not run twice).
+    null: Ax's default, 5."""
     workers: int = 1
     """Trials running at once."""
     gpus_per_trial: int = 1
