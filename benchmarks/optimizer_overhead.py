@@ -46,11 +46,18 @@ def random_point(space, rng: random.Random) -> dict:
             return point
 
 
+AX_DEFAULTS = False  # --ax-defaults: Ax's own acquisition-search settings, also under the constraint
+
+
 def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
     space = parse_search_space(default_search_space(), [CONSTRAINT] if constrained else [], FinetuneConfig())
     # Attached trials do not count toward Ax's initial design; with a design of one point (the centre,
     # suggested last) the next suggestion is Bayesian optimization's.
     opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=1)
+    if AX_DEFAULTS:
+        for node in opt.client._generation_strategy._nodes:
+            for spec in node.generator_specs:
+                spec.generator_gen_kwargs.pop("model_gen_options", None)
     rng = random.Random(seed)
     for _ in range(n - 1):
         point = random_point(space, rng)
@@ -67,10 +74,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def suggest(counts: list[int]) -> None:
+def suggest(counts: list[int], constrained_only: bool = False) -> None:
     print("| completed trials | constraint | 1 suggestion (s) | 1 with 3 pending | 1 with 7 pending | batch of 4 | batch of 8 |")
     print("|---|---|---|---|---|---|---|")
-    for constrained in (False, True):
+    for constrained in ((True,) if constrained_only else (False, True)):
         for n in counts:
             cells = []
             opt = optimizer_with(n, constrained)
@@ -110,9 +117,14 @@ def main() -> None:
     parser.add_argument("--counts", default="10,20,50,100")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--ax-defaults", action="store_true",
+                        help="Ax's acquisition-search settings (1024 raw samples, 20 restarts) under the constraint too")
+    parser.add_argument("--constrained-only", action="store_true", help="the suggestion table with the constraint only")
     args = parser.parse_args()
+    global AX_DEFAULTS
+    AX_DEFAULTS = args.ax_defaults
     if args.part in ("suggest", "all"):
-        suggest([int(c) for c in args.counts.split(",")])
+        suggest([int(c) for c in args.counts.split(",")], args.constrained_only)
     if args.part in ("study", "all"):
         study(args.trials, args.workers)
 
