@@ -4,14 +4,15 @@ side by side with `reuse_model` on and off.
 - The demo study (tiny model, 20 trials): wall time with reuse against a fresh process per trial.
 - A SmolLM2-135M-Instruct study (4 trials, 1 epoch of the demo data): wall time and each trial's time
   split (process start-up, model load, data, training, validation curve, inference measurement), for
-  the old way (a fresh process per trial, the whole validation set at every curve point) against the
-  new (reuse, intermediate curve points on the `eval_subset`, the last on the whole set).
+  the old way (a fresh process per trial, 10 curve points on the whole validation set) against the
+  new (reuse, 5 curve points, those before the last on the `eval_subset`, the last on the whole set).
 - The per-trial validation losses of both runs, which must be equal: neither reuse nor the curve's
   subset changes what a trial trains or its final loss.
 - Memory of one reused worker over 20 demo trials: its resident set after each trial.
 
-    python benchmarks/trial_runner.py                 # both parts, ~30 min on 2 cores
-    python benchmarks/trial_runner.py --part demo     # ~5 min
+    python benchmarks/trial_runner.py                 # both parts, ~23 min on 2 cores
+    python benchmarks/trial_runner.py --part demo     # ~3 min
+    python benchmarks/trial_runner.py --part smollm2 --arms old   # one of the two SmolLM2 studies
 """
 
 from __future__ import annotations
@@ -77,37 +78,48 @@ def demo(out: Path) -> None:
           f"{rss[-1] / rss[0] - 1:+.1%} of after 1 (max {max(rss) / rss[0] - 1:+.1%}).")
 
 
-def smollm2(out: Path) -> None:
+def smollm2(out: Path, arms: list[str]) -> None:
+    """``old``: as trials ran before workers kept the model and the curve became cheap (a fresh process
+    per trial, 10 curve points on the whole validation set); ``new``: the defaults (a reused worker, 5
+    points, those before the last on the curve subset)."""
     from loratune.demo.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
-    common = {"model": {"name": model}, "training": {"epochs": 1.0}}
-    old = study("smollm2_old", out, 4, reuse=False, **{**common, "training": {"epochs": 1.0, "eval_subset": 1.0}})
-    new = study("smollm2_new", out, 4, reuse=True, **common)
+    common = {"model": {"name": model}}
+    runs = {}
+    if "old" in arms:
+        runs["fresh process per trial, 10 points on the whole validation set"] = old = study(
+            "smollm2_old", out, 4, reuse=False, **common, training={"epochs": 1.0, "eval_subset": 1.0, "eval_points": 10})
+    if "new" in arms:
+        runs["reused worker, 5 points, the curve subset before the last"] = new = study(
+            "smollm2_new", out, 4, reuse=True, **common, training={"epochs": 1.0})
     print("\n### SmolLM2-135M-Instruct study, 4 trials of 1 epoch (148 examples, 37 for validation)\n")
     header = ["trial", *[k.removesuffix("_s") for k in SPLIT], "trial wall", "loss"]
-    for name, results in (("fresh process per trial, whole validation set at every point", old),
-                          ("reused worker, curve subset", new)):
+    for name, results in runs.items():
         print(f"\n{name}: study wall time {results['bench_wall_s']:.0f} s\n")
         print(table(header, split_rows(results)))
         trials = results["trials"]
         curve = sum(t["extra"]["timings"]["eval_s"] for t in trials)
         whole = sum(t["duration_s"] for t in trials)
         print(f"\nvalidation curve: {curve:.0f} s of {whole:.0f} s of trials ({curve / whole:.0%})")
-    print(f"\nspeed-up of the study: {old['bench_wall_s'] / new['bench_wall_s']:.2f}x; per-trial losses equal: "
-          f"{losses(old) == losses(new)} ({losses(old)} vs {losses(new)})")
+    if len(runs) == 2:
+        print(f"\nspeed-up of the study: {old['bench_wall_s'] / new['bench_wall_s']:.2f}x; per-trial losses equal: "
+              f"{losses(old) == losses(new)} ({losses(old)} vs {losses(new)})")
+    else:
+        print(f"\nper-trial losses: {losses(next(iter(runs.values())))}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["demo", "smollm2", "all"], default="all")
     parser.add_argument("--out", help="where the studies go (default: a temporary directory)")
+    parser.add_argument("--arms", default="old,new", help="the SmolLM2 studies to run: old, new or both")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="loratune-bench-"))
     if args.part in ("demo", "all"):
         demo(out)
     if args.part in ("smollm2", "all"):
-        smollm2(out)
+        smollm2(out, args.arms.split(","))
 
 
 if __name__ == "__main__":

@@ -58,4 +58,7 @@ def test_a_reused_worker_trains_exactly_as_a_fresh_process(tiny_model, tmp_path)
     # one model load for the reused worker, against one per trial
     assert [reused[i].extra["timings"]["load_s"] > 0 for i in range(4)] == [True, False, False, False]
     assert all(fresh[i].extra["timings"]["load_s"] > 0 for i in range(4))
+    # importing torch, transformers and peft (well over 0.1 s): every fresh process pays it, a reused worker once
+    assert ["startup_s" in reused[i].extra["timings"] for i in range(4)] == [True, False, False, False]
+    assert all(fresh[i].extra["timings"]["startup_s"] > 0.1 for i in range(4))
     assert {r.metrics["trainable_params"] for r in fresh.values()} == {r.metrics["trainable_params"] for r in backwards.values()}

@@ -65,7 +65,8 @@ class Study:
                     self.console.print(f"[yellow]note[/]: {self.opt.note}")
                 self.tracker.study_started(self.stored, self.paths)
                 self._start_interrupted(executor, running)
-                changed = self._fill(executor, running)
+                self._fill(executor, running)  # saves before it starts a trial
+                changed = False
                 while running:
                     for event in executor.poll(0.5):
                         changed = self._handle(event, executor, running) or changed
@@ -73,8 +74,8 @@ class Study:
                     if aborted is None and self.failures_in_a_row >= self.cfg.max_failures_in_a_row \
                             and self.stored.finished() + len(running) < self.cfg.trials:
                         aborted = self._abort_message()
-                    if aborted is None:
-                        changed = self._fill(executor, running) or changed
+                    if aborted is None and self._fill(executor, running):
+                        changed = False  # _fill saved, after this round's events, before starting a trial
                     if changed:  # one atomic save per round of events, after the freed slots are refilled
                         self.save()
                         changed = False

@@ -101,8 +101,14 @@ class Cache:
         self.data: tuple[str, Any] | None = None  # (data key, (train, validation))
 
 
-def run_trial(trial_dir: Path, cache: Cache | None = None) -> TrialResult:
-    """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises."""
+def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float | None = None) -> TrialResult:
+    """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises.
+    ``process_start``: for a process's first trial, which pays for importing torch, transformers and
+    peft; the time from it to the end of those imports is the trial's ``startup_s``."""
+    import peft  # noqa: F401  (imported here, not where first used, so that start-up is timed as such)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
     from . import training
     from .model import load_base
     from .settings import finetune_config_from_dict
@@ -155,6 +161,8 @@ def run_trial(trial_dir: Path, cache: Cache | None = None) -> TrialResult:
     timings = {"load_s": load_s if cache is not None else m["load_time_s"], "data_s": m["data_time_s"],
                "train_s": m["train_time_s"], "eval_s": m["eval_time_s"], "inference_s": m["inference_measure_s"],
                "trial_s": time.time() - started}
+    if process_start is not None:
+        timings["startup_s"] = started - process_start
     extra = {k: m[k] for k in ("steps", "planned_steps", "tokens_seen", "device", "precision")}
     extra["gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return TrialResult(state, metrics_from_training(m), m["curve"],
@@ -186,15 +194,13 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where the current is not known
 
 
-def _run_in(trial_dir: Path, cache: Cache | None, startup_s: float | None) -> TrialResult:
+def _run_in(trial_dir: Path, cache: Cache | None, process_start: float | None) -> TrialResult:
     """One trial with this process's output going to the trial's log and its directory locked."""
     lock = TrialLock(trial_dir).acquire()
     log = open(trial_dir / LOG_FILE, "a")
     _redirect_output(log)
     try:
-        result = run_trial(trial_dir, cache)
-        if startup_s is not None:
-            result.extra.setdefault("timings", {})["startup_s"] = startup_s
+        result = run_trial(trial_dir, cache, process_start)
         atomic_write_json(trial_dir / RESULT_FILE, result.to_dict())
         if result.state.is_failure:
             print(f"trial ended: {result.state.value}: {result.reason}", file=sys.stderr)
@@ -225,14 +231,11 @@ def serve() -> None:
         commands.put(None)
 
     threading.Thread(target=read_stdin, name="loratune-commands", daemon=True).start()
-    cache, startup_s = Cache(), None
+    cache, first = Cache(), True
     while (command := commands.get()) not in (None, "exit"):
         busy.set()
-        if startup_s is None:  # the first trial pays for this process's imports
-            startup_s = time.time() - PROCESS_START
-            result = _run_in(Path(command), cache, startup_s)
-        else:
-            result = _run_in(Path(command), cache, None)
+        result = _run_in(Path(command), cache, PROCESS_START if first else None)  # the first pays for the imports
+        first = False
         busy.clear()
         if result.state.is_failure:
             sys.exit(3)  # the executor starts a fresh worker: memory after an OOM or a crash is not trusted
@@ -245,7 +248,7 @@ def main() -> None:
         return
     if len(sys.argv) != 2:
         sys.exit("usage: python -m loratune.worker TRIAL_DIR | --serve")
-    _run_in(Path(sys.argv[1]), None, time.time() - PROCESS_START)
+    _run_in(Path(sys.argv[1]), None, PROCESS_START)
 
 
 if __name__ == "__main__":
