@@ -27,6 +27,13 @@ class Base:
     load_time_s: float = 0.0
 
 
+def import_libraries() -> None:
+    """Import torch, transformers and peft now (seconds in a fresh process; nothing once imported)."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
 def resolve_model(name: str) -> str:
     if name.startswith("builtin:"):
         if name != "builtin:tiny-qwen2":

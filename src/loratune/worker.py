@@ -105,14 +105,11 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
     """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises.
     ``process_start``: for a process's first trial, which pays for importing torch, transformers and
     peft; the time from it to the end of those imports is the trial's ``startup_s``."""
-    import peft  # noqa: F401  (imported here, not where first used, so that start-up is timed as such)
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
     from . import training
-    from .model import load_base
+    from .model import import_libraries, load_base
     from .settings import finetune_config_from_dict
 
+    import_libraries()  # here, not where first used, so that a fresh process's start-up is timed as such
     started = time.time()
     progress = open(trial_dir / PROGRESS_FILE, "a")
     last_step = [0.0]
