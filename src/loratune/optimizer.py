@@ -171,7 +171,8 @@ class Optimizer:
         # The baseline is one hand-picked point, not part of a space-filling design: it does not count
         # toward the initialization (the centre of the space, then Sobol points), which would shrink to
         # 4 points that cover less. On LoRA-shaped surfaces counting it lost to a plain Ax Client at
-        # 10-20 trials; not counting it won on all three (docs/BENCHMARKS.md, "Search efficiency").
+        # 10-20 trials on one of three; not counting it was at or below it on all three
+        # (docs/BENCHMARKS.md, "How the search's defaults were chosen").
         # Early-stopped and failed trials do not count as observed: keep drawing quasi-random points
         # until enough have completed, instead of stalling before Bayesian optimization can start.
         self.client.configure_generation_strategy(initialization_budget=init_trials,
@@ -184,11 +185,12 @@ class Optimizer:
         """Fewer starting points for the acquisition search when parameters are constrained.
 
         Under a linear constraint BoTorch draws its ``raw_samples`` starting points from the polytope
-        by hit-and-run, in Python: at Ax's defaults (1024 samples, 20 restarts) that was 4 of the 7 s
-        a suggestion took at 50 trials with the product constraint. 512 and 10, BoTorch's tutorial
-        settings, halve it with the same suggestion (docs/BENCHMARKS.md, "Optimizer cost"). Set on
-        the Bayesian-optimization node through Ax's ``model_gen_options``, so it is saved with the
-        generation strategy; reapplied on restore for checkpoints written before."""
+        by hit-and-run, in Python: at Ax's defaults (1024 samples, 20 restarts) that was 4.0 of the
+        6.8 s of a suggestion at 50 trials with the product constraint (profiled under load). 512 and
+        10, BoTorch's tutorial settings, cost 40% less (2.0-2.4 s against 3.1-3.8 s on a quiet
+        machine; docs/BENCHMARKS.md, "Optimizer cost at scale"). Set on the Bayesian-optimization
+        node through Ax's ``model_gen_options``, so it is saved with the generation strategy;
+        reapplied on restore for checkpoints written before."""
         if not self.client._experiment.search_space.parameter_constraints:
             return
         for node in self.client._generation_strategy._nodes:  # no public accessor in Ax 1.3.1

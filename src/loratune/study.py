@@ -119,7 +119,7 @@ class Study:
     def _fill(self, executor: Executor, running: dict) -> bool:
         """Keep every slot busy, one suggestion at a time: each trial starts as soon as its own point is
         chosen (Ax knows the running ones), where a batch would keep every slot waiting for the whole
-        batch (8 at once cost 5-9 times one; docs/BENCHMARKS.md). True when new trials started."""
+        batch (8 at once cost 7-9 times one; docs/BENCHMARKS.md, "Optimizer cost at scale"). True when new trials started."""
         started = False
         while min(executor.slots - len(running), self.cfg.trials - self.stored.finished() - len(running)) > 0:
             new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
