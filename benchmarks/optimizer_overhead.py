@@ -93,10 +93,30 @@ def suggest(counts: list[int], constrained_only: bool = False) -> None:
             print(f"| {n} | {'yes' if constrained else 'no'} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
 
 
-def study(trials: int, workers: int) -> None:
+def time_methods(names: tuple[str, ...] = ("ask", "complete", "snapshot")) -> dict[str, list[float]]:
+    """Wrap these Optimizer methods so that each call's seconds are recorded: {name: [seconds, ...]}."""
+    import functools
+
+    spent: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        def wrap(method, name=name):
+            @functools.wraps(method)
+            def timed_call(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    spent[name].append(time.perf_counter() - start)
+            return timed_call
+        setattr(Optimizer, name, wrap(getattr(Optimizer, name)))
+    return spent
+
+
+def study(trials: int, workers: int, split: bool = False) -> None:
     from loratune import run_optimization
     from loratune.checkpoint import load, save
 
+    spent = time_methods() if split else None
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         results = run_optimization(num_trials=trials, output_dir=tmp, evaluate=stand_in, workers=workers,
@@ -109,6 +129,9 @@ def study(trials: int, workers: int) -> None:
               f"{results['optimizer_time_s']:.0f} s of it in Ax; checkpoint {checkpoint.stat().st_size / 1e6:.2f} MB "
               f"({checkpoint.stat().st_size / trials / 1e3:.1f} kB a trial), written in "
               f"{statistics.median(saves):.2f} s (median of 3; the snapshot of Ax's state is taken by the study)")
+    if spent:
+        print("time in Ax by method: " + "; ".join(f"{name} {sum(t):.0f} s in {len(t)} calls ({sum(t) / max(len(t), 1):.2f} s each)"
+                                                  for name, t in spent.items()))
 
 
 def main() -> None:
@@ -117,6 +140,7 @@ def main() -> None:
     parser.add_argument("--counts", default="10,20,50,100")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--split", action="store_true", help="study: the time of Ax's suggestions, completions and snapshots")
     parser.add_argument("--ax-defaults", action="store_true",
                         help="Ax's acquisition-search settings (1024 raw samples, 20 restarts) under the constraint too")
     parser.add_argument("--constrained-only", action="store_true", help="the suggestion table with the constraint only")
@@ -126,7 +150,7 @@ def main() -> None:
     if args.part in ("suggest", "all"):
         suggest([int(c) for c in args.counts.split(",")], args.constrained_only)
     if args.part in ("study", "all"):
-        study(args.trials, args.workers)
+        study(args.trials, args.workers, args.split)
 
 
 if __name__ == "__main__":
