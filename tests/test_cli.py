@@ -103,6 +103,7 @@ def test_resume_adds_trials_from_the_cli(tmp_path):
     command = f"{sys.executable} {script} {{learning_rate}} {{lora_rank}}"
     first = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--command", command, "--quiet", "--no-report")
     assert first.returncode == 0, first.stderr
+    assert "[INFO" not in first.stdout + first.stderr  # not even the line Ax logs while it is imported
     again = run_cli(str(ROOT / "ax_optimization.py"), "--resume", str(out / "optimization_checkpoint.json"),
                     "--trials", "2", "--quiet")
     assert again.returncode == 0, again.stderr

@@ -222,7 +222,7 @@ def test_without_a_template_a_tokenizer_that_adds_bos_keeps_it(tiny_model):
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"\xff\xfe\x00garbage\x01", "cannot read"),
-    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n', "line 2: not valid JSON"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n', "line 2, column 34: not valid JSON (expecting ',' delimiter)"),
 ])
 def test_unreadable_data_files_name_the_line(tokenizer, tmp_path, content, message):
     path = tmp_path / "d.jsonl"

@@ -127,3 +127,9 @@ def test_report_on_a_directory_without_a_study(tmp_path, setup):
         (tmp_path / "optimization_results.json").write_text('{"hello": 1}')
     with pytest.raises(LoratuneError, match="no such directory|holds no loratune study|not a loratune results file"):
         write_report(target)
+
+
+def test_a_study_that_ended_before_ax_had_a_model_says_so_plainly(tmp_path):
+    run_optimization(num_trials=3, output_dir=tmp_path, evaluate=fake_loss, quiet=True, seed=0)
+    text = (tmp_path / "OPTIMIZATION_RESULTS.md").read_text()
+    assert "fitted once Bayesian optimization starts" in text and "RandomAdapter" not in text

@@ -130,17 +130,22 @@ def _diagnose(file: Path, kind: str) -> str | None:
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
-            return f"line {exc.lineno}: not valid JSON ({exc.msg})"
+            return f"line {exc.lineno}, column {exc.colno}: not valid JSON ({_json_problem(exc)})"
         return None
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                return f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+                return f"line {number}, column {exc.colno}: not valid JSON ({_json_problem(exc)})"
             if not isinstance(value, dict):
                 return f"line {number}: expected a JSON object, got {type(value).__name__}"
     return None
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """json's own message without its dangling position ("Unterminated string starting at")."""
+    return exc.msg.removesuffix(" at").removesuffix(" starting").lower()
 
 
 def _from_disk(directory: Path, split: str, field: str, split_field: str) -> list[dict]:

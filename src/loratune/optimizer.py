@@ -26,7 +26,12 @@ PROGRESSION_SCALE = 1000  # Ax progressions are integers: per-mille of a trial's
 
 def _quiet_ax() -> None:
     """Ax logs every trial at INFO through its own handler; our loop prints what matters."""
-    import ax  # noqa: F401  (installs Ax's handler, which we then turn down)
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # Ax's import logs "Ax SQL storage initialized" at INFO before we can turn it down
+    try:
+        import ax  # noqa: F401  (installs Ax's handler, which we then turn down)
+    finally:
+        logging.disable(previous)
 
     for name in ("ax", "botorch", "gpytorch", "linear_operator"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -202,10 +202,10 @@ def _range(name: str, target: str, low: Any, high: Any, log: Any, at: str) -> Pa
     if log and low <= 0:
         raise LoratuneError(f"{at}: a log-scale range needs a positive lower bound, got {low:g}")
     if integer:
-        low, high = float(math.ceil(low)), float(math.floor(high))
-        if not low < high:
-            raise LoratuneError(f"{at}: {target} is an integer, and this range holds "
-                                f"{'only ' + str(int(low)) if low == high else 'no integer'}: give a choice or a wider range")
+        fractional = next((b for b in (low, high) if not b.is_integer()), None)
+        if fractional is not None:  # [8, 16.5] is a typo more often than a range meant to hold 8..16
+            raise LoratuneError(f"{at}: {target} is an integer, and {fractional:g} is not: write integer bounds "
+                                f"for a range ([8, 64]) or list the values for a choice ({{values: [8, 16, 32]}})")
     return Param(name, target, "range", low=low, high=high, log=bool(log), integer=integer)
 
 
