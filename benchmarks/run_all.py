@@ -3,7 +3,8 @@
     python benchmarks/run_all.py            # or: make bench
 
 The tabular grid (tabular_grid.py, about 45 minutes of fine-tunes) is not rerun: its data file is
-committed. Output goes to the terminal; the tables are copied into docs/BENCHMARKS.md by hand.
+committed; curve_subset.py writes a data file the early-stopping benchmark reads, also committed.
+About 1 h 50 min on 2 cores. Output goes to the terminal; the tables are copied into docs/BENCHMARKS.md by hand.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RUNS = [
-    ["search_efficiency.py"],
+    ["search_efficiency.py", "--problems", "lora_scale,rslora_asymmetric,batch_scaled,tabular,branin,hartmann6"],
+    ["ablation.py", "--variants", "shipped,baseline_counted,no_baseline"],
     ["early_stopping.py"],
     ["optimizer_overhead.py"],
+    ["acquisition_search.py"],
+    ["trial_runner.py"],
     ["trainer_throughput.py", "--epochs", "3", "--repeats", "5"],
     ["parallel.py"],
 ]
