@@ -91,9 +91,7 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
                 p.log2_encoded = True
     opt = Variant.create(space, ["value"], [True], [], seed=seed)
     if v.get("ax_optimizer_defaults"):
-        for node in opt.client._generation_strategy._nodes:
-            for spec in node.generator_specs:
-                spec.generator_gen_kwargs.pop("model_gen_options", None)
+        opt.use_ax_acquisition_search()
     rng, history = random.Random(seed), []
     if attach and problem.baseline is not None:
         index = opt.attach(problem.baseline, baseline=attach == "baseline")

@@ -55,9 +55,7 @@ def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
     # suggested last) the next suggestion is Bayesian optimization's.
     opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=1)
     if AX_DEFAULTS:
-        for node in opt.client._generation_strategy._nodes:
-            for spec in node.generator_specs:
-                spec.generator_gen_kwargs.pop("model_gen_options", None)
+        opt.use_ax_acquisition_search()
     rng = random.Random(seed)
     for _ in range(n - 1):
         point = random_point(space, rng)

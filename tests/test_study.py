@@ -248,9 +248,7 @@ def test_the_baseline_comes_on_top_of_the_initial_design_and_bayesian_optimizati
 
 
 def _acquisition_search(opt: Optimizer) -> list[dict]:
-    return [spec.generator_gen_kwargs.get("model_gen_options", {}).get("optimizer_kwargs")
-            for node in opt.client._generation_strategy._nodes for spec in node.generator_specs
-            if spec.generator_enum.name == "BOTORCH_MODULAR"]
+    return [spec.generator_gen_kwargs.get("model_gen_options", {}).get("optimizer_kwargs") for spec in opt._model_specs()]
 
 
 def test_a_lighter_acquisition_search_only_under_constraints_and_kept_on_restore():

@@ -198,11 +198,19 @@ class Optimizer:
         reapplied on restore for checkpoints written before."""
         if not self.client._experiment.search_space.parameter_constraints:
             return
-        for node in self.client._generation_strategy._nodes:  # no public accessor in Ax 1.3.1
-            for spec in node.generator_specs:
-                if spec.generator_enum.name == "BOTORCH_MODULAR":
-                    options = spec.generator_gen_kwargs.setdefault("model_gen_options", {})
-                    options.setdefault("optimizer_kwargs", dict(ACQUISITION_SEARCH_UNDER_CONSTRAINTS))
+        for spec in self._model_specs():
+            options = spec.generator_gen_kwargs.setdefault("model_gen_options", {})
+            options.setdefault("optimizer_kwargs", dict(ACQUISITION_SEARCH_UNDER_CONSTRAINTS))
+
+    def use_ax_acquisition_search(self) -> None:
+        """Ax's own acquisition-search settings, also under constraints (benchmarks compare the two)."""
+        for spec in self._model_specs():
+            spec.generator_gen_kwargs.pop("model_gen_options", None)
+
+    def _model_specs(self) -> list:
+        """The generator specs of Bayesian optimization (BoTorch) in the generation strategy."""
+        return [spec for node in self.client._generation_strategy._nodes  # no public accessor in Ax 1.3.1
+                for spec in node.generator_specs if spec.generator_enum.name == "BOTORCH_MODULAR"]
 
     # -- asking and telling ---------------------------------------------------------------
 
@@ -334,6 +342,11 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
     if len(objectives) > 1:
         wanted["pareto_front"] = ScatterPlot(x_metric_name=objectives[0], y_metric_name=objectives[1],
                                              show_pareto_frontier=True)
+    from ax.adapter.torch import TorchAdapter
+
+    # Ax fits its model of the objective once Bayesian optimization starts; before, the model-based
+    # analyses fail with an error about adapter classes, which says nothing to a user
+    no_model = not isinstance(strategy.adapter, TorchAdapter)
     figures, importance, errors = {}, None, []
     for name, analysis in wanted.items():
         try:
@@ -342,5 +355,10 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
             if name == "sensitivity":
                 importance = {names.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
         except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
-            errors.append(f"{name}: {first_line(exc, 160)}")
+            model_based = name == "sensitivity" or name.startswith("contour_")
+            errors.append(f"{name}: {NO_MODEL_YET if no_model and model_based else first_line(exc, 160)}")
     return figures, importance, errors
+
+
+NO_MODEL_YET = ("it needs Ax's model of the objective, fitted once Bayesian optimization starts (after the "
+                "baseline and the initial design); this study ended before")

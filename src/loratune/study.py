@@ -74,11 +74,10 @@ class Study:
                     if aborted is None and self.failures_in_a_row >= self.cfg.max_failures_in_a_row \
                             and self.stored.finished() + len(running) < self.cfg.trials:
                         aborted = self._abort_message()
-                    if aborted is None and self._fill(executor, running):
-                        changed = False  # _fill saved, after this round's events, before starting a trial
-                    if changed:  # one atomic save per round of events, after the freed slots are refilled
+                    started = aborted is None and self._fill(executor, running)
+                    if changed and not started:  # one atomic save per round; _fill saved before starting a trial
                         self.save()
-                        changed = False
+                    changed = False
                 self.save()
         except KeyboardInterrupt:
             executor.shutdown()

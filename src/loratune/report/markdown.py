@@ -89,9 +89,6 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
             lines += [f"![Parameter importance]({images['importance']})", ""]
     else:
         reasons = [e.removeprefix("sensitivity: ") for e in analysis_errors if e.startswith("sensitivity")]
-        if any("RandomAdapter" in r for r in reasons):  # Ax has no model of the objective before its initial design ends
-            reasons = ["it needs Ax's model of the objective, fitted once Bayesian optimization starts (after "
-                       "the baseline and the initial design: trial 7 by default); this study ended before"]
         lines += ["Ax's sensitivity analysis is not available for this study"
                   + (f": {'; '.join(reasons)}." if reasons else "."), ""]
 
