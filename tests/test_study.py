@@ -262,3 +262,49 @@ def test_a_lighter_acquisition_search_only_under_constraints_and_kept_on_restore
     assert _acquisition_search(opt) == [ACQUISITION_SEARCH_UNDER_CONSTRAINTS]
     restored = Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)
     assert _acquisition_search(restored) == [ACQUISITION_SEARCH_UNDER_CONSTRAINTS]
+
+
+def _as_ax_writes_it(opt: Optimizer) -> dict:
+    """Ax's own encoding of the client, less the strategy's copy of the experiment (as the snapshot leaves it)."""
+    snapshot = opt.client._to_json_snapshot()
+    snapshot["generation_strategy"]["experiment"] = None
+    return json.loads(json.dumps(snapshot, sort_keys=True))
+
+
+def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
+    from loratune.search_space import parse_search_space
+
+    space = parse_search_space(SPACE, ["lora_rank * batch_size <= 128"], StudyConfig().base())
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
+    opt.complete(opt.attach({"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1},
+                            baseline=True), {"loss": 1.0})
+    for end in ("completed", "completed", "early_stopped", "failed", "abandoned", "running"):
+        (index, params), = opt.ask(1).items()
+        if end != "failed":
+            opt.progress(index, {"loss": fake_loss(params) + 0.1}, 500)
+        if end == "completed":
+            opt.complete(index, {"loss": fake_loss(params)})
+        elif end == "early_stopped":
+            opt.early_stopped(index)
+        elif end == "failed":
+            opt.failed(index, "out of memory")
+        elif end == "abandoned":
+            opt.abandoned(index)
+    running = index
+    first = opt.snapshot()
+    assert json.loads(json.dumps(first, sort_keys=True)) == _as_ax_writes_it(opt)
+
+    opt.complete(running, {"loss": 0.5})  # the running trial ends; new trials and data arrive
+    for _ in range(2):
+        (index, params), = opt.ask(1).items()
+        opt.complete(index, {"loss": fake_loss(params)})
+    second = opt.snapshot()
+    assert json.loads(json.dumps(second, sort_keys=True)) == _as_ax_writes_it(opt)
+    # the finished trials' encodings were reused, the one that was running was encoded again
+    assert second["experiment"]["trials"][1] is first["experiment"]["trials"][1]
+    assert second["experiment"]["trials"][running] is not first["experiment"]["trials"][running]
+    assert second["experiment"]["trials"][running]["status"] == {"__type": "TrialStatus", "name": "COMPLETED"}
+
+    restored = Optimizer.restore(json.loads(json.dumps(second)), space, seed=0)
+    assert len(restored.client._experiment.trials) == len(opt.client._experiment.trials)
+    assert restored.ask(1)

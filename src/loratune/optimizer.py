@@ -146,6 +146,7 @@ class Optimizer:
         self.exhausted = False
         self.note: str | None = None  # something the user should hear about the optimizer (shown once)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
+        self._encoded: dict[int, tuple] = {}  # trial index -> (trial, data rows, its JSON, its data's JSON)
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
@@ -279,15 +280,53 @@ class Optimizer:
 
     @_timed
     def snapshot(self) -> dict:
-        """Ax's experiment and generation strategy as JSON (``Client.save_to_json_file`` without the file).
+        """Ax's experiment and generation strategy as JSON: what ``Client.save_to_json_file`` writes, less
+        the generation strategy's own copy of the experiment (``Client`` decodes the strategy with the
+        experiment it decoded first and never reads that copy).
 
-        The generation strategy's own copy of the experiment is left out: ``Client`` decodes the strategy
-        with the experiment it decoded first and never reads that copy, which was a third of the file."""
-        snapshot = self.client._to_json_snapshot()  # what save_to_json_file writes, with no disk round trip
-        strategy = snapshot.get("generation_strategy")
-        if isinstance(strategy, dict) and "experiment" in strategy:
-            strategy["experiment"] = None
-        return snapshot
+        Ax encodes every trial, its data and its generator run again at each save, which grows with the
+        study (0.47 s a save on average over a 100-trial study, a third of its time in Ax). A trial in a
+        final state (completed, early stopped, failed, abandoned) no longer changes: its encoding is
+        kept and reused while its data rows stay the same. The result equals Ax's own encoding (tested)."""
+        from ax.storage.json_store.encoder import object_to_json
+        from ax.storage.json_store.encoders import experiment_to_dict, generation_strategy_to_dict
+        from ax.storage.json_store.registry import CORE_ENCODER_REGISTRY
+
+        experiment, strategy = self.client._experiment, self.client._maybe_generation_strategy
+        if CORE_ENCODER_REGISTRY.get(type(experiment)) is not experiment_to_dict or strategy is None or \
+                CORE_ENCODER_REGISTRY.get(type(strategy)) is not generation_strategy_to_dict:
+            snapshot = self.client._to_json_snapshot()  # not the objects loratune makes: Ax's own encoding
+            if isinstance(snapshot.get("generation_strategy"), dict):
+                snapshot["generation_strategy"]["experiment"] = None
+            return snapshot
+
+        fields = experiment_to_dict(experiment)  # one level deep: trials and data are still Ax objects
+        data_by_trial = fields["data_by_trial"]
+        rows = experiment.data.full_df["trial_index"].value_counts().to_dict() if data_by_trial else {}
+        trials, data, runs = {}, {}, {}
+        for index, trial in fields["trials"].items():
+            kept = self._encoded.get(index)
+            if kept is not None and kept[0] is trial and kept[1] == rows.get(index, 0):
+                _, _, trials[index], data_json = kept
+            else:
+                trials[index] = object_to_json(trial)
+                data_json = object_to_json(data_by_trial[index]) if index in data_by_trial else None
+                if trial.status.is_terminal:
+                    self._encoded[index] = (trial, rows.get(index, 0), trials[index], data_json)
+            if data_json is not None:
+                data[index] = data_json
+            if getattr(trial, "generator_run", None) is not None:  # the strategy lists the same runs
+                runs[id(trial.generator_run)] = trials[index]["generator_run"]
+        encoded = {"trials": trials, "data_by_trial": data}
+        experiment_json = {key: encoded[key] if key in encoded else object_to_json(value)
+                           for key, value in fields.items()}
+
+        parts = generation_strategy_to_dict(strategy)
+        parts["experiment"] = None
+        strategy_json = {key: [runs.get(id(run)) or object_to_json(run) for run in value]
+                         if key == "generator_runs" else object_to_json(value) for key, value in parts.items()}
+        return {"_type": type(self.client).__name__, "experiment": experiment_json,
+                "generation_strategy": strategy_json}
 
     @classmethod
     def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, early_stopping: Any = None) -> Optimizer:
