@@ -294,17 +294,20 @@ def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
     first = opt.snapshot()
     assert json.loads(json.dumps(first, sort_keys=True)) == _as_ax_writes_it(opt)
 
-    opt.complete(running, {"loss": 0.5})  # the running trial ends; new trials and data arrive
-    for _ in range(2):
-        (index, params), = opt.ask(1).items()
-        opt.complete(index, {"loss": fake_loss(params)})
+    opt.early_stopped(running)  # the running trial ends with no new data, as under the percentile rule
+    opt.progress(2, {"loss": 0.3}, 500)  # a finished trial's point is replaced (Ax accepts it): same row count
+    (index, params), = opt.ask(1).items()
+    opt.complete(index, {"loss": fake_loss(params)})
     second = opt.snapshot()
     assert json.loads(json.dumps(second, sort_keys=True)) == _as_ax_writes_it(opt)
-    # the finished trials' encodings were reused, the one that was running was encoded again
-    assert second["experiment"]["trials"][1] is first["experiment"]["trials"][1]
-    assert second["experiment"]["trials"][running] is not first["experiment"]["trials"][running]
-    assert second["experiment"]["trials"][running]["status"] == {"__type": "TrialStatus", "name": "COMPLETED"}
+    trials, data = second["experiment"]["trials"], second["experiment"]["data_by_trial"]
+    # a finished trial is encoded once; the one that was running and the one whose data changed again
+    assert trials[1] is first["experiment"]["trials"][1] and data[1] is first["experiment"]["data_by_trial"][1]
+    assert trials[running] is not first["experiment"]["trials"][running]
+    assert data[2] is not first["experiment"]["data_by_trial"][2]
+    assert trials[running]["status"] == {"__type": "TrialStatus", "name": "EARLY_STOPPED"}
 
-    restored = Optimizer.restore(json.loads(json.dumps(second)), space, seed=0)
-    assert len(restored.client._experiment.trials) == len(opt.client._experiment.trials)
-    assert restored.ask(1)
+    for snapshot in (second, json.loads(json.dumps(second))):  # from memory and as read from the file
+        restored = Optimizer.restore(snapshot, space, seed=0)
+        assert len(restored.client._experiment.trials) == len(opt.client._experiment.trials)
+        assert restored.ask(1)
