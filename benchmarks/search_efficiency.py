@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--problems", default="tabular,branin,hartmann6")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + reps - 1")
     parser.add_argument("--save", help="write every regret trace to this JSON file")
     parser.add_argument("--no-baseline", action="store_true",
                         help="run loratune without the baseline trial (as this benchmark did before the surfaces)")
@@ -366,7 +367,7 @@ def main() -> None:
     if args.no_baseline:
         os.environ["LORATUNE_BENCH_NO_BASELINE"] = "1"  # read by the workers, which build their own problems
     start = time.perf_counter()
-    results, seconds = measure(problems, methods, args.reps, args.trials, args.jobs)
+    results, seconds = measure(problems, methods, args.reps, args.trials, args.jobs, first_seed=args.first_seed)
     print(f"{len(problems) * len(methods) * args.reps} runs in {time.perf_counter() - start:.0f} s with {args.jobs} jobs\n")
     if args.save:
         Path(args.save).write_text(json.dumps({f"{p}/{m}": t for (p, m), t in results.items()}))
