@@ -1,5 +1,6 @@
-"""Ablations of loratune's search: how the baseline is attached and how Ax's initialization is set up,
-each measured as search_efficiency.py measures loratune (same problems, seeds, budget and tables).
+"""Ablations of loratune's search: how the baseline is attached, how Ax's initialization is set up, the
+encoding, noise and outcome transform, the acquisition search and the product constraint, each
+measured as search_efficiency.py measures loratune (same problems, seeds, budget and tables).
 
     python benchmarks/ablation.py --variants shipped,baseline_counted,init3 [--problems lora_scale,...] [--reps 20]
 
@@ -24,9 +25,9 @@ import search_efficiency as se  # noqa: E402
 # name -> settings: "gs": keyword arguments for Client.configure_generation_strategy (absent: the
 # Optimizer's own), "attach": how the baseline is attached ("baseline" | "trial" | None),
 # "exponents": power-of-two choices given to Ax as base-2 exponents, "constraint": a parameter
-# constraint of the space, "lighter_search": 512 starting points and 10 restarts for the acquisition
-# search instead of Ax's 1024 and 20, "sem": the standard error
-# reported with every observation (absent: none, Ax infers the noise)
+# constraint of the space, "lighter_search": 512 raw samples and 10 restarts for the acquisition
+# search instead of Ax's 1024 and 20, "sem": the standard error reported with every observation
+# (absent: none, Ax infers the noise)
 ALLOW = {"allow_exceeding_initialization_budget": True}
 VARIANTS: dict[str, dict] = {
     "shipped": {"attach": "baseline"},

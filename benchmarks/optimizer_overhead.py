@@ -46,7 +46,7 @@ def random_point(space, rng: random.Random) -> dict:
             return point
 
 
-LIGHTER = False  # --lighter-search: 512 starting points and 10 restarts for the acquisition search
+LIGHTER = False  # --lighter-search: 512 raw samples and 10 restarts for the acquisition search
 
 
 def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--split", action="store_true", help="study: the time of Ax's suggestions, completions and snapshots")
     parser.add_argument("--lighter-search", action="store_true",
-                        help="512 starting points and 10 restarts for the acquisition search (Ax: 1024 and 20)")
+                        help="suggest part: 512 raw samples and 10 restarts for the acquisition search (Ax: 1024 and 20)")
     parser.add_argument("--constrained-only", action="store_true", help="the suggestion table with the constraint only")
     args = parser.parse_args()
     global LIGHTER

@@ -5,6 +5,7 @@ surfaces (surfaces.py) and on Branin and Hartmann6 with a mix of continuous and 
     pip install -e ".[bench]"                  # Optuna, for the TPE rows
     python benchmarks/search_efficiency.py [--reps 20] [--trials 20] [--jobs 2] [--problems tabular,branin,hartmann6]
     python benchmarks/search_efficiency.py --problems lora_scale,rslora_asymmetric,batch_scaled --methods loratune,ax,ax_baseline,random,optuna_tpe
+    python benchmarks/search_efficiency.py --problems lora_scale --reps 40 --first-seed 20 --save more.json   # seeds 20-59
 
 loratune's search is its ``Optimizer`` used as a study uses it: on the problems over the default
 search space (tabular and the surfaces) the baseline (rank 16, alpha 32, lr 2e-4, batch size 1) is trial 0,

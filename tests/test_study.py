@@ -280,7 +280,7 @@ def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
     opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
     opt.complete(opt.attach({"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1},
                             baseline=True), {"loss": 1.0})
-    for end in ("completed", "completed", "early_stopped", "failed", "abandoned", "running"):
+    for end in ("completed", "running", "completed", "early_stopped", "failed", "abandoned"):  # trials 1-6
         (index, params), = opt.ask(1).items()
         if end != "failed":
             opt.progress(index, {"loss": fake_loss(params) + 0.1}, 500)
@@ -292,21 +292,24 @@ def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
             opt.failed(index, "out of memory")
         elif end == "abandoned":
             opt.abandoned(index)
-    running = index
+    running = 2
     first = opt.snapshot()
     assert json.loads(json.dumps(first, sort_keys=True)) == _as_ax_writes_it(opt)
 
-    opt.early_stopped(running)  # the running trial ends with no new data, as under the percentile rule
-    opt.progress(2, {"loss": 0.3}, 500)  # a finished trial's point is replaced (Ax accepts it): same row count
+    opt.progress(running, {"loss": 0.6}, 800)  # a trial before the finished ones gains a point, then stops
+    opt.early_stopped(running)
+    opt.progress(3, {"loss": 0.3}, 500)  # a finished trial's point is replaced (Ax accepts it): same row count
     (index, params), = opt.ask(1).items()
     opt.complete(index, {"loss": fake_loss(params)})
     second = opt.snapshot()
     assert json.loads(json.dumps(second, sort_keys=True)) == _as_ax_writes_it(opt)
     trials, data = second["experiment"]["trials"], second["experiment"]["data_by_trial"]
-    # a finished trial is encoded once; the one that was running and the one whose data changed again
-    assert trials[1] is first["experiment"]["trials"][1] and data[1] is first["experiment"]["data_by_trial"][1]
-    assert trials[running] is not first["experiment"]["trials"][running]
-    assert data[2] is not first["experiment"]["data_by_trial"][2]
+    was = first["experiment"]
+    # finished trials are encoded once; the one that was running and the one whose data changed again
+    assert trials[1] is was["trials"][1] and data[1] is was["data_by_trial"][1]
+    assert trials[4] is was["trials"][4] and data[4] is was["data_by_trial"][4]
+    assert trials[running] is not was["trials"][running] and data[running] is not was["data_by_trial"][running]
+    assert data[3] is not was["data_by_trial"][3]
     assert trials[running]["status"] == {"__type": "TrialStatus", "name": "EARLY_STOPPED"}
 
     for snapshot in (second, json.loads(json.dumps(second))):  # from memory and as read from the file

@@ -118,8 +118,11 @@ def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
     return [ax_parameter(p) for p in space.params], constraints
 
 
-# Fewer starting points for BoTorch's acquisition search (Ax: 1024 and 20); not the default, see
-# Optimizer.use_lighter_acquisition_search.
+# A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
+# only. loratune keeps Ax's settings, with or without constraints: under the product constraint the
+# lighter one makes a suggestion 40% cheaper (2.1 s against 3.4 s at 50 trials), but both meet the
+# 6 s goal, and over 20 seeds on two LoRA-shaped surfaces its median regret was higher in 5 of 6
+# checkpoints, mostly by noise-sized margins (docs/BENCHMARKS.md, "Against the current default").
 LIGHTER_ACQUISITION_SEARCH = {"raw_samples": 512, "num_restarts": 10}
 
 
@@ -156,7 +159,8 @@ class Optimizer:
         self.note: str | None = None  # something the user should hear about the optimizer (shown once)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
         self._encoded_trials: dict[int, _EncodedTrial] = {}  # by trial index: what snapshot() reuses
-        self._encoded_runs: dict[int, tuple[Any, Any]] = {}  # id(generator run) -> (the run, its JSON)
+        # id(generator run) -> (the run, its JSON); holding the run keeps its id from being reused
+        self._encoded_runs: dict[int, tuple[Any, Any]] = {}
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
@@ -195,19 +199,14 @@ class Optimizer:
                                                   initialization_random_seed=self.seed,
                                                   use_existing_trials_for_initialization=False,
                                                   allow_exceeding_initialization_budget=True)
-        # The acquisition search keeps Ax's settings, with or without constraints. 512 starting points
-        # and 10 restarts make a suggestion under the product constraint 40% cheaper (2.1 s against
-        # 3.4 s at 50 trials), but over 20 seeds on the LoRA-shaped surfaces Ax's settings ended with
-        # the lower mean regret in 5 of 6 checkpoints, and both are within the 6 s goal
-        # (docs/BENCHMARKS.md, "Against today's default").
 
     def use_lighter_acquisition_search(self) -> None:
-        """512 starting points and 10 restarts for BoTorch's acquisition search instead of Ax's 1024 and
-        20 (benchmarks compare the two). Set through Ax's ``model_gen_options`` on the Bayesian
+        """512 raw samples and 10 restarts for BoTorch's acquisition search instead of Ax's 1024 and 20
+        (benchmarks compare the two). Set through Ax's ``model_gen_options`` on the Bayesian
         optimization node, so it is saved with the generation strategy."""
         for spec in self._model_specs():
-            spec.generator_gen_kwargs.setdefault("model_gen_options", {})["optimizer_kwargs"] = dict(
-                LIGHTER_ACQUISITION_SEARCH)
+            options = spec.generator_gen_kwargs.setdefault("model_gen_options", {})
+            options.setdefault("optimizer_kwargs", {}).update(LIGHTER_ACQUISITION_SEARCH)
 
     def _model_specs(self) -> list:
         """The generator specs of Bayesian optimization (BoTorch) in the generation strategy."""
@@ -287,8 +286,8 @@ class Optimizer:
 
         Ax encodes every trial, its data and its generator run again at each save, which grows with the
         study (0.47 s a save on average over a 100-trial study, a third of its time in Ax). Here a trial
-        in a final state (completed, early stopped, failed, abandoned; Ax moves none of them back) keeps
-        its encoding while its data rows are the same objects (Ax replaces a row it updates), and a
+        in a terminal state (``TrialStatus.is_terminal``: Ax's Client moves none back) keeps its
+        encoding while its data rows are the same objects (Ax replaces a row it updates), and a
         generator run keeps its encoding once its arms are named. The result equals Ax's own encoding
         (tested); it shares those parts with other snapshots, so it is read, never changed in place."""
         from ax.storage.json_store.encoder import object_to_json
@@ -298,7 +297,9 @@ class Optimizer:
         experiment, strategy = self.client._experiment, self.client._maybe_generation_strategy
         if CORE_ENCODER_REGISTRY.get(type(experiment)) is not experiment_to_dict or strategy is None or \
                 CORE_ENCODER_REGISTRY.get(type(strategy)) is not generation_strategy_to_dict:
-            snapshot = self.client._to_json_snapshot()  # not the objects loratune makes: Ax's own encoding
+            # not the experiment and strategy loratune makes (nor a custom encoder registry, which
+            # loratune never sets): Ax's own encoding, all of it
+            snapshot = self.client._to_json_snapshot()
             if isinstance(snapshot.get("generation_strategy"), dict):
                 snapshot["generation_strategy"]["experiment"] = None
             return snapshot
@@ -345,7 +346,10 @@ class Optimizer:
 
     @classmethod
     def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, early_stopping: Any = None) -> Optimizer:
-        """Rebuild from ``snapshot()``; the seed and the early-stopping rule are reapplied, as Ax does not store them."""
+        """Rebuild from ``snapshot()``; the seed and the early-stopping rule are reapplied, as Ax does not
+        store them. The generation strategy is Ax's as saved: a study keeps the acquisition settings it
+        started with (one checkpointed while loratune gave constrained spaces the lighter search
+        resumes with it)."""
         start = time.perf_counter()
         _quiet_ax()
         from ax import Client
