@@ -1,5 +1,5 @@
-"""Does a lighter acquisition search under parameter constraints (512 starting points, 10 restarts;
-Ax, and loratune: 1024 and 20) choose other points than Ax's settings? The same constrained studies,
+"""Does a lighter acquisition search under parameter constraints (512 raw samples, 10 restarts; Ax's
+settings, which loratune keeps: 1024 and 20) choose other points than Ax's settings? The same constrained studies,
 each at the same state, asked once with either setting.
 
     python benchmarks/acquisition_search.py [--states 10] [--trials 20]

@@ -5,7 +5,8 @@
 The tabular grid (tabular_grid.py, about 45 minutes of fine-tunes) is not rerun: its data file is
 committed; curve_subset.py writes a data file the early-stopping benchmark reads, also committed.
 Nor are the longer follow-ups whose commands docs/BENCHMARKS.md gives in their sections (lora_scale
-with 60 seeds, the ablations against the current default: about 2 h more). About 1 h 50 min on 2 cores. Output goes to the terminal; the tables are copied into docs/BENCHMARKS.md by hand.
+with 60 seeds, the ablations against the current default: about 2 h more). About 1 h 50 min on 2
+cores. Output goes to the terminal; the tables are copied into docs/BENCHMARKS.md by hand.
 """
 
 from __future__ import annotations
