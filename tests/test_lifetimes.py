@@ -152,7 +152,7 @@ def test_a_cancelled_fine_tune_frees_its_worker_and_the_next_trial_runs(tiny_mod
     executor = LocalExecutor(reuse_model=True)
     try:
         executor.submit(spec(0, 30))
-        worker = executor.running[0].proc.pid
+        worker = executor.running[0].runner.pid
         lock = tmp_path / "0" / ".lock"
         wait_for(lambda: (tmp_path / "0" / "progress.jsonl").exists(), 120, "the trial to train")
         executor.cancel(0, "timeout: still running after 25 s (trial_timeout)")

@@ -62,7 +62,7 @@ def test_process_workers_overlap_and_a_killed_worker_is_a_failed_trial(tmp_path)
     assert wall < 6 * 1.0 * 0.8  # clearly less than one after another
     states = {t["params"]["lora_rank"]: t["state"] for t in results["trials"]}
     killed = [t for t in results["trials"] if t["params"]["lora_rank"] == 64]
-    assert killed and all(t["state"] == "failed" and "code -9" in t["reason"] for t in killed)
+    assert killed and all(t["state"] == "failed" and "killed by SIGKILL" in t["reason"] for t in killed)
     assert len(results["trials"]) == 6 and "completed" in states.values()
 
 

@@ -242,7 +242,7 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
 
     overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
     cfg = load_finetune_config(config, overrides)
-    preflight.check_adapter_targets(cfg)
+    preflight.check_model(cfg)
     with TrainingProgress(quiet) as on_step:
         return run_training(cfg, overwrite=overwrite, on_step=on_step)
 

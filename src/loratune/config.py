@@ -30,7 +30,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with the model repository. Off unless you trust it."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
-    """Load the base model quantized with bitsandbytes (QLoRA); CUDA only."""
+    """Load the base model quantized with bitsandbytes (QLoRA): on CUDA GPUs, and on the CPU with bitsandbytes
+    0.48 or newer (``pip install 'loratune[quantization]'``); checked before a study starts."""
     gradient_checkpointing: bool = False
     """Trade compute for memory: recompute activations in the backward pass."""
 
@@ -114,7 +115,8 @@ class TrainingConfig:
     eval_batch_size: int = 8
     """Examples per forward pass when computing validation loss."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision; ``auto``: bf16 where the GPU supports it, fp16 with loss scaling otherwise, fp32 on CPU."""
+    """Mixed precision; ``auto``: bf16 where the GPU supports it, fp16 with loss scaling otherwise, fp32 on CPU.
+    bf16 and fp16 asked for by name run on CPU too (torch's autocast)."""
 
 
 @dataclass

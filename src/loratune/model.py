@@ -6,6 +6,8 @@ trial and take it off again, leaving the base as it was loaded.
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,8 +29,16 @@ class Base:
     load_time_s: float = 0.0
 
 
-def import_libraries() -> None:
-    """Import torch, transformers and peft now (seconds in a fresh process; nothing once imported)."""
+def import_libraries(quantized: bool = False) -> None:
+    """Import torch, transformers and peft now (seconds in a fresh process; nothing once imported).
+
+    Without quantization bitsandbytes is kept out of the process: peft imports it whenever it is
+    installed, which cost a worker 1.1 s of start-up (4.5 s instead of 3.4 s) and put a warning about a
+    missing ``kernels`` package in every trial's log (docs/BENCHMARKS.md, "Quantization")."""
+    if quantized:
+        _quiet_bitsandbytes()
+    elif "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # an import of it fails; peft's check finds nothing
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -53,12 +63,14 @@ def resolve_model(name: str) -> str:
 
 
 def choose_precision(requested: str, device: str) -> str:
+    """``auto``: bf16 where the GPU supports it, fp16 (with loss scaling) on older GPUs, fp32 on CPU.
+    Asked for by name, bf16 and fp16 run on CPU too (torch's CPU autocast and gradient scaler)."""
     import torch
 
-    if device == "cpu":
-        return "fp32"
     if requested != "auto":
         return requested
+    if device == "cpu":
+        return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -78,37 +90,71 @@ def load_tokenizer(cfg: FinetuneConfig):
 
     tokenizer = _load_pretrained(AutoTokenizer, resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token_id, why = padding_id(tokenizer)
+        if why:
+            print(f"note: {cfg.model.name}: the tokenizer has no pad token; {why}", file=sys.stderr)
     return tokenizer
 
 
-def _quiet_libraries() -> None:
+def padding_id(tokenizer) -> tuple[int, str | None]:
+    """The id to pad batches with when the tokenizer declares no pad token, and a note when it is not its
+    eos token. Any id is safe: padding is masked out of the attention and the loss. A token the
+    tokenizer already treats as special is preferred, so that no ordinary text is tokenized differently."""
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id, None  # the usual choice, silently
+    for name in ("unk_token_id", "bos_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            token = getattr(tokenizer, name)
+            return token, f"padding with its {name.removesuffix('_token_id')} token (id {token}), masked out of attention and loss"
+    added = sorted(tokenizer.get_added_vocab().values())
+    pad = added[0] if added else 0
+    return pad, f"padding with id {pad} ({tokenizer.convert_ids_to_tokens(pad)!r}), masked out of attention and loss"
+
+
+def _quiet_libraries(quantized: bool = False) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft/transformers
+    if quantized:
+        _quiet_bitsandbytes()
+
+
+def _quiet_bitsandbytes() -> None:
+    """Before it is imported: its note on an optional CPU kernel from a hub (at import) and its warning
+    on every 8-bit forward pass would fill every trial's log."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+
+
+def device_of_this_machine() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_base(cfg: FinetuneConfig) -> Base:
     """Load the base model once: precision from the hardware, quantization, gradient checkpointing."""
     import torch
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    _quiet_libraries()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized = cfg.model.quantization != "none"
+    _quiet_libraries(quantized)
+    device = device_of_this_machine()
     precision = choose_precision(cfg.training.precision, device)
     tokenizer = load_tokenizer(cfg)
     dtype = {"auto": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.quantization != "none":
-        kwargs["quantization_config"] = _quantization_config(cfg.model.quantization, dtype, device)
-        kwargs["device_map"] = {"": 0}
+    if quantized:
+        kwargs["quantization_config"] = _quantization_config(cfg.model.quantization, dtype)
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
     model = _load_pretrained(AutoModelForCausalLM, resolve_model(cfg.model.name), **kwargs)
-    if cfg.model.quantization != "none":
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
     else:
         model.to(device)
@@ -121,19 +167,39 @@ def load_base(cfg: FinetuneConfig) -> Base:
     return Base(model, tokenizer, device, precision, time.perf_counter() - start)
 
 
-def _quantization_config(kind: str, dtype, device: str):
-    if device != "cuda":
-        raise LoratuneError(f"model.quantization: {kind} loading needs a CUDA GPU; set it to 'none' on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise LoratuneError("model.quantization: needs bitsandbytes: pip install 'loratune[quantization]'") from None
+def _quantization_config(kind: str, dtype):
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
+
+
+def check_quantization(kind: str, where: str = "model.quantization") -> None:
+    """The installed bitsandbytes runs ``kind`` layers on this machine's device (CUDA, or the CPU with
+    bitsandbytes 0.48 and newer): one small quantized layer, forward and backward, before any trial
+    starts. Raises ``LoratuneError`` naming what to install or set."""
+    if kind == "none":
+        return
+    _quiet_bitsandbytes()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LoratuneError(f"{where}: {kind} loading needs bitsandbytes: pip install 'loratune[quantization]'") from None
+    import torch
+
+    device = device_of_this_machine()
+    try:
+        layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4") if kind == "4bit" else \
+            bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+        layer = layer.to(device)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()
+    except Exception as exc:  # bitsandbytes raises many kinds where a device lacks a kernel
+        raise LoratuneError(f"{where}: the installed bitsandbytes {bnb.__version__} cannot run {kind} layers on "
+                            f"{device} ({first_line(exc, 120)}); set it to 'none' on this machine, or install "
+                            "a bitsandbytes that supports this device") from None
 
 
 def attach_adapter(base: Base, cfg: FinetuneConfig):

@@ -57,13 +57,24 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
 
 
 def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
-    """The model resolves, the data loads and renders with its chat template, and the adapter's target
-    modules exist in the model: what would otherwise fail every trial, one by one."""
+    """The model resolves, the data loads and renders with its chat template, and the model checks
+    pass (``check_model``): what would otherwise fail every trial, one by one."""
     from .data import load_examples
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     load_examples(tokenizer, cfg.data, cfg.training.seed)
+    check_model(cfg, space, origin)
+
+
+def check_model(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
+    """Quantized loading runs on this machine, and the adapter's target modules exist in the model."""
+    from .model import check_quantization
+
+    kinds = {cfg.model.quantization} | {v for p in (space.params if space else []) if p.target == "model.quantization"
+                                        for v in p.candidates()}
+    for kind in sorted(kinds):
+        check_quantization(kind, (origin or Origin()).at("model.quantization"))
     check_adapter_targets(cfg, space, origin)
 
 

@@ -78,6 +78,19 @@ def kill_own_group() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def oom_kill_count() -> int:
+    """Processes the kernel's out-of-memory killer has ended since boot (Linux's ``/proc/vmstat``), else 0:
+    a worker killed by SIGKILL while this count rose was most likely its victim."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def signal_group(pid: int, sig: int) -> None:
     """Send ``sig`` to the process group that ``pid`` leads; a group already gone is fine."""
     try:

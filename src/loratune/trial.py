@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import signal
 import traceback
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -128,13 +129,31 @@ def result_from_exception(exc: BaseException) -> TrialResult:
     return TrialResult(TrialState.FAILED, reason=reason, extra={"traceback": traceback.format_exc()[-4000:]})
 
 
-def result_from_exit(code: int | None, log_text: str, what: str = "worker process") -> TrialResult:
-    """A process that ended without reporting a result: out of memory if its log says so, else failed."""
-    reason = f"{what} exited with code {code}" + (" (killed by a signal)" if code is not None and code < 0 else "")
+def result_from_exit(code: int | None, log_text: str, what: str = "worker process", *, started: bool = True,
+                     oom_killed: bool = False) -> TrialResult:
+    """A process that ended without reporting a result: out of memory when the kernel's out-of-memory killer
+    ended it (``oom_killed``) or its log says so, else failed. ``started``: whether it had taken the trial."""
+    if code is not None and code < 0:
+        how = f"was killed by {_signal_name(-code)}"
+        if oom_killed:
+            how = "was killed by the kernel's out-of-memory killer"
+        elif -code == signal.SIGKILL:
+            how += " (the kernel's out-of-memory killer, or a kill from outside)"
+    else:
+        how = f"exited with code {code}"
+    reason = f"{what} {how}" + ("" if started else " before it started the trial")
     tail = first_line("\n".join(reversed(log_text.strip().splitlines())))
-    if tail and what != "worker process":
+    if tail and (what != "worker process" or not started):  # a worker's own last line means little mid-trial
         reason += f": {tail}"
-    return TrialResult(TrialState.OUT_OF_MEMORY if is_out_of_memory(log_text) else TrialState.FAILED, reason=reason)
+    out_of_memory = oom_killed or is_out_of_memory(log_text)
+    return TrialResult(TrialState.OUT_OF_MEMORY if out_of_memory else TrialState.FAILED, reason=reason)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def as_number(value: Any) -> float | None:

@@ -1,19 +1,11 @@
-"""A trial's process, and the files it shares with the study.
+"""A trial's process.
 
 ``python -m loratune.worker TRIAL_DIR`` runs one trial and exits (``reuse_model: false``).
 ``python -m loratune.worker --serve`` keeps the base model (and the tokenized data) loaded and runs
-the trials whose directories arrive on its stdin, one after another, each with a fresh adapter. It
-exits when stdin closes between trials, after a trial that failed (a fresh process is the safe state
-after an out-of-memory or a crash), or when told to; the executor then starts a fresh one.
-
-A trial directory holds:
-
-- ``trial.json``: the resolved training config and what to measure (written by the executor);
-- ``progress.jsonl``: one JSON line per event, ``{"kind": "eval", ...}`` per validation point and
-  ``{"kind": "step", ...}`` at most once a second;
-- ``STOP``: appears when the study wants the trial stopped early (it stops after its next step);
-- ``result.json``: how the trial ended, always written, also on out-of-memory or a crash;
-- ``log.txt``: the process's output during the trial.
+the trials whose directories arrive on its stdin, one after another, each with a fresh adapter, until
+stdin closes or it is told to exit. When it is replaced (after a failed trial, after
+``trials_per_worker`` trials, for another base model) is decided by whoever runs it
+(``executors/serving.py``). The files it shares with them are described in ``trial_dir.py``.
 """
 
 from __future__ import annotations
@@ -34,44 +26,19 @@ from typing import IO, Any  # noqa: E402
 from .processes import TrialLock, kill_own_group, watch_parent  # noqa: E402
 from .storage import atomic_write_json  # noqa: E402
 from .trial import TrialResult, TrialState, result_from_exception  # noqa: E402
+from .trial_dir import (  # noqa: E402
+    EVAL,
+    LOG_FILE,
+    PROGRESS_FILE,
+    RESULT_FILE,
+    SPEC_FILE,
+    STARTED,
+    STEP,
+    STOP_FILE,
+    base_key,
+)
 
-STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
 STEP_INTERVAL_S = 1.0  # step events are written at most this often
-
-
-def worker_env(threads: int, gpus: list[str] | None = None) -> dict[str, str]:
-    """The environment of a trial process: its share of the CPU threads, its GPUs, unbuffered output."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    return env
-
-
-class ProgressReader:
-    """Reads the events a trial appended to its ``progress.jsonl`` since the last call."""
-
-    def __init__(self, trial_dir: Path):
-        self.path, self.offset = trial_dir / PROGRESS_FILE, 0
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
-        self.offset += len(complete)
-        events = []
-        for line in complete.decode(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-        return events
 
 
 def metrics_from_training(m: dict) -> dict[str, float]:
@@ -84,13 +51,6 @@ def metrics_from_training(m: dict) -> dict[str, float]:
     if "inference_time" in m:
         out["inference_time"] = m["inference_time"]
     return out
-
-
-def base_key(config: dict) -> str:
-    """Everything in a training config (as a mapping) that shapes the loaded base model: trials with
-    equal keys can share one."""
-    return json.dumps({"model": config.get("model"), "precision": (config.get("training") or {}).get("precision")},
-                      sort_keys=True)
 
 
 class Cache:
@@ -109,7 +69,12 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
     from .model import import_libraries, load_base
     from .settings import finetune_config_from_dict
 
-    import_libraries()  # here, not where first used, so that a fresh process's start-up is timed as such
+    try:
+        spec = json.loads((trial_dir / SPEC_FILE).read_text())
+        # here, not where first used, so that a fresh process's start-up is timed as such
+        import_libraries(quantized=(spec["config"].get("model") or {}).get("quantization", "none") != "none")
+    except BaseException as exc:
+        return result_from_exception(exc)
     started = time.time()
     progress = open(trial_dir / PROGRESS_FILE, "a")
     last_step = [0.0]
@@ -119,17 +84,16 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         progress.flush()
 
     def on_eval(point) -> bool:
-        write({"kind": "eval", **asdict(point)})
+        write({"kind": EVAL, **asdict(point)})
         return False
 
     def on_step(step: int, steps: int, elapsed: float, train_loss: float) -> None:
         if time.monotonic() - last_step[0] >= STEP_INTERVAL_S or step == steps:
             last_step[0] = time.monotonic()
-            write({"kind": "step", "step": step, "steps": steps, "elapsed_s": round(elapsed, 3),
+            write({"kind": STEP, "step": step, "steps": steps, "elapsed_s": round(elapsed, 3),
                    "train_loss": train_loss})
 
     try:
-        spec = json.loads((trial_dir / SPEC_FILE).read_text())
         cfg = finetune_config_from_dict(spec["config"], str(trial_dir / SPEC_FILE))
         base = data = None
         load_s = 0.0
@@ -192,16 +156,20 @@ def _rss_bytes() -> int:
 
 
 def _run_in(trial_dir: Path, cache: Cache | None, process_start: float | None) -> TrialResult:
-    """One trial with this process's output going to the trial's log and its directory locked."""
+    """One trial with this process's output going to the trial's log and its directory locked. The
+    first progress line says the trial is taken; the result is written last, once the log holds
+    everything (whoever runs the worker may end it as soon as the result is there)."""
     lock = TrialLock(trial_dir).acquire()
     log = open(trial_dir / LOG_FILE, "a")
     _redirect_output(log)
     try:
+        with open(trial_dir / PROGRESS_FILE, "a") as progress:
+            progress.write(json.dumps({"kind": STARTED, "pid": os.getpid()}) + "\n")
         result = run_trial(trial_dir, cache, process_start)
-        atomic_write_json(trial_dir / RESULT_FILE, result.to_dict())
         if result.state.is_failure:
             print(f"trial ended: {result.state.value}: {result.reason}", file=sys.stderr)
             print(result.extra.get("traceback", ""), file=sys.stderr, flush=True)
+        atomic_write_json(trial_dir / RESULT_FILE, result.to_dict())
         return result
     finally:
         lock.release()
@@ -231,11 +199,9 @@ def serve() -> None:
     cache, first = Cache(), True
     while (command := commands.get()) not in (None, "exit"):
         busy.set()
-        result = _run_in(Path(command), cache, PROCESS_START if first else None)  # the first pays for the imports
+        _run_in(Path(command), cache, PROCESS_START if first else None)  # the first pays for the imports
         first = False
         busy.clear()
-        if result.state.is_failure:
-            sys.exit(3)  # the executor starts a fresh worker: memory after an OOM or a crash is not trusted
 
 
 def main() -> None:

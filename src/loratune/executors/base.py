@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..trial import TrialResult
+from ..trial_dir import EVAL, STEP
 
 
 @dataclass
@@ -29,11 +30,15 @@ class Event:
 
 
 def progress_events(index: int, events: list[dict]) -> list[Event]:
-    """A trial's ``progress.jsonl`` events (see worker.py) as loop events."""
+    """A trial's ``progress.jsonl`` events (see trial_dir.py) as loop events: its validation points and
+    training ticks (its ``started`` line is for whoever runs the worker)."""
     out = []
     for e in events:
-        kind = e.pop("kind", "eval")  # files written before steps were streamed hold points only
-        out.append(Event(index, tick=e) if kind == "step" else Event(index, point=e))
+        kind = e.pop("kind", EVAL)  # files written before steps were streamed hold points only
+        if kind == STEP:
+            out.append(Event(index, tick=e))
+        elif kind == EVAL:
+            out.append(Event(index, point=e))
     return out
 
 

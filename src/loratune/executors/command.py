@@ -1,5 +1,5 @@
 """A user's own training command as the evaluation (``--command``): its placeholders, the check made
-before a study starts, and the metrics it prints."""
+before a study starts, how it runs as a trial, and the metrics it prints."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import LoratuneError
+from ..processes import die_with_parent, signal_group
+from ..trial import TrialResult, TrialState, check_metrics, result_from_exit
+from ..trial_dir import LOG_FILE
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "ash"}
@@ -81,3 +87,63 @@ def last_json_metrics(text: str) -> dict | None:
             if isinstance(value, dict):
                 return value
     return None
+
+
+class CommandRunner:
+    """Runs a slot's command trials, each a fresh process under a guard (``python -m loratune.processes``)
+    that takes the command's whole process group down with the study. The same methods as
+    ``serving.ServingWorker``: ``start``, ``poll``, ``stop`` (SIGTERM to the group: the command may end
+    on its own terms, as early-stopped), ``cancel`` and ``close``."""
+
+    def __init__(self, template: str, env: dict[str, str], objectives: list[str]):
+        self.template, self.env, self.objectives = template, env, objectives
+        self.process: subprocess.Popen | None = None
+        self.trial: Path | None = None
+        self.stop_sent, self.cancelled = False, None
+
+    def holds(self, key: str) -> bool:
+        return False  # nothing is kept from one trial to the next
+
+    def start(self, trial_dir: Path, params: dict[str, Any]) -> None:
+        argv = command_argv(self.template, params)
+        self.trial, self.stop_sent, self.cancelled = trial_dir, False, None
+        with open(trial_dir / LOG_FILE, "a") as log:
+            log.write(f"$ {shlex.join(argv)}\n")
+            log.flush()
+            self.process = subprocess.Popen([sys.executable, "-m", "loratune.processes", str(trial_dir), "--", *argv],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=self.env, start_new_session=True, preexec_fn=die_with_parent())
+
+    def poll(self) -> TrialResult | None:
+        if self.trial is None or self.process.poll() is None:
+            return None
+        log = (self.trial / LOG_FILE).read_text(errors="replace")
+        if self.cancelled:
+            result = TrialResult(TrialState.FAILED, reason=self.cancelled)
+        elif self.stop_sent:
+            result = TrialResult(TrialState.EARLY_STOPPED, reason="early-stopped")
+        elif self.process.returncode != 0:
+            result = result_from_exit(self.process.returncode, log, what="command")
+        elif (metrics := last_json_metrics(log)) is None:
+            result = TrialResult(TrialState.FAILED, reason="command printed no JSON line with metrics")
+        else:
+            result = check_metrics(metrics, self.objectives)
+        self.trial = None
+        self.close()  # whatever the command left running in its group
+        return result
+
+    def stop(self) -> None:
+        if self.trial is not None and not self.stop_sent:
+            self.stop_sent = True
+            signal_group(self.process.pid, signal.SIGTERM)
+
+    def cancel(self, reason: str) -> None:
+        if self.trial is not None and self.cancelled is None:
+            self.cancelled = reason
+            signal_group(self.process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.process is not None:
+            signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None

@@ -1,7 +1,8 @@
 """Trials on a Ray cluster. The Ax client stays in the driver (Ray Tune's AxSearch is built on Ax's
 removed AxClient); each slot is a Ray actor holding the GPUs and CPUs a trial needs, on whichever node
-Ray places it. The actor runs trials with the same worker process as the local executor: a serving
-worker that keeps the base model loaded (``reuse_model``), or a fresh one per trial.
+Ray places it. The actor runs trials with the same ``ServingWorker`` as the local executor: a worker
+process that keeps the base model loaded (``reuse_model``), or a fresh one per trial, with the same
+rules for every way that process can end.
 
 Progress events travel back through a Ray queue, stop requests through a small actor, and a trial's
 files either stay on a path every node shares (``shared_dir``) or come back to the driver's output
@@ -14,12 +15,15 @@ from __future__ import annotations
 import io
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoratuneError, first_line
 from ..storage import atomic_write_json
 from ..trial import TrialResult, TrialState
+from ..trial_dir import STARTED
 from .base import Event, TrialSpec, progress_events
+from .serving import WORKER_COMMAND
 
 
 def _ray():
@@ -31,29 +35,25 @@ def _ray():
 
 
 class _SlotActor:
-    """One slot on some node: runs its trials one at a time in a worker process of its own."""
+    """One slot on some node: runs its trials one at a time on a ``ServingWorker`` of its own, which
+    owns every way the worker process can end (see serving.py)."""
 
-    def __init__(self, reuse: bool, trials_per_worker: int, threads: int):
-        self.reuse, self.trials_per_worker, self.threads = reuse, trials_per_worker, threads
-        self.worker, self.key, self.trials = None, None, 0
+    def __init__(self, reuse: bool, trials_per_worker: int, threads: int, worker_command: list[str]):
+        from loratune.executors.serving import ServingWorker
+        from loratune.trial_dir import worker_env
+
+        # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPUs
+        self.worker = ServingWorker(worker_env(threads), reuse, trials_per_worker, worker_command)
 
     def run(self, payload: dict, shared_dir: str | None, progress, flags) -> dict:
         import json
         import shutil
-        import subprocess
-        import sys
         import tempfile
 
-        from loratune.processes import TrialLock, die_with_parent, signal_group
-        from loratune.worker import (
-            LOG_FILE,
-            RESULT_FILE,
-            SPEC_FILE,
-            STOP_FILE,
-            ProgressReader,
-            base_key,
-            worker_env,
-        )
+        import ray
+
+        from loratune.processes import TrialLock
+        from loratune.trial_dir import SPEC_FILE, ProgressReader, base_key
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix="loratune-trial-"))
         trial_dir = base / str(payload["index"])
@@ -62,49 +62,18 @@ class _SlotActor:
         trial_dir.mkdir(parents=True)
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
-        env = worker_env(self.threads)  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPUs
-        key = base_key(config)
-        if self.reuse:
-            alive = self.worker is not None and self.worker.poll() is None
-            if not (alive and self.key == key and self.trials < self.trials_per_worker):
-                if self.worker is not None:
-                    signal_group(self.worker.pid, 9)
-                    self.worker.wait()
-                with open(trial_dir / LOG_FILE, "a") as log:
-                    self.worker = subprocess.Popen([sys.executable, "-m", "loratune.worker", "--serve"], stdin=subprocess.PIPE,
-                                                   stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
-                                                   start_new_session=True, preexec_fn=die_with_parent())
-                self.key, self.trials = key, 0
-            proc = self.worker
-            proc.stdin.write(f"{trial_dir}\n")
-            proc.stdin.flush()
-            self.trials += 1
-        else:
-            with open(trial_dir / LOG_FILE, "a") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "loratune.worker", str(trial_dir)], stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True, preexec_fn=die_with_parent())
-        import ray
-
+        self.worker.start(trial_dir, base_key(config))
         reader, last_flag_check = ProgressReader(trial_dir), 0.0
-        while not (trial_dir / RESULT_FILE).exists() and proc.poll() is None:
-            for event in reader.read():
+        while (result := self.worker.poll()) is None:
+            for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
             if time.monotonic() - last_flag_check > 0.5:
                 last_flag_check = time.monotonic()
                 if ray.get(flags.is_set.remote(payload["index"])):
-                    (trial_dir / STOP_FILE).touch()
+                    self.worker.stop()
             time.sleep(0.1)
         for event in reader.read():
             progress.put((payload["index"], event))
-        if (trial_dir / RESULT_FILE).exists():
-            result = json.loads((trial_dir / RESULT_FILE).read_text())
-        else:
-            from loratune.trial import result_from_exit
-
-            result = result_from_exit(proc.wait(), (trial_dir / LOG_FILE).read_text(errors="replace")).to_dict()
-        if proc is not self.worker:
-            proc.wait()
         packed = None
         if not shared_dir:  # bring the files home to the driver
             buffer = io.BytesIO()
@@ -112,7 +81,7 @@ class _SlotActor:
                 tar.add(trial_dir, arcname=".")
             packed = buffer.getvalue()
             shutil.rmtree(base, ignore_errors=True)
-        return {"result": result, "files": packed}
+        return {"result": result.to_dict(), "files": packed}
 
 
 class _StopFlags:
@@ -128,12 +97,26 @@ class _StopFlags:
         return index in self.stopped
 
 
+@dataclass
+class _Call:
+    """A trial sent to a slot's actor."""
+
+    spec: TrialSpec
+    ref: object  # the actor call's result
+    slot: int
+    fresh_actor: bool  # the actor was created for this trial
+    started: bool = False  # the driver heard that a worker took it
+
+
 class RayExecutor:
-    """Up to ``slots`` trials at once, each on an actor with ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs."""
+    """Up to ``slots`` trials at once, each on an actor with ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs.
+
+    An actor that dies (its node lost, its process killed) fails the trial it was running, with the
+    reason; a trial whose actor died before a worker took it runs again on a fresh actor."""
 
     def __init__(self, slots: int, address: str | None = None, gpus_per_trial: float = 0,
                  cpus_per_trial: float | None = None, shared_dir: str | None = None, reuse_model: bool = True,
-                 trials_per_worker: int = 50):
+                 trials_per_worker: int = 50, worker_command: list[str] | tuple[str, ...] = WORKER_COMMAND):
         ray = _ray()
         from ray.util.queue import Queue
 
@@ -153,46 +136,65 @@ class RayExecutor:
         self.flags = ray.remote(_StopFlags).options(num_cpus=0).remote()
         self.actor_class = ray.remote(_SlotActor).options(num_gpus=gpus_per_trial, num_cpus=cpus_per_trial,
                                                           max_restarts=0)
-        self.actor_args = (reuse_model, trials_per_worker, int(cpus_per_trial))
+        self.actor_args = (reuse_model, trials_per_worker, int(cpus_per_trial), list(worker_command))
         self.actors: list = [None] * slots
-        self.running: dict[int, tuple[TrialSpec, object, int]] = {}  # index -> (spec, result ref, slot)
+        self.running: dict[int, _Call] = {}
         self.cancelled: dict[int, str] = {}
+        self._events: list[Event] = []  # heard from the queue, not yet returned
 
     def submit(self, spec: TrialSpec) -> None:
-        busy = {slot for _, _, slot in self.running.values()}
-        slot = next(i for i in range(self.slots) if i not in busy)
-        if self.actors[slot] is None:
+        busy = {call.slot for call in self.running.values()}
+        self._send(spec, next(i for i in range(self.slots) if i not in busy))
+
+    def _send(self, spec: TrialSpec, slot: int) -> None:
+        fresh = self.actors[slot] is None
+        if fresh:
             self.actors[slot] = self.actor_class.remote(*self.actor_args)
         payload = {"index": spec.index, "params": spec.params, "config": spec.config,
                    "measure_inference": spec.measure_inference}
         ref = self.actors[slot].run.remote(payload, self.shared_dir, self.progress, self.flags)
-        self.running[spec.index] = (spec, ref, slot)
+        self.running[spec.index] = _Call(spec, ref, slot, fresh)
+
+    def _hear(self) -> None:
+        """Progress sent by the actors so far."""
+        while not self.progress.empty():
+            index, event = self.progress.get_nowait()
+            if index in self.running:
+                if event.get("kind") == STARTED:
+                    self.running[index].started = True
+                self._events += progress_events(index, [event])
 
     def poll(self, timeout: float) -> list[Event]:
         deadline = time.monotonic() + timeout
         while True:
-            events = []
-            while not self.progress.empty():
-                index, event = self.progress.get_nowait()
-                if index in self.running:
-                    events += progress_events(index, [event])
-            refs = {ref: index for index, (_, ref, _) in self.running.items()}
+            self._hear()
+            refs = {call.ref: index for index, call in self.running.items()}
             ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
+            if ready:
+                self._hear()  # what an actor sent before it ended comes before its end
             for ref in ready:
-                spec, _, slot = self.running.pop(refs[ref])
-                events.append(Event(spec.index, result=self._collect(spec, ref, slot)))
-            if events or time.monotonic() >= deadline:
+                result = self._collect(self.running.pop(refs[ref]))
+                if result is not None:
+                    self._events.append(Event(refs[ref], result=result))
+            if self._events or time.monotonic() >= deadline:
+                events, self._events = self._events, []
                 return events
             time.sleep(0.1)
 
-    def _collect(self, spec: TrialSpec, ref, slot: int) -> TrialResult:
+    def _collect(self, call: _Call) -> TrialResult | None:
+        """The trial's result; None when it was sent again, to a fresh actor."""
+        spec = call.spec
         if spec.index in self.cancelled:
             return TrialResult(TrialState.FAILED, reason=self.cancelled.pop(spec.index))
         try:
-            out = self.ray.get(ref)
-        except Exception as exc:  # the node or the actor died: the trial failed, the study goes on
-            self.actors[slot] = None
-            return TrialResult(TrialState.FAILED, reason=f"Ray actor lost: {first_line(exc)}")
+            out = self.ray.get(call.ref)
+        except Exception as exc:  # the node or the actor died
+            self.actors[call.slot] = None
+            if not call.started and not call.fresh_actor:  # sent to an actor that was ending: never started
+                self._send(spec, call.slot)
+                return None
+            when = "" if call.started else " before a worker took the trial"
+            return TrialResult(TrialState.FAILED, reason=f"Ray actor lost{when}: {first_line(exc)}")
         if out["files"]:
             spec.directory.mkdir(parents=True, exist_ok=True)
             with tarfile.open(fileobj=io.BytesIO(out["files"]), mode="r:gz") as tar:
@@ -207,7 +209,7 @@ class RayExecutor:
     def cancel(self, index: int, reason: str) -> None:
         if index in self.running and index not in self.cancelled:
             self.cancelled[index] = reason
-            slot = self.running[index][2]
+            slot = self.running[index].slot
             self.ray.kill(self.actors[slot])  # its worker process dies with it
             self.actors[slot] = None
 

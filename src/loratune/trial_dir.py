@@ -1,0 +1,72 @@
+"""A trial's directory: the files a trial's process shares with whoever runs it (the local executor, a
+Ray actor), and the environment that process gets. Nothing here imports torch: the study's process and
+a Ray actor read these files without the training libraries.
+
+- ``trial.json``: the resolved training config and what to measure (written before the trial starts);
+- ``.lock``: held by the process running the trial (``processes.TrialLock``);
+- ``progress.jsonl``: one JSON line per event. Its first line, ``{"kind": "started", "pid": ...}``, is
+  the worker taking the trial: a trial whose worker ended before that line never started. Then
+  ``{"kind": "eval", ...}`` per validation point and ``{"kind": "step", ...}`` at most once a second;
+- ``STOP``: appears when the study wants the trial stopped early (it stops after its next step);
+- ``result.json``: how the trial ended, written by the worker on every ending it lives through;
+- ``log.txt``: the process's output during the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
+STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
+
+
+def started(trial_dir: Path) -> bool:
+    """Whether a worker took the trial (its first progress line is written as it does)."""
+    try:
+        return (trial_dir / PROGRESS_FILE).stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def worker_env(threads: int, gpus: list[str] | None = None) -> dict[str, str]:
+    """The environment of a trial process: its share of the CPU threads, its GPUs, unbuffered output."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
+def base_key(config: dict) -> str:
+    """Everything in a training config (as a mapping) that shapes the loaded base model: trials with
+    equal keys can share one worker."""
+    return json.dumps({"model": config.get("model"), "precision": (config.get("training") or {}).get("precision")},
+                      sort_keys=True)
+
+
+class ProgressReader:
+    """Reads the events a trial appended to its ``progress.jsonl`` since the last call."""
+
+    def __init__(self, trial_dir: Path):
+        self.path, self.offset = trial_dir / PROGRESS_FILE, 0
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(complete)
+        events = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
