@@ -26,6 +26,7 @@ RUNS = [
     ["trial_runner.py"],
     ["trainer_throughput.py", "--epochs", "3", "--repeats", "5"],
     ["parallel.py"],
+    ["worker_startup.py"],
 ]
 
 

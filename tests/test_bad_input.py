@@ -295,3 +295,4 @@ def test_the_worker_log_starts_clean(tiny_model, tmp_path):
     log = (tmp_path / "trials" / "0" / "log.txt").read_text()
     assert results["trials"][0]["state"] == "completed"
     assert "RuntimeWarning" not in log and "Warning" not in log, log
+    assert len(log.strip().splitlines()) == 1 and log.startswith("$ "), log  # the worker's command line, nothing else

@@ -108,3 +108,31 @@ def test_resume_adds_trials_from_the_cli(tmp_path):
                     "--trials", "2", "--quiet")
     assert again.returncode == 0, again.stderr
     assert len(json.loads((out / "optimization_results.json").read_text())["trials"]) == 4
+
+
+def test_a_fine_tune_that_diverges_is_one_line_with_what_to_change(tiny_model, tmp_path, capsys):
+    from loratune.cli import main
+
+    config = tmp_path / "probe.yaml"
+    config.write_text(f"training: {{epochs: 0.25, learning_rate: 1000.0}}\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["finetune", "--config", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {config}: non-finite loss: validation loss is nan at step ")
+    assert err.endswith(": training diverged; lower training.learning_rate")
+
+
+def test_a_bug_is_one_line_too_and_its_traceback_is_one_variable_away(tmp_path, capsys, monkeypatch):
+    from loratune import report
+    from loratune.cli import main
+
+    def broken(*args, **kwargs):
+        raise KeyError("plots")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    assert main(["report", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ("error: loratune report: KeyError: 'plots' (a bug in loratune, not in your input: "
+                                       "LORATUNE_DEBUG=1 shows where)\n")
+    monkeypatch.setenv("LORATUNE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["report", str(tmp_path)])

@@ -54,3 +54,9 @@ def test_plain_progress_lines_of_a_fine_tune(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("  trial #0: step ")]
     assert len(lines) == 2 and "50% of training, val loss " in lines[0] and "100% of training" in lines[1]
+
+
+def test_the_summary_gives_the_time_in_ax_and_in_all_in_one_unit():
+    from loratune.console import duration
+
+    assert (duration(4.62), duration(4.71), duration(59.96), duration(3725)) == ("4.6 s", "4.7 s", "1:00", "1:02:05")

@@ -241,3 +241,124 @@ def test_broken_csv_files_name_the_line(tokenizer, tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(LoratuneError, match=message):
         load_examples(tokenizer, DataConfig(path=str(path)), seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ids a trial trains on are the ids of the whole rendered conversation, tokenized at once
+
+
+QA = [("What is the capital of France?", "Paris is the capital of France."), ("Opposite of cold?", "Hot."),
+      ("Which planet is red?", "Mars is the red planet."), ("A baby cat is called?", "A kitten.")]
+TEMPLATES = {  # SentencePiece-style tokenizers as Llama 2, Mistral, Zephyr and TinyLlama ship them
+    "mistral_inst": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                     "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+                     ["<unk>", "<s>", "</s>"], "</s>"),
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+               ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+}
+
+
+def metaspace_tokenizer(name: str):
+    """A small SentencePiece-style BPE (Metaspace, prepend_scheme "first"), trained here offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template, specials, eos = TEMPLATES[name]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    corpus = [f"{q} {a}" for q, a in QA] * 20 + ["[INST] [/INST] user assistant"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>")
+    hf.chat_template = template
+    return hf
+
+
+class WithoutOffsets:
+    """A tokenizer that cannot give character offsets, as SentencePiece tokenizers in Python cannot."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def __call__(self, text, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self._tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def check_whole_conversation(tok, rows: list[dict], end_of_turn: str):
+    examples = tokenize_rows(tok, rows, DataConfig(), "qa.jsonl")
+    without_offsets = tokenize_rows(WithoutOffsets(tok), rows, DataConfig(), "qa.jsonl")
+    for row, ex, other in zip(rows, examples, without_offsets, strict=True):
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert ex.input_ids == whole  # what generation and serving see
+        assert response_text(tok, ex).strip() == row["completion"] + end_of_turn
+        assert (other.input_ids, other.labels) == (ex.input_ids, ex.labels)  # the prefix method agrees
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_a_sentencepiece_tokenizer_trains_on_the_ids_of_the_whole_conversation(name):
+    """The issue's example: with the prompt and answer tokenized apart, '[/INST]Paris' was trained as '▁Paris'
+    (10 of 10 rows differed on each template)."""
+    check_whole_conversation(metaspace_tokenizer(name), [{"prompt": q, "completion": a} for q, a in QA],
+                             TEMPLATES[name][2])
+
+
+def test_byte_level_bpe_trains_on_the_ids_of_the_whole_conversation(tokenizer):
+    check_whole_conversation(tokenizer, [{"prompt": q, "completion": a} for q, a in QA], "<|im_end|>")
+
+
+def test_smollm2_trains_on_the_ids_of_the_whole_conversation(smollm2):
+    from transformers import AutoTokenizer
+
+    check_whole_conversation(AutoTokenizer.from_pretrained(smollm2), [{"prompt": q, "completion": a} for q, a in QA],
+                             "<|im_end|>")
+
+
+REASONING_TEMPLATE = (  # Qwen3's property: an (empty) reasoning block only on turns after the last user message
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_user -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{{ m['content'] + '<|im_end|>\\n' }}{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- endif -%}")
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_it_renders_it_then(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = REASONING_TEMPLATE
+    messages = THREE_TURNS["messages"]
+    turns = tokenize_rows(tok, [THREE_TURNS], DataConfig(), "t")
+    assert len(turns) == 3  # one example per assistant turn
+    for k, (ex, answer) in enumerate(zip(turns, ANSWERS, strict=True)):
+        upto = messages[:[i for i, m in enumerate(messages) if m["role"] == "assistant"][k] + 1]
+        assert tok.decode(ex.input_ids) == tok.apply_chat_template(upto, tokenize=False)  # as served at that turn
+        assert trained_runs(tok, ex) == [f"<think>\n\n</think>\n\n{answer}<|im_end|>"]
+    (last,) = tokenize_rows(tok, [THREE_TURNS], DataConfig(train_on="last_assistant_turn"), "t")
+    assert (last.input_ids, last.labels) == (turns[2].input_ids, turns[2].labels)
+    # a held-out row keeps all its turns: 4 conversations of 3 turns, one of them validation
+    path = write_jsonl(tmp_path / "chats.jsonl", [THREE_TURNS] * 4)
+    train, validation = load_examples(tok, DataConfig(path=str(path), validation_size=1), seed=0)
+    assert (len(train), len(validation)) == (9, 3)
+
+
+def test_an_answer_whose_end_cannot_be_marked_is_one_line_that_says_what_to_set(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.eos_token = None
+    tok.chat_template = None
+    with pytest.raises(LoratuneError, match="the tokenizer has neither a chat template nor an eos_token, so the model "
+                                            "could not learn where an answer ends; set eos_token"):
+        tokenize_rows(tok, [COMPLETION], DataConfig(), "t")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(LoratuneError, match="the chat template puts nothing after an assistant's answer"):
+        tokenize_rows(tok, [COMPLETION], DataConfig(), "t")

@@ -54,12 +54,13 @@ def test_module_commands_end_to_end(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
     out = tmp_path / "study"
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report")
+    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report",
+                   "--set", "training.epochs=0.5")
     assert proc.returncode == 0, proc.stderr
-    compare = run_cli("-m", "loratune.cli", "compare", str(out), "--seeds", "2", "--epochs", "0.5", "--quiet")
+    compare = run_cli("-m", "loratune.cli", "compare", str(out), "--seeds", "2", "--epochs", "0.25", "--quiet")
     assert compare.returncode == 0, compare.stderr
     result = json.loads((out / "comparison.json").read_text())
-    assert len(result["best"]) == len(result["baseline"]) == 2 and result["epochs"] == 0.5
+    assert len(result["best"]) == len(result["baseline"]) == 2 and result["epochs"] == 0.25
     for name in ("best", "baseline"):  # the numbers are the retrains' own metrics
         for seed, loss in enumerate(result[name]):
             metrics = json.loads((out / "comparison" / f"{name}_seed{seed}" / "metrics.json").read_text())

@@ -51,6 +51,15 @@ def test_learning_rate_insight_finds_the_sweet_spot_and_the_edge():
     assert [round(g.value[0], 6) for g in ins.groups] == [1e-5, 1e-4, 0.000316]
 
 
+def test_findings_read_as_sentences_when_there_are_too_few_trials_to_tell():
+    few = [record(0, 0.9, learning_rate=1e-4, lora_rank=8, lora_alpha=16),
+           record(1, 0.8, learning_rate=3e-4, lora_rank=16, lora_alpha=16)]
+    assert learning_rate_insight(few, "loss", True, None).finding.endswith(
+        "Too few distinct trials to tell how loss moves with the learning rate (on a log scale).")
+    assert alpha_ratio_insight(few, "loss", True, rslora=False).finding == \
+        "Too few distinct trials to tell how loss moves with the effective scale alpha/rank."
+
+
 def test_alpha_ratio_insight_uses_alpha_over_rank():
     rows = [record(i, 1.0 / (a / r), lora_rank=r, lora_alpha=a, learning_rate=1e-4)
             for i, (r, a) in enumerate([(8, 16), (16, 16), (8, 64), (32, 32), (16, 128)])]

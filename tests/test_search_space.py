@@ -55,6 +55,14 @@ def test_impossible_search_spaces(spec, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("spec", [{"lora_alpha": [16, 32], "lora_dropout": [-0.1, 0.2]},
+                                  {"lora_dropout": [-0.1, 0.2], "lora_alpha": [16, 32]}], ids=["after", "before"])
+def test_a_bad_value_is_blamed_on_its_own_parameter_whatever_the_order(spec):
+    with pytest.raises(LoratuneError) as err:
+        space(spec)
+    assert str(err.value) == "search_space.lora_dropout: value -0.1: must be in [0, 1), got -0.1"
+
+
 def test_product_constraint_goes_to_ax_in_log2_space():
     s = space(constraints=["lora_rank * batch_size <= 128"])
     params, constraints = to_ax(s)

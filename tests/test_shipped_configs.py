@@ -1,8 +1,10 @@
 """Every shipped config runs, by the command written at its top: to a first completed trial (an
 optimization config) or a trained adapter (a training config). What this CPU machine cannot have is
-swapped with --set: a hub model for the tiny demo model, 4-bit loading for none, a placeholder data
-path for the demo data. Everything else runs as written."""
+swapped with --set: a hub model for the tiny demo model, a placeholder data path for the demo data, and
+4-bit loading for none only where bitsandbytes is not installed (it trains 4-bit layers on the CPU too).
+Everything else runs as written."""
 
+import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -22,7 +24,7 @@ def cpu_overrides(config: Path) -> list[str]:
     sets = ["training.epochs=0.25", "training.eval_points=2"]
     if not str(model.get("name", "builtin:")).startswith("builtin:"):
         sets.append("model.name=builtin:tiny-qwen2")
-    if model.get("quantization", "none") != "none":
+    if model.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
         sets.append("model.quantization=none")
     path = dataset.get("path")
     if path and not path.startswith("builtin:") and not (ROOT / path).exists():

@@ -113,3 +113,28 @@ def test_the_curves_subset_is_fixed_and_the_last_point_uses_every_example(tiny_m
     assert curve_subset(cfg, s.validation) == s.validation
     cfg.training.eval_subset = 0.01
     assert len(curve_subset(cfg, s.validation)) == 8  # never fewer than 8
+
+
+def test_a_tokenizer_without_pad_and_eos_tokens_trains_with_a_safe_pad_and_says_so(tiny_model, tmp_path, capfd):
+    """A Mistral-architecture model whose tokenizer declares no special token at all: collate had no pad id."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    from loratune import finetune
+
+    original = AutoTokenizer.from_pretrained(tiny_model)
+    model_dir = tmp_path / "model_nospecial"
+    tok = PreTrainedTokenizerFast(tokenizer_object=original.backend_tokenizer)  # no bos/eos/pad/unk declared
+    tok.chat_template = original.chat_template
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=len(original), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     bos_token_id=None, eos_token_id=None, pad_token_id=None)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {model_dir}}}\ntraining: {{epochs: 0.25, batch_size: 2}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    metrics = finetune(config, quiet=True)
+    assert metrics["curve"][0]["val_loss"] > metrics["val_loss"]
+    assert f"note: {model_dir}: the tokenizer has no pad token; padding with id 0 ('<|endoftext|>'), masked out of " \
+           "attention and loss" in capfd.readouterr().err

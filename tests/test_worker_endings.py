@@ -362,12 +362,12 @@ def test_a_diverging_baseline_does_not_take_a_study_on_kept_workers_down(tiny_mo
     from conftest import run_cli
 
     config = tmp_path / "study.yaml"
-    config.write_text("trials: 3\nseed: 0\nsearch_space:\n  learning_rate: {low: 1.0e-4, high: 1.0e+3, log: true}\n"
+    config.write_text("trials: 2\nseed: 0\nsearch_space:\n  learning_rate: {low: 1.0e-4, high: 1.0e+3, log: true}\n"
                       "  lora_rank: [4, 8, 16]\nlora: {rank: 8}\ntraining: {epochs: 0.25, learning_rate: 1000.0}\n")
     run = run_cli("-m", "loratune.cli", "optimize", "--config", str(config), "--output", str(tmp_path / "study"),
                   "--quiet", "--no-report", cwd=tmp_path)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     trials = json.loads((tmp_path / "study" / "optimization_results.json").read_text())["trials"]
-    assert len(trials) == 3 and trials[0]["state"] == "failed"
+    assert len(trials) == 2 and trials[0]["state"] == "failed"
     assert trials[0]["reason"].startswith("non-finite loss: validation loss is nan")
-    assert all(t["state"] != "running" for t in trials) and any(t["state"] == "completed" for t in trials)
+    assert trials[1]["state"] == "completed"

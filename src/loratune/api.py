@@ -17,7 +17,7 @@ from .checkpoint import StoredStudy, StudyPaths
 from .config import FinetuneConfig, StudyConfig, to_dict
 from .console import StudyConsole, TrainingProgress
 from .early_stopping import EarlyStoppingCallback
-from .errors import LoratuneError, StudyAborted
+from .errors import LoratuneError, StudyAborted, TrainingFailed
 from .optimizer import Optimizer
 from .search_space import parse_search_space
 from .settings import (
@@ -30,6 +30,7 @@ from .settings import (
     validate_study,
 )
 from .storage import DirectoryLock, atomic_write_text
+from .trial import failure_message
 
 # run_optimization's own argument -> the setting it sets
 _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space": "search_space",
@@ -232,19 +233,31 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
 
 
 def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = None, overwrite: bool = False,
-             quiet: bool = False, overrides: Iterable[Override] = ()) -> dict:
+             quiet: bool = False, overrides: Iterable[Override] = (), own_process: bool = False) -> dict:
     """Fine-tune with a training config, e.g. the ``best_config.yaml`` a study wrote; return its metrics.
+    Raises ``LoratuneError`` on bad input, ``TrainingFailed`` (one line with what to change) when the run
+    fails. ``own_process``: nothing else will train in this process (the command line), so an
+    unquantized run keeps bitsandbytes out of it, as a study's workers do.
 
     >>> from loratune import finetune
     >>> metrics = finetune("configs/best_config.yaml")  # doctest: +SKIP
     """
+    from .model import import_libraries
     from .training import run_training
 
     overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
     cfg = load_finetune_config(config, overrides)
+    if own_process:
+        import_libraries(quantized=cfg.model.quantization != "none")
     preflight.check_model(cfg)
-    with TrainingProgress(quiet) as on_step:
-        return run_training(cfg, overwrite=overwrite, on_step=on_step)
+    try:
+        with TrainingProgress(quiet) as on_step:
+            return run_training(cfg, overwrite=overwrite, on_step=on_step)
+    except (LoratuneError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a run that failed: one line with what to change
+        raise TrainingFailed(f"{config if not isinstance(config, FinetuneConfig) else cfg.output_dir}: "
+                             f"{failure_message(exc)}") from None
 
 
 def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:

@@ -4,10 +4,11 @@ study that ended without its result (too many failures, nothing completed) is on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, StudyAborted
+from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,7 +120,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     overrides = [(*parse_assignment(text), "--set") for text in args.assignments]
     metrics = finetune(args.config, output_dir=args.output_dir, overwrite=args.overwrite, quiet=args.quiet,
-                       overrides=overrides)
+                       overrides=overrides, own_process=True)
     if not args.quiet:
         print(f"validation loss {metrics['val_loss']:.4f} after {metrics['steps']} steps "
               f"({metrics['tokens_per_s']:.0f} tokens/s, padding {metrics['padding_fraction']:.1%}); "
@@ -214,17 +215,21 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Call a command; turn loratune's errors into one line and an exit code."""
+    """Call a command; turn every error into one line and an exit code (2: bad input, 1: a run that failed
+    or a bug; ``LORATUNE_DEBUG=1`` shows a bug's traceback)."""
     try:
         func(args)
-    except StudyAborted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return STUDY_FAILED_EXIT_CODE
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return USAGE_EXIT_CODE
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("LORATUNE_DEBUG"):
+            raise
+        print(f"error: loratune {args.command_name}: {type(exc).__name__}: {first_line(exc)} (a bug in loratune, not "
+              "in your input: LORATUNE_DEBUG=1 shows where)", file=sys.stderr)
+        return STUDY_FAILED_EXIT_CODE
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import LoratuneError
+from .errors import LoratuneError, TrainingFailed
 from .storage import atomic_write_json, read_json
 
 
@@ -91,7 +91,8 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
             proc = subprocess.run([sys.executable, "-m", "loratune.cli", "finetune", "--config", str(run_dir / "config.yaml"),
                                    "--overwrite", "--quiet"], capture_output=True, text=True, preexec_fn=die_with_parent())
             if proc.returncode != 0:
-                raise LoratuneError(f"{run_dir}: retraining failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+                last = (proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("error: ")
+                raise TrainingFailed(f"{run_dir}: retraining {name} failed: {last}")
             losses[name].append(read_json(run_dir / "metrics.json", "metrics")["val_loss"])
     result = compare_runs(losses["best"], losses["baseline"])
     atomic_write_json(paths.comparison, {**asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,

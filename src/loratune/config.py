@@ -31,7 +31,7 @@ class ModelConfig:
     """Run code shipped with the model repository. Off unless you trust it."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """Load the base model quantized with bitsandbytes (QLoRA): on CUDA GPUs, and on the CPU with bitsandbytes
-    0.48 or newer (``pip install 'loratune[quantization]'``); checked before a study starts."""
+    0.50 or newer (``pip install 'loratune[quantization]'``); checked before a study starts."""
     gradient_checkpointing: bool = False
     """Trade compute for memory: recompute activations in the backward pass."""
 

@@ -18,8 +18,13 @@ from .trial import TrialRecord
 
 
 def clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
+    seconds = round(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def duration(seconds: float) -> str:
+    """Seconds with a tenth under a minute (so that two short spans never read in the wrong order), else a clock."""
+    return f"{seconds:.1f} s" if seconds < 59.95 else clock(seconds)
 
 
 @dataclass
@@ -153,7 +158,7 @@ class StudyConsole:
                        f"({gain['relative']:+.1%} better)" if gain["absolute"] >= 0 else
                        f"Best {self.objective} {gain['best']:.4f}: the baseline ({gain['baseline']:.4f}) was not beaten")
         wall, ax_s = result["wall_time_s"], result["optimizer_time_s"]
-        self.print(f"Time: {clock(wall)} in all, {ax_s:.0f} s of it in Ax "
+        self.print(f"Time: {duration(wall)} in all, {duration(ax_s)} of it in Ax "
                    f"({min(ax_s / max(wall, 1e-9), 1.0):.0%}: set-up, suggestions, checkpoints)")
         self.print(f"Results: {result['results_file']}")
         if report:

@@ -37,6 +37,12 @@ class Example:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def prompt(self) -> list[int]:
+        """The ids before the first trained token: what generation starts from."""
+        first = next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
+        return self.input_ids[:first]
+
 
 # ---------------------------------------------------------------------------------------------
 # Rows
@@ -259,126 +265,192 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Rendering and tokenizing
+#
+# A conversation is rendered with the chat template and tokenized at once, as generation and serving
+# tokenize it; the loss mask comes from character ranges of the text. Tokenizing the prompt and the
+# answer apart would train on other ids: a SentencePiece tokenizer (Metaspace, Llama 2, Mistral) puts a
+# word-boundary marker at the start of every piece, so "[/INST]Paris" would be trained as "▁Paris"
+# where the whole conversation holds "P", "aris".
+
+Trained = list[tuple[int, int]]  # character ranges [start, end) of a text that the loss covers
 
 
-def segments(tokenizer, messages: list[dict], train_on: str) -> list[tuple[str, bool]]:
-    """The conversation as text pieces, each marked trained or not, rendered with the chat template
-    where the model has one. Raises ValueError when the template refuses the conversation."""
+def rendered(tokenizer, messages: list[dict], train_on: str, where: str = "model.name") -> list[tuple[str, Trained]]:
+    """The text(s) the model is served for this conversation, each with the ranges the loss covers: the
+    whole conversation once; or, where the template renders a conversation differently from its
+    beginning (a reasoning block kept only after the last user message, as Qwen3's), one text per
+    trained assistant turn, as the template renders the conversation at that turn. Raises ValueError
+    when the template refuses the conversation, LoratuneError when no end of an answer can be marked."""
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last_assistant_turn":
         trained = trained[-1:]
     if not tokenizer.chat_template:
-        return _plain_segments(messages, set(trained), tokenizer.eos_token or "")
+        return [_plain(tokenizer, messages, set(trained), where)]
     full = _render(tokenizer, messages, False)
-    pieces, done = [], 0
+    ranges: Trained = []
     for i in trained:
-        prompt = _render(tokenizer, messages[:i], True)
-        turn = _render(tokenizer, messages[:i + 1], False)
-        if not (turn.startswith(prompt) and full.startswith(turn) and len(prompt) >= done):
-            raise ValueError("the chat template renders a conversation differently from its beginning, so the "
-                             "assistant's tokens cannot be told apart")
-        end = len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"], tokenizer.eos_token)
-        pieces += [(full[done:len(prompt)], False), (full[len(prompt):end], True)]
-        done = end
-    return [p for p in [*pieces, (full[done:], False)] if p[0]]
+        prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
+        if not (turn.startswith(prompt) and full.startswith(turn)):  # the template rewrites earlier turns
+            return [_turn_alone(tokenizer, messages, j, where) for j in trained]
+        ranges.append((len(prompt), len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"],
+                                                            tokenizer.eos_token, where)))
+    return [(full, ranges)]
+
+
+def _turn_alone(tokenizer, messages: list[dict], i: int, where: str) -> tuple[str, Trained]:
+    """Turn ``i`` as the conversation is rendered when it is the last turn (what the model is served then)."""
+    prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
+    if not turn.startswith(prompt):
+        raise ValueError("the chat template renders an assistant turn that does not begin with its own generation "
+                         "prompt, so the assistant's tokens cannot be told apart")
+    return turn, [(len(prompt), len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"], tokenizer.eos_token,
+                                                        where))]
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _turn_end(turn: str, content: str, eos: str | None) -> int:
-    """Where the assistant's turn ends: just after its end-of-turn token (ChatML's ``<|im_end|>``, the
-    tokenizer's eos), not after the line break a template puts between turns."""
+def _turn_end(turn: str, content: str, eos: str | None, where: str) -> int:
+    """Where an assistant turn's trained text ends: just after its end-of-turn token (ChatML's
+    ``<|im_end|>``, the tokenizer's eos), not after the line break a template puts between turns; without
+    an eos in the turn, after the last text the template puts there."""
     start = turn.find(content)
     after = start + len(content) if start >= 0 else 0
     if eos and (end := turn.find(eos, after)) >= 0:
         return end + len(eos)
+    if len(turn.rstrip()) <= after:
+        fix = "use a chat template that closes each turn" if eos else \
+            "set eos_token in its tokenizer_config.json (the token that ends a turn), or use a chat template that closes each turn"
+        raise LoratuneError(f"{where}: the chat template puts nothing after an assistant's answer "
+                            f"({f'not even the eos_token {eos!r}' if eos else 'and the tokenizer has no eos_token'}), so "
+                            f"the model could not learn where an answer ends; {fix}")
     return len(turn.rstrip())
 
 
-def _plain_segments(messages: list[dict], trained: set[int], eos: str) -> list[tuple[str, bool]]:
+def _plain(tokenizer, messages: list[dict], trained: set[int], where: str) -> tuple[str, Trained]:
     """Without a chat template: each message's text on its own paragraph, an answer ended by eos."""
-    out = []
+    eos = tokenizer.eos_token
+    if not eos:
+        raise LoratuneError(f"{where}: the tokenizer has neither a chat template nor an eos_token, so the model could "
+                            "not learn where an answer ends; set eos_token (or a chat_template) in its "
+                            "tokenizer_config.json")
+    text, ranges = "", []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            out.append((m["content"] + eos, i in trained))
-            if i < len(messages) - 1:
-                out.append(("\n\n", False))
+            if i in trained:
+                ranges.append((len(text), len(text) + len(m["content"]) + len(eos)))
+            text += m["content"] + eos + ("\n\n" if i < len(messages) - 1 else "")
         else:
-            out.append((f"{m['content']}\n\n", False))
-    return out
+            text += f"{m['content']}\n\n"
+    return text, ranges
 
 
-def _adds_bos(tokenizer) -> bool:
-    """True when ``tokenizer(text)`` starts with BOS, as at inference: training sequences must too."""
+def _bos_to_add(tokenizer, text: str) -> int | None:
+    """The BOS id to put before a text rendered without a chat template, when the tokenizer adds one
+    (``tokenizer(text)`` at inference does); a chat template writes its own, as serving renders it."""
     bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
+    if bos is None or tokenizer.chat_template or text.startswith(tokenizer.bos_token or "\0"):
+        return None
     ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == bos
+    return bos if ids and ids[0] == bos else None
 
 
-def tokenize(tokenizer, pieces: list[tuple[str, bool]], max_length: int, adds_bos: bool) -> Example:
-    ids: list[int] = []
-    labels: list[int] = []
-    if adds_bos and not pieces[0][0].startswith(tokenizer.bos_token or "\0"):  # never two BOS
-        ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE)
-    for text, trained in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
+def trained_mask(tokenizer, text: str, trained: Trained) -> tuple[list[int], list[bool]]:
+    """The ids of ``text`` tokenized at once (no special tokens added) and, for each, whether it overlaps
+    a trained range: from the tokens' character offsets, or, for a tokenizer without offsets
+    (SentencePiece in Python), from where the tokens of each range's boundary prefix part from the whole's."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        mask = [False] * len(ids)
+        for begin, stop in trained:
+            first, _ = _boundary(tokenizer, text, ids, begin)
+            last, straddles = _boundary(tokenizer, text, ids, stop)
+            mask[first:last + straddles] = [True] * (last + straddles - first)
+        return ids, mask
+    return list(enc["input_ids"]), [any(s < stop and e > begin for begin, stop in trained)
+                                    for s, e in enc["offset_mapping"]]
+
+
+def _boundary(tokenizer, text: str, ids: list[int], position: int) -> tuple[int, bool]:
+    """How many of the whole text's tokens lie before ``position``, and whether the next one straddles it
+    (the prefix's own tokens part from the whole's there)."""
+    prefix = tokenizer(text[:position], add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(prefix), len(ids)) and prefix[k] == ids[k]:
+        k += 1
+    return k, k < len(prefix)
+
+
+def encode(tokenizer, text: str, trained: Trained, max_length: int) -> Example:
+    """``text`` tokenized at once, its tokens labelled where they overlap a trained range."""
+    ids, mask = trained_mask(tokenizer, text, trained)
+    labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+    bos = _bos_to_add(tokenizer, text)
+    if bos is not None:
+        ids, labels = [bos, *ids], [IGNORE, *labels]
     return Example(ids[:max_length], labels[:max_length])
 
 
-def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
+def tokenize_row(tokenizer, row: dict, fmt: str, cfg: DataConfig, at: str) -> list[Example]:
+    """One row as the examples it trains: one, or one per assistant turn (see ``rendered``)."""
     import jinja2
 
+    try:
+        messages = to_messages(row, fmt, cfg.system_prompt)
+        texts = rendered(tokenizer, messages, cfg.train_on)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoratuneError(f"{at}: not in {fmt} form: {first_line(exc)}") from None
+    except jinja2.TemplateError as exc:
+        hint = " (data.system_prompt adds a system message, which this template may not take)" \
+            if cfg.system_prompt and fmt != "chat" else ""
+        raise LoratuneError(f"{at}: the model's chat template refused it: {first_line(exc)}{hint}") from None
+    examples = [encode(tokenizer, text, trained, cfg.max_length) for text, trained in texts]
+    if any(all(label == IGNORE for label in e.labels) for e in examples):
+        raise LoratuneError(f"data.max_length: {cfg.max_length} tokens is shorter than the prompt of {at} "
+                            f"(no answer token is left to train on)")
+    return examples
+
+
+def tokenize_by_row(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[list[Example]]:
     rows = rename_columns(rows, cfg.columns, where)
     fmt = detect_format(rows, cfg.format, where)
-    adds_bos = _adds_bos(tokenizer)
-    examples = []
-    for i, row in enumerate(rows):
-        at = f"{where}: row {i + 1}"
-        try:
-            messages = to_messages(row, fmt, cfg.system_prompt)
-            pieces = segments(tokenizer, messages, cfg.train_on)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LoratuneError(f"{at}: not in {fmt} form: {first_line(exc)}") from None
-        except jinja2.TemplateError as exc:
-            hint = " (data.system_prompt adds a system message, which this template may not take)" \
-                if cfg.system_prompt and fmt != "chat" else ""
-            raise LoratuneError(f"{at}: the model's chat template refused it: {first_line(exc)}{hint}") from None
-        example = tokenize(tokenizer, pieces, cfg.max_length, adds_bos)
-        if all(label == IGNORE for label in example.labels):
-            raise LoratuneError(f"data.max_length: {cfg.max_length} tokens is shorter than the prompt of {at} "
-                                f"(no answer token is left to train on)")
-        examples.append(example)
-    return examples
+    return [tokenize_row(tokenizer, row, fmt, cfg, f"{where}: row {i + 1}") for i, row in enumerate(rows)]
+
+
+def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
+    """Every row's examples, in order."""
+    return [e for examples in tokenize_by_row(tokenizer, rows, cfg, where) for e in examples]
 
 
 def load_examples(tokenizer, cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     """Tokenized (train, validation) examples: from ``data.validation_split``, ``data.validation_path``, or
-    ``data.validation_size`` of the training rows held out at random from ``seed``."""
-    train = tokenize_rows(tokenizer, load_rows(cfg.path, "data.path", cfg), cfg, cfg.path)
+    ``data.validation_size`` of the training rows held out at random from ``seed`` (a row's examples
+    stay on one side)."""
+    by_row = tokenize_by_row(tokenizer, load_rows(cfg.path, "data.path", cfg), cfg, cfg.path)
     validation_path = cfg.validation_path or (DEMO_VALIDATION if cfg.path == DEMO_TRAIN else None)
     if cfg.validation_split:
         rows = load_rows(cfg.path, "data.path", cfg, split=cfg.validation_split, split_field="data.validation_split")
-        return train, tokenize_rows(tokenizer, rows, cfg, f"{cfg.path} [{cfg.validation_split}]")
+        return _flat(by_row), tokenize_rows(tokenizer, rows, cfg, f"{cfg.path} [{cfg.validation_split}]")
     if validation_path:
         rows = load_rows(validation_path, "data.validation_path", cfg)
-        return train, tokenize_rows(tokenizer, rows, cfg, validation_path)
-    n_val = int(cfg.validation_size) if cfg.validation_size >= 1 else round(cfg.validation_size * len(train))
-    if n_val < 1 or n_val >= len(train):
+        return _flat(by_row), tokenize_rows(tokenizer, rows, cfg, validation_path)
+    n_val = int(cfg.validation_size) if cfg.validation_size >= 1 else round(cfg.validation_size * len(by_row))
+    if n_val < 1 or n_val >= len(by_row):
         raise LoratuneError(
-            f"data.validation_size: {cfg.validation_size} of {len(train)} examples leaves "
+            f"data.validation_size: {cfg.validation_size} of {len(by_row)} examples leaves "
             f"{'no validation' if n_val < 1 else 'no training'} examples"
         )
-    order = list(range(len(train)))
+    order = list(range(len(by_row)))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
-    return [e for i, e in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)]
+    return _flat(e for i, e in enumerate(by_row) if i not in val_idx), _flat(by_row[i] for i in sorted(val_idx))
+
+
+def _flat(groups) -> list[Example]:
+    return [e for group in groups for e in group]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,14 +9,25 @@ STUDY_FAILED_EXIT_CODE = 1
 class LoratuneError(Exception):
     """A problem with the user's input (config, data, model, search space, output directory).
 
-    The CLI prints it as one line, ``error: <message>``, and exits with code 2. The message names
-    the problem and where it is: a file, a field, a row.
+    The CLI prints it as one line, ``error: <message>``, and exits with ``exit_code`` (2). The message
+    names the problem and where it is: a file, a field, a row.
     """
+
+    exit_code = USAGE_EXIT_CODE
 
 
 class StudyAborted(LoratuneError):
     """The study ended without the result it was run for (too many failures in a row, or no trial
     completed), with everything saved: the CLI prints it as one line and exits with code 1."""
+
+    exit_code = STUDY_FAILED_EXIT_CODE
+
+
+class TrainingFailed(LoratuneError):
+    """A fine-tune (``loratune finetune``, a retrain) that ran and failed: a non-finite loss, out of
+    memory, a crash. One line with what to change, exit code 1."""
+
+    exit_code = STUDY_FAILED_EXIT_CODE
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:

@@ -33,8 +33,9 @@ def import_libraries(quantized: bool = False) -> None:
     """Import torch, transformers and peft now (seconds in a fresh process; nothing once imported).
 
     Without quantization bitsandbytes is kept out of the process: peft imports it whenever it is
-    installed, which cost a worker 1.1 s of start-up (4.5 s instead of 3.4 s) and put a warning about a
-    missing ``kernels`` package in every trial's log (docs/BENCHMARKS.md, "Quantization")."""
+    installed, which cost a worker 1.3 s of start-up (imports 5.4 s instead of 4.2 s, median of 7) and
+    put a note about an optional ``kernels`` package in every trial's log (docs/BENCHMARKS.md,
+    "Worker start-up with bitsandbytes installed")."""
     if quantized:
         _quiet_bitsandbytes()
     elif "bitsandbytes" not in sys.modules:
@@ -111,14 +112,13 @@ def padding_id(tokenizer) -> tuple[int, str | None]:
     return pad, f"padding with id {pad} ({tokenizer.convert_ids_to_tokens(pad)!r}), masked out of attention and loss"
 
 
-def _quiet_libraries(quantized: bool = False) -> None:
+def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft/transformers
-    if quantized:
-        _quiet_bitsandbytes()
+    _quiet_bitsandbytes()  # peft imports it wherever it is installed
 
 
 def _quiet_bitsandbytes() -> None:
@@ -141,7 +141,7 @@ def load_base(cfg: FinetuneConfig) -> Base:
 
     start = time.perf_counter()
     quantized = cfg.model.quantization != "none"
-    _quiet_libraries(quantized)
+    _quiet_libraries()
     device = device_of_this_machine()
     precision = choose_precision(cfg.training.precision, device)
     tokenizer = load_tokenizer(cfg)
@@ -156,6 +156,12 @@ def load_base(cfg: FinetuneConfig) -> Base:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+        for module in model.modules():
+            # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for inference the
+            # first time it runs in eval mode and never packs them back: the training step after the first
+            # validation point then fails ("a view of a leaf Variable ... in-place operation").
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     else:
         model.to(device)
         if cfg.model.gradient_checkpointing:
@@ -178,7 +184,7 @@ def _quantization_config(kind: str, dtype):
 
 def check_quantization(kind: str, where: str = "model.quantization") -> None:
     """The installed bitsandbytes runs ``kind`` layers on this machine's device (CUDA, or the CPU with
-    bitsandbytes 0.48 and newer): one small quantized layer, forward and backward, before any trial
+    bitsandbytes 0.50 and newer): one small quantized layer, forward and backward, before any trial
     starts. Raises ``LoratuneError`` naming what to install or set."""
     if kind == "none":
         return

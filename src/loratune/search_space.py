@@ -252,17 +252,34 @@ def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, 
     for p in params:
         if targets.count(p.target) > 1:
             raise LoratuneError(f"{where}.{p.name}: {p.target} is searched twice")
-        for value in p.candidates():  # every value must make a valid training config
-            trial = apply(base, {q.name: (value if q is p else q.candidates()[0]) for q in params},
-                          SearchSpace(params), where)
-            try:
-                validate(trial)
-            except LoratuneError as exc:
-                raise LoratuneError(f"{where}.{p.name}: value {value!r}: {str(exc).split(': ', 1)[-1]}") from None
+    _check_values(params, base, where)
     space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
     _encode_for_products(space)
     check_feasible(space)
     return space
+
+
+def _check_values(params: list[Param], base: FinetuneConfig, where: str) -> None:
+    """Every value of every parameter makes a valid training config: alone (the others as in the base
+    config), so that a message names the value at fault whatever the order; then in pairs."""
+    def problem(values: dict[str, Value]) -> str | None:
+        trial = apply(base, values, SearchSpace([p for p in params if p.name in values]), where)  # names its value
+        try:
+            validate(trial)
+        except LoratuneError as exc:
+            return str(exc).split(": ", 1)[-1]
+        return None
+
+    for p in params:
+        for value in p.candidates():
+            if (why := problem({p.name: value})) is not None:
+                raise LoratuneError(f"{where}.{p.name}: value {value!r}: {why}")
+    for i, p in enumerate(params):
+        for q in params[i + 1:]:
+            for a in p.candidates():
+                for b in q.candidates():
+                    if (why := problem({p.name: a, q.name: b})) is not None:
+                        raise LoratuneError(f"{where}: {p.name} = {a!r} with {q.name} = {b!r}: {why}")
 
 
 # ---------------------------------------------------------------------------------------------

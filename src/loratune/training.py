@@ -270,7 +270,7 @@ def measure_inference_time(s: Setup, n_prompts: int = 4, new_tokens: int = 16) -
 
     s.model.eval()
     s.model.config.use_cache = True
-    prompts = [[t for t, label in zip(e.input_ids, e.labels, strict=True) if label == -100] for e in s.validation[:n_prompts]]
+    prompts = [e.prompt for e in s.validation[:n_prompts]]
     generated, elapsed = 0, 0.0
     with torch.no_grad(), _autocast(s):
         for ids in prompts:

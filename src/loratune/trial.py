@@ -129,6 +129,22 @@ def result_from_exception(exc: BaseException) -> TrialResult:
     return TrialResult(TrialState.FAILED, reason=reason, extra={"traceback": traceback.format_exc()[-4000:]})
 
 
+HINTS = {  # what to change after a failed fine-tune, by how it failed
+    TrialState.OUT_OF_MEMORY: "lower training.batch_size or data.max_length, or set model.gradient_checkpointing: "
+                              "true or model.quantization: 4bit",
+}
+
+
+def failure_message(exc: BaseException) -> str:
+    """What went wrong in a fine-tune, as one line with what to change (the trial's reason, see
+    ``result_from_exception``)."""
+    result = result_from_exception(exc)
+    if result.reason.startswith("non-finite loss"):
+        return f"{result.reason}: training diverged; lower training.learning_rate"
+    hint = HINTS.get(result.state)
+    return f"{result.reason}; {hint}" if hint else result.reason
+
+
 def result_from_exit(code: int | None, log_text: str, what: str = "worker process", *, started: bool = True,
                      oom_killed: bool = False) -> TrialResult:
     """A process that ended without reporting a result: out of memory when the kernel's out-of-memory killer

@@ -88,11 +88,12 @@ def effective_scale(params: dict, rslora: bool = False) -> float | None:
     return params[ALPHA] / (math.sqrt(params[RANK]) if rslora else params[RANK])
 
 
-def _strength(rho: float | None) -> str:
+def _trend(objective: str, rho: float | None, what: str = "it") -> str:
+    """A sentence on how the objective moves with a parameter (``what``), from Spearman's rho."""
     if rho is None:
-        return "too few trials to tell"
+        return f"Too few distinct trials to tell how {objective} moves with {what}."
     size = "strongly" if abs(rho) >= 0.6 else "moderately" if abs(rho) >= 0.3 else "hardly"
-    return f"{size} {'rises' if rho > 0 else 'falls'} with it (Spearman {rho:+.2f})"
+    return f"{objective.capitalize()} {size} {'rises' if rho > 0 else 'falls'} with {what} (Spearman {rho:+.2f})."
 
 
 def _done_with(completed: list[TrialRecord], *names: str) -> list[TrialRecord]:
@@ -106,7 +107,7 @@ def discrete_insight(title: str, name: str, completed: list[TrialRecord], object
     groups = group_by([r.params[name] for r in rows], [r.metrics[objective] for r in rows], minimize)
     rho = spearman([float(r.params[name]) for r in rows], [r.metrics[objective] for r in rows])
     best = (min if minimize else max)(groups, key=lambda g: g.mean)
-    finding = (f"{objective.capitalize()} {_strength(rho)}; the best mean {objective} is at {name} = {best.value} "
+    finding = (f"{_trend(objective, rho)} The best mean {objective} is at {name} = {best.value} "
                f"({best.mean:.4f} over {best.n} trial{'s' * (best.n != 1)}).")
     return Insight(title, finding, groups, rho)
 
@@ -130,7 +131,7 @@ def learning_rate_insight(completed: list[TrialRecord], objective: str, minimize
     rho = spearman([math.log(r.params[LR]) for r in rows], [r.metrics[objective] for r in rows])
     span = f"all used {low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"used learning rates from {low:.2g} to {high:.2g}"
     finding = (f"The best {len(top)} trials {span}; the best one {best_lr:.2g}. "
-               f"{objective.capitalize()} {_strength(rho)} on a log scale.{edge}")
+               f"{_trend(objective, rho, 'the learning rate (on a log scale)')}{edge}")
     return Insight("Learning-rate sweet spot", finding, groups, rho)
 
 
@@ -143,9 +144,12 @@ def alpha_ratio_insight(completed: list[TrialRecord], objective: str, minimize: 
     rho = spearman([math.log(s) for s in scales], ys)
     what = "alpha/sqrt(rank)" if rslora else "alpha/rank"
     groups = group_by([round(s, 3) for s in scales], ys, minimize)
-    finding = f"The effective scale {what} matters: {objective} {_strength(rho)}."
-    if rho is not None and abs(rho) < 0.3:
+    if rho is None:
+        finding = _trend(objective, rho, f"the effective scale {what}")
+    elif abs(rho) < 0.3:
         finding = f"The effective scale {what} hardly matters here (Spearman {rho:+.2f})."
+    else:
+        finding = f"The effective scale {what} matters: {_trend(objective, rho)}"
     if LR in rows[0].params:
         eff = spearman([math.log(s * r.params[LR]) for s, r in zip(scales, rows, strict=True)], ys)
         if eff is not None:
