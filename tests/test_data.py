@@ -76,7 +76,7 @@ def test_row_without_expected_fields_is_named(tokenizer, tmp_path):
 
 def test_split_that_leaves_no_validation_examples(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [COMPLETION] * 3)
-    with pytest.raises(LoratuneError, match="data.validation_size: 0.1 of 3 examples leaves no validation examples"):
+    with pytest.raises(LoratuneError, match="data.validation_size: 0.1 of 3 rows leaves no validation rows"):
         load_examples(tokenizer, DataConfig(path=str(path), validation_path=None, validation_size=0.1), seed=0)
 
 

@@ -67,7 +67,7 @@ def test_quantization_this_machine_cannot_run_is_one_line_before_anything_starts
     fake = tmp_path / "fake" / "bitsandbytes"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(FAKES[kind])
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     run = subprocess.run([sys.executable, "-m", "loratune.cli", "optimize", "--output", str(tmp_path / "study"),
                           "--set", "model.quantization=4bit", "--trials", "2"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)

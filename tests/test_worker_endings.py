@@ -33,6 +33,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP a process and wait until every thread of it has stopped (the signal takes effect later)."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    wait_for(lambda: all((t / "stat").read_text().split(")")[-1].split()[0] == "T" for t in tasks.iterdir()),
+             "the process to stop")
+
+
 def bytes_waiting_on_stdin(pid: int) -> int:
     """What was written to a process's stdin pipe and not yet read (it is not consumed by looking)."""
     fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
@@ -158,7 +166,7 @@ def test_a_trial_handed_to_a_worker_that_dies_before_taking_it_runs_on_a_fresh_o
     pid_file = t.submit(0)
     assert t.result(0).state is TrialState.COMPLETED
     kept = int(pid_file.read_text())
-    os.kill(kept, signal.SIGSTOP)
+    freeze(kept)  # it cannot read its stdin any more
     try:
         t.submit(1)  # (a Ray actor hands it over inside its own call, a moment later)
         wait_for(lambda: bytes_waiting_on_stdin(kept), "the hand-over")
@@ -206,6 +214,7 @@ def test_a_cancelled_trial_fails_with_its_reason_and_takes_its_worker_along(make
     cancelled = t.result(0)
     assert (cancelled.state, cancelled.reason) == (TrialState.FAILED, "timeout: still running after 5 s (trial_timeout)")
     wait_for(lambda: not alive(worker), "the cancelled trial's worker to end")
+    assert (t.tmp / "trials" / "0" / "log.txt").exists()  # its log is kept, also from a Ray actor
     t.submit(1)
     assert t.result(1).state is TrialState.COMPLETED
 
@@ -273,6 +282,10 @@ def test_exit_reasons_name_the_signal_and_the_moment():
     assert result_from_exit(1, "Traceback...\nImportError: no torch\n", started=False).reason == \
         "worker process exited with code 1 before it started the trial: ImportError: no torch"
     assert result_from_exit(1, "... CUDA out of memory ...").state is TrialState.OUT_OF_MEMORY
+    # the out-of-memory killer's count is the machine's: only a SIGKILL is taken for its work
+    assert result_from_exit(-9, "", oom_killed=True).state is TrialState.OUT_OF_MEMORY
+    for code in (1, -15):
+        assert result_from_exit(code, "", oom_killed=True).state is TrialState.FAILED
 
 
 class FaultyExecutor:
@@ -296,7 +309,7 @@ class FaultyExecutor:
         if fault != "handed to a dying worker" or kept is None:
             self.inner.submit(spec)
             return
-        os.kill(kept, signal.SIGSTOP)
+        freeze(kept)
         try:
             self.inner.submit(spec)
             wait_for(lambda: bytes_waiting_on_stdin(kept), "the hand-over")

@@ -7,6 +7,8 @@ Every entry point turns its arguments into settings (``settings.py``), checks ev
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +31,7 @@ from .settings import (
     override,
     validate_study,
 )
-from .storage import DirectoryLock, atomic_write_text
+from .storage import DirectoryLock, atomic_write_text, check_creatable
 from .trial import failure_message
 
 # run_optimization's own argument -> the setting it sets
@@ -80,6 +82,8 @@ def run_optimization(
     >>> print(f"Best loss: {results['best_loss']:.4f}")  # doctest: +SKIP
     >>> print(f"Best params: {results['best_params']}")  # doctest: +SKIP
     """
+    output_dir = _path_argument(output_dir, "output_dir")
+    overwrite, quiet = _flag_argument(overwrite, "overwrite"), _flag_argument(quiet, "quiet")
     given = {"num_trials": num_trials, "model_name": model_name, "search_space": search_space, "objectives": objectives,
              "minimize": minimize, "constraints": constraints, "seed": seed, "workers": workers, "command": command,
              "outcome_constraints": outcome_constraints, "report": report}
@@ -95,6 +99,19 @@ def run_optimization(
             raise LoratuneError(f"run_optimization: unknown argument '{name}'")
         overrides.append((name, value, name))
     return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet)
+
+
+def _path_argument(value: Any, name: str) -> Path:
+    """A path argument of the API, checked as its YAML field or flag would be."""
+    if isinstance(value, str | os.PathLike) and str(value).strip():
+        return Path(value)
+    raise LoratuneError(f"{name}: expected a path (a string or os.PathLike), got {type(value).__name__} {value!r}")
+
+
+def _flag_argument(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise LoratuneError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _early_stopping_overrides(rule: Any) -> list[Override]:
@@ -115,13 +132,14 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     cfg, origin = load_study_config(config, overrides, custom_metrics=evaluate is not None)
     paths = StudyPaths.from_output(output)
     preflight.check_output(paths, output)
-    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), origin.at("search_space"))
+    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), origin.at("search_space"),
+                               origin.at("constraints"))
     preflight.check_evaluation(cfg, space, evaluate)
     if paths.holds_a_study() and not overwrite:
         raise _already_holds_a_study(paths)
     evaluation = "callable" if evaluate is not None else "command" if cfg.command else "finetune"
     if evaluation == "finetune":
-        preflight.check_training_inputs(cfg.base(), space, origin)
+        preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
                                  cfg.init_trials, cfg.early_stopping)
     with DirectoryLock(paths.directory):
@@ -199,7 +217,8 @@ def resume_optimization(
     >>> results = resume_optimization(checkpoint="configs/optimization_checkpoint.json",
     ...                               additional_trials=10)  # doctest: +SKIP
     """
-    return resume(checkpoint, additional_trials, [(k, v, k) for k, v in settings.items()], evaluate=evaluate, quiet=quiet)
+    return resume(_path_argument(checkpoint, "checkpoint"), additional_trials, [(k, v, k) for k, v in settings.items()],
+                  evaluate=evaluate, quiet=_flag_argument(quiet, "quiet"))
 
 
 def resume(path: str | Path, additional_trials: int, overrides: Iterable[Override], *,
@@ -208,10 +227,12 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     if not isinstance(additional_trials, int) or isinstance(additional_trials, bool) or additional_trials < 0:
         raise LoratuneError(f"additional_trials: must be a non-negative integer, got {additional_trials!r}")
     paths, stored = checkpoint.load(path, additional_trials)
+    preflight.check_no_foreign_files(paths, str(paths.checkpoint))
     data, origin = {}, Origin(str(paths.checkpoint))
     for dotted, value, label in overrides:
         if dotted.split(".")[0] not in RESUMABLE:
-            raise LoratuneError(f"{label}: cannot change when a study resumes (it would mix trials of two set-ups); "
+            named = label if label.lstrip("-").replace("-", "_") in (dotted, dotted.split(".")[0]) else f"{label}: {dotted}"
+            raise LoratuneError(f"{named}: cannot change when a study resumes (it would mix trials of two set-ups); "
                                 f"what can: {', '.join(RESUMABLE)}")
         override(data, StudyConfig, dotted, value, label, origin)
     if stored.evaluation == "callable" and evaluate is None:
@@ -226,10 +247,26 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
     preflight.check_evaluation(cfg, space, evaluate)
     if stored.evaluation == "finetune":
-        preflight.check_training_inputs(cfg.base(), space, origin)
+        preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
+    _check_records_match_ax(stored, optimizer, paths.checkpoint)
     with DirectoryLock(paths.directory):
         return _run(stored, paths, optimizer, evaluate, quiet, started)
+
+
+def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:
+    """A checkpoint's records and its Ax experiment tell of the same trials with the same parameters (a hand
+    edit of one and not the other would mix two studies)."""
+    known = optimizer.trial_parameters()
+    for i, record in enumerate(stored.records):
+        ax = known.pop(record.index, None)
+        same = ax is not None and ax.keys() == record.params.keys() and all(
+            math.isclose(v, ax[k], rel_tol=1e-9) if isinstance(v, float) else v == ax[k] for k, v in record.params.items())
+        if not same:
+            raise LoratuneError(f"{where}: records[{i}]: trial {record.index} has parameters {record.params}, but the "
+                                f"Ax experiment in the same file {'has ' + str(ax) if ax else 'has no such trial'}")
+    if known:
+        raise LoratuneError(f"{where}: the Ax experiment holds trial {min(known)}, which no record has")
 
 
 def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = None, overwrite: bool = False,
@@ -243,13 +280,19 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
     >>> metrics = finetune("configs/best_config.yaml")  # doctest: +SKIP
     """
     from .model import import_libraries
-    from .training import run_training
+    from .training import check_output_dir, run_training
 
+    if not isinstance(config, FinetuneConfig):
+        config = _path_argument(config, "config")
+    overwrite, quiet = _flag_argument(overwrite, "overwrite"), _flag_argument(quiet, "quiet")
+    if output_dir is not None:
+        output_dir = str(_path_argument(output_dir, "output_dir"))
     overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
     cfg = load_finetune_config(config, overrides)
     if own_process:
         import_libraries(quantized=cfg.model.quantization != "none")
     preflight.check_model(cfg)
+    check_output_dir(cfg.output_dir, overwrite)  # before the progress bar draws anything
     try:
         with TrainingProgress(quiet) as on_step:
             return run_training(cfg, overwrite=overwrite, on_step=on_step)
@@ -267,6 +310,9 @@ def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
     >>> from loratune import export_config
     >>> export_config("configs/", trial=7, path="configs/fast_config.yaml")  # doctest: +SKIP
     """
+    study_dir, path = _path_argument(study_dir, "study_dir"), _path_argument(path, "path")
+    if isinstance(trial, bool) or not isinstance(trial, int):
+        raise LoratuneError(f"trial: expected a trial index (an integer), got {trial!r}")
     paths, stored = checkpoint.load(study_dir)
     record = stored.record(trial)
     if record is None:
@@ -276,5 +322,6 @@ def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
     out = Path(path)
     if out.exists():
         raise LoratuneError(f"{out}: already exists; choose another path")
+    check_creatable(out, "--output", directory=False)
     atomic_write_text(out, checkpoint.config_yaml(stored, paths, record, out))
     return out

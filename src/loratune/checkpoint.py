@@ -10,6 +10,7 @@ under the same Ax trial index.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,8 +30,10 @@ CHECKPOINT_NAME = "optimization_checkpoint.json"
 RESULTS_NAME = "optimization_results.json"
 BEST_CONFIG_NAME = "best_config.yaml"
 REPORT_NAME = "OPTIMIZATION_RESULTS.md"
+REPORT_TITLE = "# Optimization results"  # the report's first line
 COMPARISON_NAME = "comparison.json"
 TRIALS_DIR, PLOTS_DIR, COMPARISON_DIR, BEST_MODEL_DIR = "trials", "plots", "comparison", "best_model"
+PREVIOUS_COMPARISON_DIR = "comparison.previous"  # the last comparison, while a new one runs
 EVALUATIONS = ("finetune", "command", "callable")
 
 
@@ -71,13 +74,26 @@ class StudyPaths:
         removes, and nothing else (a retrained ``best_model/`` is the user's, and stays)."""
         d = self.directory
         return [self.checkpoint, self.results, self.best_config, self.report, self.comparison,
-                d / TRIALS_DIR, d / PLOTS_DIR, d / COMPARISON_DIR]
+                d / TRIALS_DIR, d / PLOTS_DIR, d / COMPARISON_DIR, d / PREVIOUS_COMPARISON_DIR]
 
     def holds_a_study(self) -> bool:
         return self.checkpoint.exists() or self.results.exists()
 
+    def not_a_studys(self) -> list[Path]:
+        """Files and folders here of a study's names that no loratune study wrote: a study, and
+        ``--overwrite``, would replace them, so they are refused instead. A file is a study's by its
+        content (a checkpoint's format, a results file's study id, a best config's header); a folder,
+        when a study's checkpoint or results file lies beside it."""
+        owned = {self.checkpoint: _is_checkpoint, self.results: _has_study_id, self.comparison: _has_study_id,
+                 self.best_config: lambda p: _first_line(p).startswith("# python finetune_lora.py --config"),
+                 self.report: lambda p: _first_line(p) == REPORT_TITLE}
+        study_here = (self.checkpoint.is_file() and _is_checkpoint(self.checkpoint)) or \
+            (self.results.is_file() and _has_study_id(self.results))
+        return [p for p in self.written_by_a_study() if p.exists()
+                and not (owned[p](p) if p in owned and p.is_file() else p.is_dir() and study_here)]
+
     def clear(self) -> None:
-        """Remove what an earlier study wrote here (``--overwrite``)."""
+        """Remove what an earlier study wrote here (``--overwrite``); ``not_a_studys`` must be empty."""
         import shutil
 
         for path in self.written_by_a_study():
@@ -85,6 +101,30 @@ class StudyPaths:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _json_mapping(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return _json_mapping(path).get("format") == CHECKPOINT_FORMAT
+
+
+def _has_study_id(path: Path) -> bool:
+    return isinstance(_json_mapping(path).get("study_id"), str)
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.readline().rstrip("\n")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -145,11 +185,18 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     cfg.trials += additional_trials
     validate_study(cfg, origin, custom_metrics=evaluation != "finetune")
     records = [TrialRecord.from_dict(r, f"{path}: records[{i}]") for i, r in enumerate(data["records"])]
+    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), f"{path}: config.search_space",
+                               f"{path}: config.constraints")
     seen: set[int] = set()
     for i, r in enumerate(records):
         if r.index in seen:
             raise LoratuneError(f"{path}: records[{i}]: trial {r.index} is recorded twice")
         seen.add(r.index)
+        unknown = sorted(set(r.params) - set(space.names))
+        if unknown:
+            raise LoratuneError(f"{path}: records[{i}].params: {unknown[0]} is not a searched parameter "
+                                f"({', '.join(space.names)})")
+        r.params = space.cast(r.params, f"{path}: records[{i}].params")
     results_name = Path(str(data.get("results_file") or RESULTS_NAME)).name
     stored = StoredStudy(cfg, records, evaluation, data["ax"], _number(data.get("elapsed_s")),
                          _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]))

@@ -4,6 +4,7 @@ study that ended without its result (too many failures, nothing completed) is on
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +35,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -194,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="retrain the best config and the baseline with several seeds; add to the report")
     p.add_argument("study", help="the study's output directory")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per config (default 3)")
-    p.add_argument("--epochs", type=float, help="epochs per retrain (default: the study's retrain_epochs)")
+    p.add_argument("--epochs", type=_positive_float, help="epochs per retrain (default: the study's retrain_epochs)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -224,6 +235,10 @@ def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) ->
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # the system refused a file: say which
+        print(f"error: {exc.filename or 'loratune ' + args.command_name}: {exc.strerror or first_line(exc)}",
+              file=sys.stderr)
+        return STUDY_FAILED_EXIT_CODE
     except Exception as exc:
         if os.environ.get("LORATUNE_DEBUG"):
             raise

@@ -60,7 +60,11 @@ def compare_runs(best: list[float], baseline: list[float], alpha: float = 0.05) 
 def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | None = None,
                         quiet: bool = False) -> Comparison:
     """Retrain the best config and the baseline ``seeds`` times each (fresh processes), write
-    ``comparison.json`` (tied to this study and its best trial) and return the comparison."""
+    ``comparison.json`` (tied to this study and its best trial) and return the comparison. The retrains
+    run in a folder of their own that replaces ``comparison/`` only once all of them succeeded: a
+    comparison that fails leaves the last one as it was."""
+    import shutil
+
     from . import checkpoint
     from .config import to_dict
     from .processes import die_with_parent
@@ -73,27 +77,44 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
         raise LoratuneError(f"{directory}: no completed fine-tune trial to retrain")
     if base is None:
         raise LoratuneError(f"{directory}: the study has no baseline trial to compare with")
-    if seeds < 1:
-        raise LoratuneError(f"seeds: must be at least 1, got {seeds}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise LoratuneError(f"seeds: must be a positive integer, got {seeds!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
+                               or not math.isfinite(epochs) or epochs <= 0):
+        raise LoratuneError(f"epochs: must be a number > 0, got {epochs!r}")
     runs = {"best": best, "baseline": base}
     losses: dict[str, list[float]] = {name: [] for name in runs}
-    for name, record in runs.items():
-        for seed in range(seeds):
-            run_dir = paths.directory / checkpoint.COMPARISON_DIR / f"{name}_seed{seed}"
-            cfg = checkpoint.training_config(stored, paths, record)
-            cfg.training.seed, cfg.output_dir = seed, str(run_dir)
-            if epochs is not None:
-                cfg.training.epochs = epochs
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
-            if not quiet:
-                print(f"retraining {name} (trial {record.index}), seed {seed + 1}/{seeds}", flush=True)
-            proc = subprocess.run([sys.executable, "-m", "loratune.cli", "finetune", "--config", str(run_dir / "config.yaml"),
-                                   "--overwrite", "--quiet"], capture_output=True, text=True, preexec_fn=die_with_parent())
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("error: ")
-                raise TrainingFailed(f"{run_dir}: retraining {name} failed: {last}")
-            losses[name].append(read_json(run_dir / "metrics.json", "metrics")["val_loss"])
+    final, kept = paths.directory / checkpoint.COMPARISON_DIR, paths.directory / checkpoint.PREVIOUS_COMPARISON_DIR
+    if kept.exists():  # a comparison killed while it ran: the one before it comes back first
+        shutil.rmtree(final, ignore_errors=True)
+        kept.rename(final)
+    if final.exists():
+        final.rename(kept)
+    try:
+        for name, record in runs.items():
+            for seed in range(seeds):
+                run_dir = final / f"{name}_seed{seed}"
+                cfg = checkpoint.training_config(stored, paths, record)
+                cfg.training.seed, cfg.output_dir = seed, str(run_dir)
+                if epochs is not None:
+                    cfg.training.epochs = epochs
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+                if not quiet:
+                    print(f"retraining {name} (trial {record.index}), seed {seed + 1}/{seeds}", flush=True)
+                proc = subprocess.run([sys.executable, "-m", "loratune.cli", "finetune", "--config",
+                                       str(run_dir / "config.yaml"), "--overwrite", "--quiet"],
+                                      capture_output=True, text=True, preexec_fn=die_with_parent())
+                if proc.returncode != 0:
+                    last = (proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("error: ")
+                    raise TrainingFailed(f"retraining {name} (trial {record.index}), seed {seed}, failed: {last}")
+                losses[name].append(read_json(run_dir / "metrics.json", "metrics")["val_loss"])
+    except BaseException:  # the last comparison stays as it was
+        shutil.rmtree(final, ignore_errors=True)
+        if kept.exists():
+            kept.rename(final)
+        raise
+    shutil.rmtree(kept, ignore_errors=True)
     result = compare_runs(losses["best"], losses["baseline"])
     atomic_write_json(paths.comparison, {**asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,
                                          "study_id": stored.study_id, "best_trial": best.index,

@@ -98,9 +98,29 @@ def _read_file(file: Path, field: str) -> list[dict]:
         options = {"keep_default_na": False, "na_values": [],
                    "features": datasets.Features({c: datasets.Value("string") for c in _csv_header(file, field)})}
     try:
-        return datasets.load_dataset(kind, data_files=str(file), split="train", **options).to_list()
+        rows = datasets.load_dataset(kind, data_files=str(file), split="train", **options).to_list()
     except Exception as exc:  # datasets raises many types for unreadable files: find the line ourselves
+        if _has_no_rows(file, kind):
+            raise LoratuneError(f"{field}: {file} has no rows{' (only a header)' if kind == 'csv' else ''}") from None
         raise LoratuneError(f"{field}: cannot read {file}: {_diagnose(file, kind) or first_line(exc)}") from None
+    return rows
+
+
+def _has_no_rows(file: Path, kind: str) -> bool:
+    """A file that parses and holds no row (datasets reports that as 'corresponds to no data')."""
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet
+
+            return pyarrow.parquet.read_metadata(file).num_rows == 0
+        text = file.read_text(encoding="utf-8")
+        if kind == "csv":
+            return not any(row for row in list(csv.reader(text.splitlines()))[1:])
+        if file.suffix.lower() == ".json":
+            return json.loads(text) in ([], {})
+        return not text.strip()
+    except (OSError, ValueError, csv.Error, ImportError):
+        return False
 
 
 def _csv_header(file: Path, field: str) -> list[str]:
@@ -127,16 +147,22 @@ def _diagnose(file: Path, kind: str) -> str | None:
         try:
             header = next(reader)
             for row in reader:
-                if len(row) != len(header):
+                if row and len(row) != len(header):  # a blank line is no row (pandas skips it too)
                     return f"line {reader.line_num}: {len(row)} fields where the header has {len(header)}"
         except csv.Error as exc:
             return f"line {reader.line_num}: {exc}"
         return None
     if file.suffix.lower() == ".json":
         try:
-            json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             return f"line {exc.lineno}, column {exc.colno}: not valid JSON ({_json_problem(exc)})"
+        if isinstance(value, list):
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, dict)), None)
+            if bad is not None:
+                return f"element {bad + 1} of the list is {type(value[bad]).__name__}, not a JSON object (a row)"
+        elif not isinstance(value, dict):
+            return f"expected a list of rows (JSON objects), got {type(value).__name__}"
         return None
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -440,8 +466,8 @@ def load_examples(tokenizer, cfg: DataConfig, seed: int) -> tuple[list[Example],
     n_val = int(cfg.validation_size) if cfg.validation_size >= 1 else round(cfg.validation_size * len(by_row))
     if n_val < 1 or n_val >= len(by_row):
         raise LoratuneError(
-            f"data.validation_size: {cfg.validation_size} of {len(by_row)} examples leaves "
-            f"{'no validation' if n_val < 1 else 'no training'} examples"
+            f"data.validation_size: {cfg.validation_size} of {len(by_row)} rows leaves "
+            f"{'no validation' if n_val < 1 else 'no training'} rows"
         )
     order = list(range(len(by_row)))
     random.Random(seed).shuffle(order)

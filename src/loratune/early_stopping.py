@@ -30,7 +30,7 @@ class EarlyStoppingCallback:
     metric: str = "loss"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.check_at, int | float) and 0 < self.check_at <= 1):
+        if isinstance(self.check_at, bool) or not (isinstance(self.check_at, int | float) and 0 < self.check_at <= 1):
             raise LoratuneError(f"EarlyStoppingCallback: check_at must be in (0, 1], got {self.check_at!r}")
         if self.threshold != "baseline" and not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold)):
             raise LoratuneError(f"EarlyStoppingCallback: threshold must be a number or 'baseline', got {self.threshold!r}")

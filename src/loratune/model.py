@@ -233,14 +233,29 @@ def detach_adapter(model) -> Any:
     return base
 
 
+def _model_config(cfg: FinetuneConfig):
+    from transformers import AutoConfig
+
+    _quiet_libraries()
+    return _load_pretrained(AutoConfig, resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+
+
 def module_names(cfg: FinetuneConfig) -> list[str]:
     """The model's module names, from its config alone (an empty model on the meta device: no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    _quiet_libraries()
-    path = resolve_model(cfg.model.name)
-    config = _load_pretrained(AutoConfig, path, trust_remote_code=cfg.model.trust_remote_code)
+    config = _model_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return [name for name, _ in model.named_modules()]
+
+
+def model_limits(cfg: FinetuneConfig) -> tuple[int | None, int | None]:
+    """(hidden size, longest sequence its positions cover) from the model's config; None where it does not say."""
+    config = _model_config(cfg)
+    text = getattr(config, "get_text_config", lambda: config)()  # a multimodal model's language part
+    hidden = next((getattr(text, k) for k in ("hidden_size", "n_embd", "d_model") if isinstance(getattr(text, k, None), int)), None)
+    context = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(getattr(text, k, None), int)), None)
+    return hidden, context

@@ -231,6 +231,10 @@ class Optimizer:
             return {}
         return {i: self.space.decode(dict(p)) for i, p in trials.items()}
 
+    def trial_parameters(self) -> dict[int, dict]:
+        """Every trial Ax knows, as {index: user parameters}."""
+        return {i: self.space.decode(dict(t.arm.parameters)) for i, t in self.client._experiment.trials.items()}
+
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
         """Add a trial that Ax did not suggest (the baseline); values are cast to their parameters' types first."""

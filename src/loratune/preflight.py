@@ -5,10 +5,12 @@ executor. Each problem is one ``LoratuneError`` line naming what is wrong and wh
 from __future__ import annotations
 
 import difflib
-import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from .checkpoint import StudyPaths
 from .config import FinetuneConfig, StudyConfig
@@ -16,6 +18,7 @@ from .errors import LoratuneError
 from .executors.command import check_command
 from .search_space import SearchSpace
 from .settings import Origin
+from .storage import check_creatable
 
 
 def check_output(paths: StudyPaths, output: str | Path) -> None:
@@ -26,12 +29,19 @@ def check_output(paths: StudyPaths, output: str | Path) -> None:
                             "give a directory or a .json path")
     if paths.results.is_dir():
         raise LoratuneError(f"--output: {paths.results} is a directory, not a results file")
-    directory = paths.directory
-    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise LoratuneError(f"--output: {existing} is a file, so the study's directory {directory} cannot be made")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise LoratuneError(f"--output: {existing} is not writable")
+    check_creatable(paths.directory, "--output")
+    check_no_foreign_files(paths, "--output")
+
+
+def check_no_foreign_files(paths: StudyPaths, where: str) -> None:
+    """Nothing of the names a study writes lies there unless a loratune study wrote it: neither a study
+    nor ``--overwrite`` replaces a user's own files."""
+    foreign = paths.not_a_studys()
+    if foreign:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign)
+        them = "it" if len(foreign) == 1 else "them"
+        raise LoratuneError(f"{where}: {paths.directory} holds {names}, which no loratune study wrote, and a study would "
+                            f"replace {them} (--overwrite too); move {them}, or choose another --output")
 
 
 def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | None) -> None:
@@ -56,26 +66,64 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
             raise LoratuneError("executor: ray needs Ray: pip install 'loratune[ray]'") from None
 
 
-def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
+def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,
+                          trials_run_here: bool = True) -> None:
     """The model resolves, the data loads and renders with its chat template, and the model checks
-    pass (``check_model``): what would otherwise fail every trial, one by one."""
+    pass (``check_model``): what would otherwise fail every trial, one by one. Quantized loading is
+    checked where trials run: on this machine (in a child process), not for a Ray cluster's nodes."""
     from .data import load_examples
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     load_examples(tokenizer, cfg.data, cfg.training.seed)
-    check_model(cfg, space, origin)
+    check_model(cfg, space, origin, quantization="child" if trials_run_here else "skip")
 
 
-def check_model(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:
-    """Quantized loading runs on this machine, and the adapter's target modules exist in the model."""
-    from .model import check_quantization
+def check_model(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,
+                quantization: Literal["here", "child", "skip"] = "here") -> None:
+    """Quantized loading runs on this machine, the adapter's target modules exist in the model, and no
+    rank or sequence length is beyond what the model can use. ``quantization``: check quantized loading
+    in this process (a fine-tune about to run here), in a child process (so that a study's own process
+    never opens a GPU context it would hold for the whole study), or not (trials run elsewhere)."""
+    from .model import check_quantization, model_limits
 
-    kinds = {cfg.model.quantization} | {v for p in (space.params if space else []) if p.target == "model.quantization"
-                                        for v in p.candidates()}
-    for kind in sorted(kinds):
-        check_quantization(kind, (origin or Origin()).at("model.quantization"))
+    at = (origin or Origin()).at("model.quantization")
+    for kind in sorted({v for v, _ in _values(cfg, "model.quantization", space, origin)} - {"none"}):
+        if quantization == "here":
+            check_quantization(kind, at)
+        elif quantization == "child":
+            _check_quantization_in_a_child(kind, at)
     check_adapter_targets(cfg, space, origin)
+    hidden, context = model_limits(cfg)
+    for value, at in _values(cfg, "lora.rank", space, origin):
+        if hidden and value > hidden:
+            raise LoratuneError(f"{at}: {value} is above the model's hidden size ({hidden}): a LoRA update cannot "
+                                "have a higher rank than the layers it adapts")
+    for value, at in _values(cfg, "data.max_length", space, origin):
+        if context and value > context:
+            raise LoratuneError(f"{at}: {value} tokens is longer than the model's positions reach "
+                                f"({context}, its max_position_embeddings)")
+
+
+def _check_quantization_in_a_child(kind: str, at: str) -> None:
+    code = ("import sys\nfrom loratune.errors import LoratuneError\nfrom loratune.model import check_quantization\n"
+            "try:\n    check_quantization(sys.argv[1], sys.argv[2])\nexcept LoratuneError as exc:\n"
+            "    sys.exit(str(exc))\n")
+    proc = subprocess.run([sys.executable, "-c", code, kind, at], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise LoratuneError(last if last.startswith(at) else f"{at}: checking {kind} loading failed: {last}")
+
+
+def _values(cfg: FinetuneConfig, target: str, space: SearchSpace | None, origin: Origin | None) -> list[tuple]:
+    """Every value ``target`` takes in a run: the config's own, and each searched value (a range's bounds),
+    with where it is set."""
+    section, name = target.split(".")
+    out = [(getattr(getattr(cfg, section), name), (origin or Origin()).at(target))]
+    for p in space.params if space else []:
+        if p.target == target:
+            out += [(v, f"{(origin or Origin()).at('search_space')}.{p.name}") for v in p.candidates()]
+    return out
 
 
 def check_adapter_targets(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None) -> None:

@@ -79,8 +79,9 @@ def kill_own_group() -> None:
 
 
 def oom_kill_count() -> int:
-    """Processes the kernel's out-of-memory killer has ended since boot (Linux's ``/proc/vmstat``), else 0:
-    a worker killed by SIGKILL while this count rose was most likely its victim."""
+    """Processes the kernel's out-of-memory killer has ended since boot (Linux's ``/proc/vmstat``), else 0.
+    The count is the machine's, not one process's: a worker killed by SIGKILL while it rose was most likely
+    the victim (another process's kill at the same moment would be taken for it)."""
     try:
         with open("/proc/vmstat") as f:
             for line in f:

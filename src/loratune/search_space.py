@@ -71,6 +71,7 @@ class Constraint:
     op: str  # "<=" or ">="
     bound: float
     product: bool
+    label: str = ""  # where it was written, for messages: "c.yaml: constraints[0]: 'a * b <= 128'"
 
 
 @dataclass
@@ -244,7 +245,8 @@ def apply(base: FinetuneConfig, values: dict[str, Value], space: SearchSpace, so
     return cfg
 
 
-def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, where: str = "search_space") -> SearchSpace:
+def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, where: str = "search_space",
+                       constraints_at: str = "constraints") -> SearchSpace:
     if not isinstance(spec, dict) or not spec:
         raise LoratuneError(f"{where}: expected a mapping of parameter names to ranges or choices")
     params = [parse_param(str(name), s, where) for name, s in spec.items()]
@@ -253,7 +255,7 @@ def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, 
         if targets.count(p.target) > 1:
             raise LoratuneError(f"{where}.{p.name}: {p.target} is searched twice")
     _check_values(params, base, where)
-    space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
+    space = SearchSpace(params, [parse_constraint(c, params, f"{constraints_at}[{i}]") for i, c in enumerate(constraints)])
     _encode_for_products(space)
     check_feasible(space)
     return space
@@ -286,9 +288,9 @@ def _check_values(params: list[Param], base: FinetuneConfig, where: str) -> None
 # Constraints
 
 
-def parse_constraint(text: str, params: list[Param]) -> Constraint:
-    """Parse ``a * b <= 128`` or ``2*a + b >= 3`` without evaluating user text."""
-    where = f"constraint '{text}'"
+def parse_constraint(text: str, params: list[Param], at: str = "constraints") -> Constraint:
+    """Parse ``a * b <= 128`` or ``2*a + b >= 3`` without evaluating user text; ``at``: where it was written."""
+    where = f"{at}: '{text}'"
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
@@ -307,7 +309,7 @@ def parse_constraint(text: str, params: list[Param]) -> Constraint:
         raise LoratuneError(f"{where}: names no parameter")
     if all(len(m) <= 1 for m in poly):
         linear = {m[0]: k for m, k in poly.items()}
-        return Constraint(text, {n: linear[n] for n in names if n in linear}, op, bound, product=False)
+        return Constraint(text, {n: linear[n] for n in names if n in linear}, op, bound, product=False, label=where)
     if len(poly) == 1:
         (mono, k), = poly.items()
         if k < 0:
@@ -315,7 +317,7 @@ def parse_constraint(text: str, params: list[Param]) -> Constraint:
         if bound <= 0:
             raise LoratuneError(f"{where}: a product of parameters must be compared with a positive number")
         terms = {n: float(mono.count(n)) for n in names if n in mono}
-        return Constraint(text, terms, op, bound / k, product=True)
+        return Constraint(text, terms, op, bound / k, product=True, label=where)
     raise LoratuneError(f"{where}: only linear constraints or a single product of parameters are supported")
 
 
@@ -356,15 +358,15 @@ def _encode_for_products(space: SearchSpace) -> None:
                 continue
             values = p.candidates()
             if any(not isinstance(v, int | float) or v <= 0 for v in values):
-                raise LoratuneError(f"constraint '{c.text}': {name} must be positive to appear in a product")
+                raise LoratuneError(f"{c.label}: {name} must be positive to appear in a product")
             if p.kind == "choice" and not all(_is_int(v) and v & (v - 1) == 0 for v in values):
-                raise LoratuneError(f"constraint '{c.text}': {name} must be a range or a choice of powers of two "
+                raise LoratuneError(f"{c.label}: {name} must be a range or a choice of powers of two "
                                     f"to appear in a product, got {values}")
             p.log2_encoded = True
     for c in space.constraints:
         if not c.product and any(by_name[n].log2_encoded or by_name[n].log or by_name[n].kind == "choice"
                                  for n in c.terms if by_name[n].kind != "fixed"):
-            raise LoratuneError(f"constraint '{c.text}': Ax takes linear constraints only over linear-scale ranges; "
+            raise LoratuneError(f"{c.label}: Ax takes linear constraints only over linear-scale ranges; "
                                 "write it as a product (e.g. 'a * b <= 128') or make the parameters ranges")
 
 
@@ -376,4 +378,4 @@ def check_feasible(space: SearchSpace) -> None:
     names = space.names
     for c in space.constraints:
         if not any(satisfies(c, dict(zip(names, g, strict=True))) for g in grid):
-            raise LoratuneError(f"constraint '{c.text}': no point of the search space satisfies it")
+            raise LoratuneError(f"{c.label}: no point of the search space satisfies it")

@@ -361,7 +361,8 @@ def read_yaml(path: str | Path) -> dict:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise LoratuneError(f"{path}{at}: invalid YAML: {problem}") from None
     if data is None:
-        return {}
+        raise LoratuneError(f"{path}: holds no settings (the file is empty or only comments); write the settings to "
+                            "change, or leave --config out for the defaults")
     if not isinstance(data, dict):
         raise LoratuneError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data

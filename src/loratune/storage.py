@@ -24,6 +24,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_creatable(path: str | Path, label: str, directory: bool = True) -> None:
+    """``path`` (a directory, or a file) can be made or written: the nearest part of it that exists is a
+    writable directory. Raises LoratuneError naming ``label`` and the part in the way."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if existing == path and directory and not path.is_dir():
+        raise LoratuneError(f"{label}: {path} is a file, not a directory")
+    if existing == path and not directory and path.is_dir():
+        raise LoratuneError(f"{label}: {path} is a directory, not a file")
+    if existing != path and not existing.is_dir():
+        raise LoratuneError(f"{label}: {existing} is a file, so {path} cannot be made")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LoratuneError(f"{label}: {folder} is not writable")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)

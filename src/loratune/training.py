@@ -23,7 +23,7 @@ from .config import EVAL_POINTS, FinetuneConfig, to_dict
 from .data import Example, collate, length_grouped_batches, load_examples, padding_fraction, sorted_batches
 from .errors import LoratuneError
 from .model import Base, attach_adapter, detach_adapter, load_base
-from .storage import atomic_write_json
+from .storage import atomic_write_json, check_creatable
 
 
 @dataclass
@@ -257,8 +257,7 @@ def peak_memory_gb(device: str) -> float:
 
 def check_output_dir(path: str | Path, overwrite: bool) -> None:
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise LoratuneError(f"output_dir: {out} is a file, not a directory")
+    check_creatable(out, "output_dir")
     if out.exists() and not overwrite and ((out / "metrics.json").exists() or (out / "adapter").exists()):
         raise LoratuneError(f"output_dir: {out} already holds a run; choose another directory or pass --overwrite")
 

@@ -100,13 +100,31 @@ class TrialRecord:
             raise LoratuneError(f"{where}: params must be a mapping, got {params!r}")
         if state not in TrialState._value2member_map_:
             raise LoratuneError(f"{where}: unknown state {state!r} (known: {', '.join(s.value for s in TrialState)})")
-        checks = {"metrics": dict, "curve": list, "extra": dict, "baseline": bool, "restarts": int}
+        checks = {"metrics": dict, "curve": list, "extra": dict, "baseline": bool, "restarts": int, "reason": str,
+                  "directory": str, "started_at": str, "ended_at": str}
         for key, kind in checks.items():
             if key in data and data[key] is not None and not isinstance(data[key], kind):
                 raise LoratuneError(f"{where}: {key} must be a {kind.__name__}, got {data[key]!r}")
+        for key in ("duration_s", "training_saved", "stop_requested_at"):
+            if data.get(key) is not None and not _finite(data[key]):
+                raise LoratuneError(f"{where}: {key} must be a finite number, got {data[key]!r}")
+        for name, value in (data.get("metrics") or {}).items():
+            if value is not None and not _finite(value):  # null: how a non-finite number is stored
+                raise LoratuneError(f"{where}: metrics.{name} must be a finite number, got {value!r}")
+        for k, point in enumerate(data.get("curve") or []):
+            if not isinstance(point, dict):
+                raise LoratuneError(f"{where}: curve[{k}] must be a mapping, got {point!r}")
+            bad = next((f for f, v in point.items() if isinstance(v, bool) or not isinstance(v, int | float | None)), None)
+            if bad is not None:
+                raise LoratuneError(f"{where}: curve[{k}].{bad} must be a number, got {point[bad]!r}")
         values = {k: v for k, v in data.items() if k in known and v is not None}
         values["state"] = TrialState(state)
+        values["metrics"] = {k: v for k, v in (data.get("metrics") or {}).items() if v is not None}
         return cls(**values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_out_of_memory(error: BaseException | str) -> bool:
@@ -129,31 +147,30 @@ def result_from_exception(exc: BaseException) -> TrialResult:
     return TrialResult(TrialState.FAILED, reason=reason, extra={"traceback": traceback.format_exc()[-4000:]})
 
 
-HINTS = {  # what to change after a failed fine-tune, by how it failed
-    TrialState.OUT_OF_MEMORY: "lower training.batch_size or data.max_length, or set model.gradient_checkpointing: "
-                              "true or model.quantization: 4bit",
-}
-
-
 def failure_message(exc: BaseException) -> str:
     """What went wrong in a fine-tune, as one line with what to change (the trial's reason, see
     ``result_from_exception``)."""
     result = result_from_exception(exc)
+    if result.state is TrialState.OUT_OF_MEMORY:
+        return (f"{result.reason}; lower training.batch_size or data.max_length, or set "
+                "model.gradient_checkpointing: true or model.quantization: 4bit")
     if result.reason.startswith("non-finite loss"):
         return f"{result.reason}: training diverged; lower training.learning_rate"
-    hint = HINTS.get(result.state)
-    return f"{result.reason}; {hint}" if hint else result.reason
+    return result.reason
 
 
 def result_from_exit(code: int | None, log_text: str, what: str = "worker process", *, started: bool = True,
                      oom_killed: bool = False) -> TrialResult:
-    """A process that ended without reporting a result: out of memory when the kernel's out-of-memory killer
-    ended it (``oom_killed``) or its log says so, else failed. ``started``: whether it had taken the trial."""
+    """A process that ended without reporting a result: out of memory when it was killed by SIGKILL while
+    the kernel's out-of-memory killer struck (``oom_killed``: its count rose meanwhile) or its log says so,
+    else failed. ``started``: whether it had taken the trial."""
+    killed = code is not None and code == -signal.SIGKILL
+    oom_killed = oom_killed and killed  # that killer sends SIGKILL and nothing else
     if code is not None and code < 0:
         how = f"was killed by {_signal_name(-code)}"
         if oom_killed:
             how = "was killed by the kernel's out-of-memory killer"
-        elif -code == signal.SIGKILL:
+        elif killed:
             how += " (the kernel's out-of-memory killer, or a kill from outside)"
     else:
         how = f"exited with code {code}"
@@ -185,20 +202,16 @@ def as_number(value: Any) -> float | None:
     return None
 
 
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The entries of ``metrics`` that are real numbers, as floats (what Ax and the JSON files take)."""
-    return {str(k): n for k, v in metrics.items() if (n := as_number(v)) is not None}
-
-
 def check_metrics(metrics: dict[str, Any], objectives: list[str]) -> TrialResult:
-    """A completed result with the numeric metrics, or a failed one when an objective is missing, not a
-    number, or not finite."""
-    numeric = numeric_metrics(metrics)
+    """A completed result with the finite numeric metrics (what Ax and the JSON files take), or a failed
+    one when an objective is missing, not a number, or not finite."""
+    numbers = {str(k): n for k, v in metrics.items() if (n := as_number(v)) is not None}
+    finite = {k: n for k, n in numbers.items() if math.isfinite(n)}
     for name in objectives:
         if name not in metrics:
-            return TrialResult(TrialState.FAILED, numeric, reason=f"metric '{name}' missing (got {sorted(metrics)})")
-        if name not in numeric:
-            return TrialResult(TrialState.FAILED, numeric, reason=f"metric '{name}' is not a number: {metrics[name]!r}"[:300])
-        if not math.isfinite(numeric[name]):
-            return TrialResult(TrialState.FAILED, numeric, reason=f"non-finite loss: {name} = {numeric[name]}")
-    return TrialResult(TrialState.COMPLETED, numeric)
+            return TrialResult(TrialState.FAILED, finite, reason=f"metric '{name}' missing (got {sorted(metrics)})")
+        if name not in numbers:
+            return TrialResult(TrialState.FAILED, finite, reason=f"metric '{name}' is not a number: {metrics[name]!r}"[:300])
+        if name not in finite:
+            return TrialResult(TrialState.FAILED, finite, reason=f"non-finite loss: {name} = {numbers[name]}")
+    return TrialResult(TrialState.COMPLETED, finite)

@@ -3,7 +3,7 @@
 ``python -m loratune.worker TRIAL_DIR`` runs one trial and exits (``reuse_model: false``).
 ``python -m loratune.worker --serve`` keeps the base model (and the tokenized data) loaded and runs
 the trials whose directories arrive on its stdin, one after another, each with a fresh adapter, until
-stdin closes or it is told to exit. When it is replaced (after a failed trial, after
+stdin closes. When it is replaced (after a failed trial, after
 ``trials_per_worker`` trials, for another base model) is decided by whoever runs it
 (``executors/serving.py``). The files it shares with them are described in ``trial_dir.py``.
 """
@@ -197,7 +197,7 @@ def serve() -> None:
 
     threading.Thread(target=read_stdin, name="loratune-commands", daemon=True).start()
     cache, first = Cache(), True
-    while (command := commands.get()) not in (None, "exit"):
+    while (command := commands.get()) is not None:
         busy.set()
         _run_in(Path(command), cache, PROCESS_START if first else None)  # the first pays for the imports
         first = False

@@ -34,6 +34,10 @@ def _ray():
     return ray
 
 
+TRIAL_DIR_PREFIX = "loratune-trial-"  # + the actor's pid: a node's trial folders without a shared_dir
+CANCEL_GRACE_S = 10.0  # a cancelled trial's actor has this long to end it and send its files, else it is killed
+
+
 class _SlotActor:
     """One slot on some node: runs its trials one at a time on a ``ServingWorker`` of its own, which
     owns every way the worker process can end (see serving.py)."""
@@ -44,9 +48,11 @@ class _SlotActor:
 
         # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPUs
         self.worker = ServingWorker(worker_env(threads), reuse, trials_per_worker, worker_command)
+        _remove_orphaned_trial_dirs()
 
-    def run(self, payload: dict, shared_dir: str | None, progress, flags) -> dict:
+    def run(self, payload: dict, shared_dir: str | None, progress, signals) -> dict:
         import json
+        import os
         import shutil
         import tempfile
 
@@ -55,7 +61,7 @@ class _SlotActor:
         from loratune.processes import TrialLock
         from loratune.trial_dir import SPEC_FILE, ProgressReader, base_key
 
-        base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix="loratune-trial-"))
+        base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
         trial_dir = base / str(payload["index"])
         TrialLock.clear(trial_dir)
         shutil.rmtree(trial_dir, ignore_errors=True)
@@ -63,13 +69,16 @@ class _SlotActor:
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
         self.worker.start(trial_dir, base_key(config))
-        reader, last_flag_check = ProgressReader(trial_dir), 0.0
+        reader, last_check = ProgressReader(trial_dir), 0.0
         while (result := self.worker.poll()) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
-            if time.monotonic() - last_flag_check > 0.5:
-                last_flag_check = time.monotonic()
-                if ray.get(flags.is_set.remote(payload["index"])):
+            if time.monotonic() - last_check > 0.5:
+                last_check = time.monotonic()
+                asked = ray.get(signals.asked.remote(payload["index"]))
+                if asked is not None and asked[0] == "cancel":
+                    self.worker.cancel(asked[1])
+                elif asked is not None:
                     self.worker.stop()
             time.sleep(0.1)
         for event in reader.read():
@@ -84,17 +93,30 @@ class _SlotActor:
         return {"result": result.to_dict(), "files": packed}
 
 
-class _StopFlags:
-    """A Ray actor holding which trials should stop."""
+def _remove_orphaned_trial_dirs() -> None:
+    """Trial folders on this node whose actor is gone (killed with its trial): nobody will send them home."""
+    import os
+    import shutil
+    import tempfile
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{TRIAL_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(TRIAL_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and int(pid) != os.getpid():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Signals:
+    """A Ray actor holding what the driver asks of running trials: stop early, or cancel (with a reason)."""
 
     def __init__(self):
-        self.stopped: set[int] = set()
+        self.asks: dict[int, tuple[str, str]] = {}
 
-    def set(self, index: int) -> None:
-        self.stopped.add(index)
+    def ask(self, index: int, what: str, reason: str = "") -> None:
+        if self.asks.get(index, ("",))[0] != "cancel":  # a cancel is never taken back by a stop
+            self.asks[index] = (what, reason)
 
-    def is_set(self, index: int) -> bool:
-        return index in self.stopped
+    def asked(self, index: int) -> tuple[str, str] | None:
+        return self.asks.get(index)
 
 
 @dataclass
@@ -133,13 +155,13 @@ class RayExecutor:
         if cpus_per_trial is None:  # divide this cluster's CPUs between the concurrent trials
             cpus_per_trial = max(1, int(ray.cluster_resources().get("CPU", 1) // slots))
         self.progress = Queue()
-        self.flags = ray.remote(_StopFlags).options(num_cpus=0).remote()
+        self.signals = ray.remote(_Signals).options(num_cpus=0).remote()
         self.actor_class = ray.remote(_SlotActor).options(num_gpus=gpus_per_trial, num_cpus=cpus_per_trial,
                                                           max_restarts=0)
         self.actor_args = (reuse_model, trials_per_worker, int(cpus_per_trial), list(worker_command))
         self.actors: list = [None] * slots
         self.running: dict[int, _Call] = {}
-        self.cancelled: dict[int, str] = {}
+        self.cancelled: dict[int, tuple[str, float]] = {}  # index -> (reason, when the cancel was asked)
         self._events: list[Event] = []  # heard from the queue, not yet returned
 
     def submit(self, spec: TrialSpec) -> None:
@@ -152,7 +174,7 @@ class RayExecutor:
             self.actors[slot] = self.actor_class.remote(*self.actor_args)
         payload = {"index": spec.index, "params": spec.params, "config": spec.config,
                    "measure_inference": spec.measure_inference}
-        ref = self.actors[slot].run.remote(payload, self.shared_dir, self.progress, self.flags)
+        ref = self.actors[slot].run.remote(payload, self.shared_dir, self.progress, self.signals)
         self.running[spec.index] = _Call(spec, ref, slot, fresh)
 
     def _hear(self) -> None:
@@ -176,25 +198,41 @@ class RayExecutor:
                 result = self._collect(self.running.pop(refs[ref]))
                 if result is not None:
                     self._events.append(Event(refs[ref], result=result))
+            self._kill_overdue_cancels()
             if self._events or time.monotonic() >= deadline:
                 events, self._events = self._events, []
                 return events
             time.sleep(0.1)
 
+    def _kill_overdue_cancels(self) -> None:
+        """A cancelled trial whose actor did not end it in time (the actor itself stuck) goes with its actor."""
+        for index, (_, when) in self.cancelled.items():
+            call = self.running.get(index)
+            if call is not None and self.actors[call.slot] is not None and time.monotonic() - when > CANCEL_GRACE_S:
+                self.ray.kill(self.actors[call.slot])  # its worker process dies with it
+                self.actors[call.slot] = None
+
     def _collect(self, call: _Call) -> TrialResult | None:
         """The trial's result; None when it was sent again, to a fresh actor."""
+        from ray.exceptions import RayActorError
+
         spec = call.spec
-        if spec.index in self.cancelled:
-            return TrialResult(TrialState.FAILED, reason=self.cancelled.pop(spec.index))
+        cancelled = self.cancelled.pop(spec.index, None)
         try:
             out = self.ray.get(call.ref)
-        except Exception as exc:  # the node or the actor died
+        except RayActorError as exc:  # the node or the actor died
             self.actors[call.slot] = None
+            if cancelled is not None:
+                return TrialResult(TrialState.FAILED, reason=cancelled[0])
             if not call.started and not call.fresh_actor:  # sent to an actor that was ending: never started
                 self._send(spec, call.slot)
                 return None
             when = "" if call.started else " before a worker took the trial"
             return TrialResult(TrialState.FAILED, reason=f"Ray actor lost{when}: {first_line(exc)}")
+        except Exception as exc:  # the actor's own code failed (a full disk, a folder it could not clear)
+            self.ray.kill(self.actors[call.slot])
+            self.actors[call.slot] = None
+            return TrialResult(TrialState.FAILED, reason=f"Ray actor failed: {first_line(exc.__cause__ or exc)}")
         if out["files"]:
             spec.directory.mkdir(parents=True, exist_ok=True)
             with tarfile.open(fileobj=io.BytesIO(out["files"]), mode="r:gz") as tar:
@@ -204,14 +242,14 @@ class RayExecutor:
         return TrialResult.from_dict(out["result"])
 
     def stop(self, index: int) -> None:
-        self.flags.set.remote(index)
+        self.signals.ask.remote(index, "stop")
 
     def cancel(self, index: int, reason: str) -> None:
+        """The actor ends the trial (its worker with it) and sends its files home, log included; an actor
+        that does not within ``CANCEL_GRACE_S`` is killed."""
         if index in self.running and index not in self.cancelled:
-            self.cancelled[index] = reason
-            slot = self.running[index].slot
-            self.ray.kill(self.actors[slot])  # its worker process dies with it
-            self.actors[slot] = None
+            self.cancelled[index] = (reason, time.monotonic())
+            self.signals.ask.remote(index, "cancel", reason)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import results as R
+from ..checkpoint import REPORT_TITLE
 from ..trial import TrialState
 from .findings import ReportData, effective_scale
 
@@ -25,7 +26,7 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
            stale_comparison: str | None = None) -> str:
     obj = data.objective
     names = list(summary.get("search_space") or {})
-    lines = ["# Optimization results", ""]
+    lines = [REPORT_TITLE, ""]
     state = f"{len(data.records)} trials" + (f", {data.running} still running or interrupted" if data.running else "")
     lines += [f"Study of {state}: {summary.get('evaluation', 'finetune')} evaluation, objective"
               f"{'s' if len(summary.get('objectives', [])) > 1 else ''} "
