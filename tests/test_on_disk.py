@@ -92,6 +92,8 @@ def test_every_refused_command_leaves_the_study_as_it_was(finished_study, tmp_pa
         refused(argv, capsys)
         assert fingerprint(study) == before, argv
     assert (tmp_path / "exists.yaml").read_text() == "mine: true\n"
+    assert refused(["resume", str(study), "--set", "seed=5"], capsys).startswith(
+        "error: --set: seed: cannot change when a study resumes")
 
 
 def test_overwrite_replaces_a_study_but_never_files_no_study_wrote(tmp_path, capsys):
