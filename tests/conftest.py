@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -48,6 +50,33 @@ def fake_loss(params: dict) -> float:
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``run_cli`` in this process: the same ``main`` the script or ``-m loratune.cli`` calls, with its
+    output and exit code, without the seconds a fresh interpreter spends importing Ax and torch. For
+    what a command says and does; process lifetimes, and ``finetune`` (which keeps bitsandbytes out of a
+    process of its own), run in a fresh one."""
+    import ax_optimization
+    from loratune import cli as loratune_cli
+
+    if args[0].endswith("ax_optimization.py"):
+        main, argv = ax_optimization.main, list(args[1:])
+    elif args[:2] == ("-m", "loratune.cli") and args[2] != "finetune":
+        main, argv = loratune_cli.main, list(args[2:])
+    else:
+        raise ValueError(f"run {args[:3]} with run_cli")
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # the argument parser's refusals
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, fake_loss, run_cli
+from conftest import ROOT, cli, fake_loss
 
 from loratune import resume_optimization, run_optimization
 from loratune.errors import LoratuneError, StudyAborted
@@ -31,7 +31,7 @@ def optimize_cli(tmp_path, *args, config_text=None):
     if config_text is not None:
         (tmp_path / "c.yaml").write_text(config_text)
         args = ("--config", str(tmp_path / "c.yaml"), *args)
-    return run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(tmp_path / "study"), "--quiet",
+    return cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(tmp_path / "study"), "--quiet",
                    *args, cwd=tmp_path)
 
 
@@ -88,7 +88,7 @@ def test_a_config_of_binary_garbage(tmp_path):
 ])
 def test_output_paths_that_cannot_hold_a_study(tmp_path, setup, fragment):
     output = setup(tmp_path)
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(output), cwd=tmp_path)
+    proc = cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(output), cwd=tmp_path)
     one_line(proc, "--output: ", fragment)
 
 
@@ -118,10 +118,10 @@ def test_resume_refuses_what_would_change_what_the_study_measures(tmp_path, earl
     checkpoint = str(tmp_path / "study" / "optimization_checkpoint.json")
     for args, flag in ((["--config", "x.yaml"], "--config"), (["--seed", "3"], "--seed"), (["--model", "m"], "--model"),
                        (["--data", "nowhere.jsonl"], "--data"), (["--command", "true"], "--command")):
-        proc = run_cli(str(ROOT / "ax_optimization.py"), "--resume", checkpoint, *args, cwd=tmp_path)
+        proc = cli(str(ROOT / "ax_optimization.py"), "--resume", checkpoint, *args, cwd=tmp_path)
         one_line(proc, f"{flag}: cannot change when a study resumes")
-    proc = run_cli("-m", "loratune.cli", "resume", checkpoint, "--set", "training.epochs=2", cwd=tmp_path)
-    one_line(proc, "--set: cannot change when a study resumes")
+    proc = cli("-m", "loratune.cli", "resume", checkpoint, "--set", "training.epochs=2", cwd=tmp_path)
+    one_line(proc, "--set: training.epochs: cannot change when a study resumes")
     with pytest.raises(LoratuneError, match="seed: cannot change when a study resumes"):
         resume_optimization(checkpoint, evaluate=fake_loss, seed=3)
     # how trials run may change
@@ -149,7 +149,7 @@ def test_an_edited_checkpoint_is_one_line_and_stays_as_it_was(tmp_path, earlier_
     edit(data)
     path.write_text(json.dumps(data))
     before = path.read_text()
-    one_line(run_cli("-m", "loratune.cli", "resume", str(tmp_path / "study"), cwd=tmp_path), fragment)
+    one_line(cli("-m", "loratune.cli", "resume", str(tmp_path / "study"), cwd=tmp_path), fragment)
     assert path.read_text() == before
 
 
@@ -217,8 +217,8 @@ def test_every_way_an_objective_can_end_is_recorded(tmp_path):
 def test_a_study_in_which_no_trial_completed_exits_non_zero(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("raise SystemExit('CUDA error: no kernel image is available')\n")
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "3", "--output", str(tmp_path / "study"),
-                   "--command", f"{sys.executable} {script} {{lora_rank}}", "--quiet", cwd=tmp_path)
+    proc = cli(str(ROOT / "ax_optimization.py"), "--trials", "3", "--output", str(tmp_path / "study"),
+               "--command", f"{sys.executable} {script} {{lora_rank}}", "--quiet", cwd=tmp_path)
     one_line(proc, "no trial completed", "CUDA error: no kernel image is available", code=1)
 
 

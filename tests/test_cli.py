@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, run_cli
 
 
 def assert_one_line_error(proc, *fragments):
@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *fragments):
     (["--model", "./no/such/model", "--trials", "1"], ["model.name: model directory does not exist"]),
 ])
 def test_optimize_bad_input(tmp_path, args, fragments):
-    proc = run_cli(str(ROOT / "ax_optimization.py"), *args, "--output", str(tmp_path / "r.json"), cwd=tmp_path)
+    proc = cli(str(ROOT / "ax_optimization.py"), *args, "--output", str(tmp_path / "r.json"), cwd=tmp_path)
     assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "r.json").exists()
 
@@ -36,7 +36,7 @@ def test_optimize_bad_input(tmp_path, args, fragments):
 def test_bad_config_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search_space:\n  lora_rank: [8, 16]\n  learning_rate: [5e-4, 1e-5]\n")
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--config", str(bad), "--output", str(tmp_path / "out.json"))
+    proc = cli(str(ROOT / "ax_optimization.py"), "--config", str(bad), "--output", str(tmp_path / "out.json"))
     assert_one_line_error(proc, "search_space.learning_rate: lower bound 0.0005 must be below upper bound 1e-05")
     assert not (tmp_path / "out.json").exists()
 
@@ -52,7 +52,7 @@ def test_finetune_bad_inputs(tmp_path):
 
 def test_resume_of_a_corrupted_checkpoint(tmp_path):
     (tmp_path / "optimization_checkpoint.json").write_text("{truncated")
-    proc = run_cli("-m", "loratune.cli", "resume", str(tmp_path))
+    proc = cli("-m", "loratune.cli", "resume", str(tmp_path))
     assert_one_line_error(proc, "checkpoint is corrupted")
     assert (tmp_path / "optimization_checkpoint.json").read_text() == "{truncated"
 
@@ -87,7 +87,7 @@ def test_kill_minus_9_loses_no_completed_trial_and_resume_finishes(tmp_path):
     killed = json.loads((out / "optimization_checkpoint.json").read_text())["records"]
     finished_before = {t["index"]: t for t in killed if t["state"] == "completed"}
 
-    resumed = run_cli("-m", "loratune.cli", "resume", str(out), "--quiet", cwd=tmp_path)
+    resumed = cli("-m", "loratune.cli", "resume", str(out), "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads(results.read_text())
     assert len(final["trials"]) == 7 and all(t["state"] == "completed" for t in final["trials"])
@@ -104,8 +104,8 @@ def test_resume_adds_trials_from_the_cli(tmp_path):
     first = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--command", command, "--quiet", "--no-report")
     assert first.returncode == 0, first.stderr
     assert "[INFO" not in first.stdout + first.stderr  # not even the line Ax logs while it is imported
-    again = run_cli(str(ROOT / "ax_optimization.py"), "--resume", str(out / "optimization_checkpoint.json"),
-                    "--trials", "2", "--quiet")
+    again = cli(str(ROOT / "ax_optimization.py"), "--resume", str(out / "optimization_checkpoint.json"),
+                "--trials", "2", "--quiet")
     assert again.returncode == 0, again.stderr
     assert len(json.loads((out / "optimization_results.json").read_text())["trials"]) == 4
 

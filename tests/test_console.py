@@ -4,7 +4,7 @@ nothing when quiet."""
 import io
 import sys
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli
 from rich.console import Console
 
 from loratune.console import StudyConsole
@@ -40,17 +40,17 @@ def test_a_log_gets_a_plain_line_per_validation_point_and_quiet_gets_nothing(tmp
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     common = ["--trials", "2", "--command", f"{sys.executable} {script} {{lora_rank}}", "--no-report"]
-    logged = run_cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "a"), cwd=tmp_path)
+    logged = cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "a"), cwd=tmp_path)
     assert logged.returncode == 0, logged.stderr
     assert "Trial 1/2 (#0): rank=16, alpha=32, lr=0.0002, bs=1 → loss=0.5160 (baseline)" in logged.stdout
     assert "\x1b[" not in logged.stdout  # no terminal codes in a log file
-    quiet = run_cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "b"), "--quiet", cwd=tmp_path)
+    quiet = cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "b"), "--quiet", cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.stdout == ""
 
 
 def test_plain_progress_lines_of_a_fine_tune(tiny_model, tmp_path):
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "1", "--output", str(tmp_path / "s"), "--no-report",
-                   "--set", "training.epochs=0.2", "--set", "training.eval_points=2", cwd=tmp_path)
+    proc = cli(str(ROOT / "ax_optimization.py"), "--trials", "1", "--output", str(tmp_path / "s"), "--no-report",
+               "--set", "training.epochs=0.2", "--set", "training.eval_points=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("  trial #0: step ")]
     assert len(lines) == 2 and "50% of training, val loss " in lines[0] and "100% of training" in lines[1]

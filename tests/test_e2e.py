@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, run_cli
 
 from loratune.settings import load_finetune_config
 from loratune.training import plan
@@ -38,7 +38,7 @@ def test_module_commands_end_to_end(tiny_model, tmp_path):
     assert cfg["training"]["learning_rate"] == best["params"]["learning_rate"]
 
     other = next(t for t in trials if t["index"] != best["index"])  # any other trial, e.g. another Pareto point
-    exported = run_cli("-m", "loratune.cli", "export", str(out), "--trial", str(other["index"]), "--output",
+    exported = cli("-m", "loratune.cli", "export", str(out), "--trial", str(other["index"]), "--output",
                        str(out / "other.yaml"))
     assert exported.returncode == 0, exported.stderr
     assert load_finetune_config(out / "other.yaml").lora.rank == other["params"]["lora_rank"]
@@ -54,10 +54,10 @@ def test_module_commands_end_to_end(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
     out = tmp_path / "study"
-    proc = run_cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report",
-                   "--set", "training.epochs=0.5")
+    proc = cli(str(ROOT / "ax_optimization.py"), "--trials", "2", "--output", str(out), "--seed", "1", "--no-report",
+               "--set", "training.epochs=0.5")
     assert proc.returncode == 0, proc.stderr
-    compare = run_cli("-m", "loratune.cli", "compare", str(out), "--seeds", "2", "--epochs", "0.25", "--quiet")
+    compare = cli("-m", "loratune.cli", "compare", str(out), "--seeds", "2", "--epochs", "0.25", "--quiet")
     assert compare.returncode == 0, compare.stderr
     result = json.loads((out / "comparison.json").read_text())
     assert len(result["best"]) == len(result["baseline"]) == 2 and result["epochs"] == 0.25

@@ -211,7 +211,7 @@ def test_command_with_an_unknown_placeholder(tmp_path):
 def test_overwrite_leaves_nothing_of_the_old_study(tmp_path):
     optimize(tmp_path, trials=2)
     study = tmp_path / "study"
-    (study / "comparison.json").write_text("{}")  # what `loratune compare` leaves
+    (study / "comparison.json").write_text('{"study_id": "0123456789ab"}')  # what `loratune compare` leaves
     (study / "plots").mkdir()
     (study / "plots" / "trace.png").write_bytes(b"old")
     optimize(tmp_path, trials=2, overwrite=True)
