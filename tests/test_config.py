@@ -107,4 +107,4 @@ def test_the_readmes_config_reference_is_the_schema():
                 assert f"| `{f.name}` |" in section
 
 
-SECTIONS_AND_RULE = ("model", "lora", "data", "training", "early_stopping")
+SECTIONS_AND_RULE = ("model", "lora", "data", "training", "early_stopping", "scoring")

@@ -82,7 +82,7 @@ def test_split_that_leaves_no_validation_examples(tokenizer, tmp_path):
 
 def test_max_length_shorter_than_the_prompt(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [COMPLETION] * 3)
-    with pytest.raises(LoratuneError, match=r"data.max_length: 8 tokens is shorter than the prompt of .*row 1"):
+    with pytest.raises(LoratuneError, match=r"data.max_length: 8 tokens is shorter than the prompt of .*row [0-9]+"):
         load_examples(tokenizer, DataConfig(path=str(path), validation_path=None, validation_size=1, max_length=8), seed=0)
 
 
@@ -99,10 +99,12 @@ def test_length_grouped_batches_cover_every_example_once_with_less_padding():
 
 
 def test_shipped_demo_data_is_what_the_generator_makes():
-    train, validation = dataset.generate()
-    assert (len(train), len(validation)) == (148, 37)
-    assert dataset.TRAIN_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in train)
-    assert dataset.VALIDATION_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in validation)
+    train, validation, test = dataset.generate()
+    assert (len(train), len(validation), len(test)) == (148, 37, 37)
+    for path, rows in ((dataset.TRAIN_FILE, train), (dataset.VALIDATION_FILE, validation), (dataset.TEST_FILE, test)):
+        assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows)
+    scenes = [{r["messages"][1]["content"] for r in rows} for rows in (train, validation, test)]
+    assert not (scenes[0] & scenes[2]) and not (scenes[1] & scenes[2])  # the test split's scenes are its own
 
 
 THREE_TURNS = {"messages": [

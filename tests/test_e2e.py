@@ -61,10 +61,12 @@ def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
     assert compare.returncode == 0, compare.stderr
     result = json.loads((out / "comparison.json").read_text())
     assert len(result["best"]) == len(result["baseline"]) == 2 and result["epochs"] == 0.25
-    for name in ("best", "baseline"):  # the numbers are the retrains' own metrics
+    assert result["data"] == "test" and set(result["scores"]) == {"plan_accuracy"}  # the demo has a test split
+    for name in ("best", "baseline"):  # the numbers are the retrains' own metrics, on the test split
         for seed, loss in enumerate(result[name]):
             metrics = json.loads((out / "comparison" / f"{name}_seed{seed}" / "metrics.json").read_text())
-            assert metrics["val_loss"] == loss and metrics["config"]["training"]["seed"] == seed
+            assert metrics["test"]["loss"] == loss and metrics["config"]["training"]["seed"] == seed
+            assert metrics["test"]["examples"] == 37 and metrics["val_loss"] != loss
     report = (out / "OPTIMIZATION_RESULTS.md").read_text()
     assert "## Best versus baseline, fully retrained" in report and f"{result['best_mean']:.4g}" in report
     assert result["verdict"] in report

@@ -62,6 +62,7 @@ def run_optimization(
     command: str | None = None,
     workers: int | None = None,
     outcome_constraints: list[str] | None = None,
+    scorers: dict[str, Callable] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     report: bool | None = None,
@@ -74,7 +75,9 @@ def run_optimization(
     ``output_dir`` may also name the results file (``configs/optimization_results.json``). Any other
     study field can be passed by name (``executor="ray"``, ``trial_timeout=600``), and a section as a
     mapping (``training={"epochs": 2}``); every value is checked as the same value in YAML would be.
-    Raises ``LoratuneError`` on bad input, before anything is written or started.
+    ``scorers``: task scores of generated answers as functions, ``{name: fn(prediction, reference)}``,
+    usable as objectives like ``scoring.scorers`` in YAML. Raises ``LoratuneError`` on bad input, before
+    anything is written or started.
 
     >>> from ax_optimization import run_optimization
     >>> results = run_optimization(num_trials=20, model_name="Qwen/Qwen2.5-7B-Instruct",
@@ -98,7 +101,7 @@ def run_optimization(
         if name not in StudyConfig.__dataclass_fields__:
             raise LoratuneError(f"run_optimization: unknown argument '{name}'")
         overrides.append((name, value, name))
-    return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet)
+    return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet, scorers=scorers)
 
 
 def _path_argument(value: Any, name: str) -> Path:
@@ -124,12 +127,14 @@ def _early_stopping_overrides(rule: Any) -> list[Override]:
 
 
 def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Override], output: str | Path, *,
-             evaluate: Callable | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
+             evaluate: Callable | None = None, overwrite: bool = False, quiet: bool = False,
+             scorers: dict[str, Callable] | None = None) -> dict:
     """A new study: settings, every check, then the output directory, then the trials."""
     started = time.time()
     if config is not None and not isinstance(config, str | Path | StudyConfig):
         raise LoratuneError(f"config: expected a YAML path or a StudyConfig, got {type(config).__name__}")
-    cfg, origin = load_study_config(config, overrides, custom_metrics=evaluate is not None)
+    cfg, origin = load_study_config(config, overrides, custom_metrics=evaluate is not None,
+                                    scorer_names=scorers if isinstance(scorers, dict) else ())
     paths = StudyPaths.from_output(output)
     preflight.check_output(paths, output)
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), origin.at("search_space"),
@@ -138,6 +143,7 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     if paths.holds_a_study() and not overwrite:
         raise _already_holds_a_study(paths)
     evaluation = "callable" if evaluate is not None else "command" if cfg.command else "finetune"
+    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation == "finetune")
     if evaluation == "finetune":
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
@@ -147,7 +153,8 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
             if not overwrite:
                 raise _already_holds_a_study(paths)
             paths.clear()
-        return _run(StoredStudy(cfg, [], evaluation), paths, optimizer, evaluate, quiet, started)
+        stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}))
+        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list)
 
 
 def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
@@ -156,14 +163,15 @@ def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
 
 
 def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate: Callable | None, quiet: bool,
-         started: float) -> dict:
-    """The loop, then the report (also after an aborted study: what ran is worth reading), then the summary."""
+         started: float, scorers: list) -> dict:
+    """The loop, the final test, then the report (also after an aborted study: what ran is worth reading),
+    then the summary."""
     from .study import Study
 
     cfg = stored.config
     console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers)
     tracker = _tracker(cfg, paths, console)
-    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker)
+    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers)
     try:
         result = study.run()
     except StudyAborted:
@@ -206,6 +214,7 @@ def resume_optimization(
     additional_trials: int = 0,
     *,
     evaluate: Callable | None = None,
+    scorers: dict[str, Callable] | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> dict:
@@ -218,11 +227,11 @@ def resume_optimization(
     ...                               additional_trials=10)  # doctest: +SKIP
     """
     return resume(_path_argument(checkpoint, "checkpoint"), additional_trials, [(k, v, k) for k, v in settings.items()],
-                  evaluate=evaluate, quiet=_flag_argument(quiet, "quiet"))
+                  evaluate=evaluate, quiet=_flag_argument(quiet, "quiet"), scorers=scorers)
 
 
 def resume(path: str | Path, additional_trials: int, overrides: Iterable[Override], *,
-           evaluate: Callable | None = None, quiet: bool = False) -> dict:
+           evaluate: Callable | None = None, quiet: bool = False, scorers: dict[str, Callable] | None = None) -> dict:
     started = time.time()
     if not isinstance(additional_trials, int) or isinstance(additional_trials, bool) or additional_trials < 0:
         raise LoratuneError(f"additional_trials: must be a non-negative integer, got {additional_trials!r}")
@@ -240,10 +249,16 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
                             "to resume it (resume_optimization)")
     if stored.evaluation != "callable" and evaluate is not None:
         raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
+    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
+    if missing:
+        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
+                            "functions; pass the same scorers= to resume it (resume_optimization)")
     if data:
         merged = {**to_dict(stored.config), **data}
-        stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation != "finetune")
+        stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation != "finetune",
+                                       stored.scorer_functions)
     cfg = stored.config
+    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=stored.evaluation == "finetune")
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
     preflight.check_evaluation(cfg, space, evaluate)
     if stored.evaluation == "finetune":
@@ -251,7 +266,7 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
     _check_records_match_ax(stored, optimizer, paths.checkpoint)
     with DirectoryLock(paths.directory):
-        return _run(stored, paths, optimizer, evaluate, quiet, started)
+        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list)
 
 
 def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:
@@ -301,6 +316,28 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
     except Exception as exc:  # a run that failed: one line with what to change
         raise TrainingFailed(f"{config if not isinstance(config, FinetuneConfig) else cfg.output_dir}: "
                              f"{failure_message(exc)}") from None
+
+
+def evaluate(study_dir: str | Path = "configs/", *, scorers: dict[str, Callable] | None = None) -> dict:
+    """Score a finished study's best config and its baseline on the test split the search never saw (what
+    a study does when it ends), save it in the study's results and return that ``test`` section.
+
+    >>> from loratune import evaluate
+    >>> test = evaluate("configs/")  # doctest: +SKIP
+    >>> test["improvement"]["loss"]["relative"]  # doctest: +SKIP
+    """
+    from .evaluation import evaluate_study
+
+    paths, stored = checkpoint.load(_path_argument(study_dir, "study_dir"))
+    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
+    if missing:
+        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
+                            "functions; pass the same scorers= to evaluate it")
+    scorer_list = preflight.resolve_scorers(stored.config, scorers, str(paths.checkpoint))
+    with DirectoryLock(paths.directory):
+        test = evaluate_study(paths.directory, scorer_list)
+    _write_report(paths, True, StudyConsole(True, "loss", True, 0, 1))
+    return test
 
 
 def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:

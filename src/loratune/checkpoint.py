@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results as R
-from .config import FinetuneConfig, StudyConfig, to_dict
+from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, FinetuneConfig, StudyConfig, to_dict
 from .errors import LoratuneError
 from .search_space import SearchSpace, apply, parse_search_space
 from .settings import Origin, build, dump_yaml, validate_study
@@ -34,6 +34,7 @@ REPORT_TITLE = "# Optimization results"  # the report's first line
 COMPARISON_NAME = "comparison.json"
 TRIALS_DIR, PLOTS_DIR, COMPARISON_DIR, BEST_MODEL_DIR = "trials", "plots", "comparison", "best_model"
 PREVIOUS_COMPARISON_DIR = "comparison.previous"  # the last comparison, while a new one runs
+TEST_DIR = "test"  # the final test's jobs: the answers on the test split, a retrained adapter
 EVALUATIONS = ("finetune", "command", "callable")
 
 
@@ -74,7 +75,7 @@ class StudyPaths:
         removes, and nothing else (a retrained ``best_model/`` is the user's, and stays)."""
         d = self.directory
         return [self.checkpoint, self.results, self.best_config, self.report, self.comparison,
-                d / TRIALS_DIR, d / PLOTS_DIR, d / COMPARISON_DIR, d / PREVIOUS_COMPARISON_DIR]
+                d / TRIALS_DIR, d / PLOTS_DIR, d / COMPARISON_DIR, d / PREVIOUS_COMPARISON_DIR, d / TEST_DIR]
 
     def holds_a_study(self) -> bool:
         return self.checkpoint.exists() or self.results.exists()
@@ -138,6 +139,8 @@ class StoredStudy:
     elapsed_s: float = 0.0  # wall time of every session so far
     optimizer_s: float = 0.0  # seconds of it spent in Ax
     study_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a comparison to its study
+    test: dict | None = None  # the final test of the best trial and the baseline (evaluation.py)
+    scorer_functions: list[str] = field(default_factory=list)  # scores given to the API as functions
 
     @property
     def space(self) -> SearchSpace:
@@ -181,9 +184,14 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     if evaluation not in EVALUATIONS:
         raise LoratuneError(f"{path}: unknown evaluation {evaluation!r}")
     origin = Origin(str(path))
+    test, functions = data.get("test"), data.get("scorer_functions") or []
+    if test is not None and not isinstance(test, dict):
+        raise LoratuneError(f"{path}: test must be a mapping or null, got {test!r}")
+    if not (isinstance(functions, list) and all(isinstance(f, str) for f in functions)):
+        raise LoratuneError(f"{path}: scorer_functions must be a list of names, got {functions!r}")
     cfg = build(StudyConfig, data["config"], origin, "config.")
     cfg.trials += additional_trials
-    validate_study(cfg, origin, custom_metrics=evaluation != "finetune")
+    validate_study(cfg, origin, custom_metrics=evaluation != "finetune", scorer_names=functions)
     records = [TrialRecord.from_dict(r, f"{path}: records[{i}]") for i, r in enumerate(data["records"])]
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), f"{path}: config.search_space",
                                f"{path}: config.constraints")
@@ -199,7 +207,8 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
         r.params = space.cast(r.params, f"{path}: records[{i}].params")
     results_name = Path(str(data.get("results_file") or RESULTS_NAME)).name
     stored = StoredStudy(cfg, records, evaluation, data["ax"], _number(data.get("elapsed_s")),
-                         _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]))
+                         _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]),
+                         test, functions)
     return StudyPaths(path.parent, path.parent / results_name), stored
 
 
@@ -258,6 +267,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "wall_time_s": stored.elapsed_s,
         "optimizer_time_s": stored.optimizer_s,
         "best_config": str(paths.best_config) if best and finetune else None,
+        "test": stored.test,
         "trials": [r.to_dict() for r in records],
     }
 
@@ -268,8 +278,8 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "saved_at": now(), "study_id": stored.study_id,
         "config": to_dict(stored.config), "results_file": paths.results.name, "evaluation": stored.evaluation,
-        "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s,
-        "records": result["trials"], "ax": stored.ax,
+        "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s, "test": stored.test,
+        "scorer_functions": stored.scorer_functions, "records": result["trials"], "ax": stored.ax,
     }
     atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)
@@ -279,13 +289,25 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
     return result
 
 
+def trial_config(cfg: StudyConfig, space: SearchSpace, params: dict, output_dir: Path) -> FinetuneConfig:
+    """The training config a trial runs: the study's fixed parameters with the trial's own, the study's seed,
+    and a validation curve dense enough for the early-stopping rules that read it. The one place a trial's
+    config is built (the study's trials, the final test's retrains, the retrain of ``best_config.yaml``)."""
+    out = apply(cfg.base(), params, space)
+    out.training.seed = cfg.seed if cfg.seed is not None else out.training.seed
+    out.output_dir = str(Path(output_dir).resolve())
+    out.save_adapter = cfg.keep_adapters != "none"
+    if out.training.eval_points is None:
+        reads = cfg.early_stopping.threshold is not None or cfg.early_stopping.percentile is not None
+        out.training.eval_points = EVAL_POINTS_FOR_EARLY_STOPPING if reads else EVAL_POINTS
+    return out
+
+
 def training_config(stored: StoredStudy, paths: StudyPaths, record: TrialRecord) -> FinetuneConfig:
-    """A complete training config with the record's parameters and the retrain's epochs."""
-    cfg = apply(stored.config.base(), record.params, stored.space)
-    cfg.training.epochs = stored.config.retrain_epochs
-    if stored.config.seed is not None:
-        cfg.training.seed = stored.config.seed
-    cfg.output_dir = str((paths.directory / BEST_MODEL_DIR).resolve())
+    """A complete training config with the record's parameters and the retrain's epochs (``best_config.yaml``)."""
+    cfg = trial_config(stored.config, stored.space, record.params, paths.directory / BEST_MODEL_DIR)
+    cfg.training.epochs, cfg.training.eval_points = stored.config.retrain_epochs, stored.config.training.eval_points
+    cfg.save_adapter = True
     for attr in ("path", "validation_path"):  # absolute, so the file works from any directory
         value = getattr(cfg.data, attr)
         if value and not value.startswith("builtin:") and Path(value).expanduser().exists():

@@ -152,9 +152,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .report import write_report
 
     result = retrain_and_compare(args.study, seeds=args.seeds, epochs=args.epochs, quiet=args.quiet)
-    print(f"best {result.best_mean:.4f} ± {result.best_std:.4f} vs baseline {result.baseline_mean:.4f} ± "
+    where = "on the test split" if result.data == "test" else \
+        "on the validation set that chose the winner (the study has no test split)"
+    print(f"{where}: best loss {result.best_mean:.4f} ± {result.best_std:.4f} vs baseline {result.baseline_mean:.4f} ± "
           f"{result.baseline_std:.4f}: {result.verdict()}")
     print(f"wrote {write_report(args.study)}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .api import evaluate
+
+    test = evaluate(args.study)
+    if not args.quiet:
+        from .console import test_lines
+
+        for line in test_lines(test):
+            print(line)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -208,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_float, help="epochs per retrain (default: the study's retrain_epochs)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("evaluate", help="score a study's best config and its baseline on the test split the search "
+                                        "never saw (a study does it when it ends)")
+    p.add_argument("study", help="the study's output directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write the training config of any trial (e.g. another Pareto point)")
     p.add_argument("study", help="the study's output directory")

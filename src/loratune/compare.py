@@ -1,17 +1,20 @@
 """Retrain the best config and the baseline for the full number of epochs with several seeds, and
-say whether the difference exceeds the seed-to-seed noise. With ~150 examples it often does not."""
+say whether the difference exceeds the seed-to-seed noise. With ~150 examples it often does not.
+
+The retrains are scored on the test split when the study has one: the validation set chose the winner, so
+a comparison on it inherits the winner's curse. Without one, the comparison says that it reuses that data.
+They run as jobs on one worker that keeps the base model loaded (the same results as fresh processes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import LoratuneError, TrainingFailed
-from .storage import atomic_write_json, read_json
+from .storage import atomic_write_json
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Comparison:
     relative: float
     p_value: float | None  # Welch's t-test, two-sided; None with fewer than two runs a side
     beyond_noise: bool
+    data: str = "validation"  # what the losses are on: "test" (never seen by the search) or "validation"
 
     def verdict(self) -> str:
         if self.p_value is None:
@@ -58,17 +62,20 @@ def compare_runs(best: list[float], baseline: list[float], alpha: float = 0.05) 
 
 
 def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | None = None,
-                        quiet: bool = False) -> Comparison:
-    """Retrain the best config and the baseline ``seeds`` times each (fresh processes), write
-    ``comparison.json`` (tied to this study and its best trial) and return the comparison. The retrains
-    run in a folder of their own that replaces ``comparison/`` only once all of them succeeded: a
-    comparison that fails leaves the last one as it was."""
+                        quiet: bool = False, scorers: dict | None = None) -> Comparison:
+    """Retrain the best config and the baseline ``seeds`` times each, score each retrain on the test split
+    (or, without one, on the validation set), write ``comparison.json`` (tied to this study and its best
+    trial) and return the comparison of their losses. The last comparison's retrains are kept aside until
+    all the new ones succeeded: a comparison that fails, or is killed, leaves the last one as it was
+    (restored by the next). ``scorers``: the study's score functions, when it was given some."""
     import shutil
 
     from . import checkpoint
     from .config import to_dict
-    from .processes import die_with_parent
-    from .settings import dump_yaml
+    from .data import test_source
+    from .executors import TrialSpec, create_executor
+    from .preflight import resolve_scorers
+    from .scoring import ScoringError, score
 
     directory = Path(study_dir)
     paths, stored = checkpoint.load(directory)
@@ -82,41 +89,62 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
                                or not math.isfinite(epochs) or epochs <= 0):
         raise LoratuneError(f"epochs: must be a number > 0, got {epochs!r}")
+    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
+    if missing:
+        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
+                            "functions; compare it from Python with the same scorers=")
+    on_test = test_source(stored.config.data) is not None
+    scorer_list = resolve_scorers(stored.config, scorers, str(paths.checkpoint)) if on_test else []
     runs = {"best": best, "baseline": base}
-    losses: dict[str, list[float]] = {name: [] for name in runs}
+    specs: list[tuple[str, int, TrialSpec]] = []
     final, kept = paths.directory / checkpoint.COMPARISON_DIR, paths.directory / checkpoint.PREVIOUS_COMPARISON_DIR
+    for name, record in runs.items():
+        for seed in range(seeds):
+            run_dir = final / f"{name}_seed{seed}"
+            cfg = checkpoint.training_config(stored, paths, record)
+            cfg.training.seed, cfg.output_dir = seed, str(run_dir.resolve())
+            if epochs is not None:
+                cfg.training.epochs = epochs
+            specs.append((name, seed, TrialSpec(len(specs), dict(record.params), run_dir, to_dict(cfg), test=on_test,
+                                                 answer=int(bool(scorer_list)), max_new_tokens=stored.config.scoring.max_new_tokens)))
     if kept.exists():  # a comparison killed while it ran: the one before it comes back first
         shutil.rmtree(final, ignore_errors=True)
         kept.rename(final)
     if final.exists():
         final.rename(kept)
+    losses: dict[str, list[float]] = {name: [] for name in runs}
+    scores: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
+    executor = create_executor(dataclasses.replace(stored.config, workers=1))
     try:
-        for name, record in runs.items():
-            for seed in range(seeds):
-                run_dir = final / f"{name}_seed{seed}"
-                cfg = checkpoint.training_config(stored, paths, record)
-                cfg.training.seed, cfg.output_dir = seed, str(run_dir)
-                if epochs is not None:
-                    cfg.training.epochs = epochs
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
-                if not quiet:
-                    print(f"retraining {name} (trial {record.index}), seed {seed + 1}/{seeds}", flush=True)
-                proc = subprocess.run([sys.executable, "-m", "loratune.cli", "finetune", "--config",
-                                       str(run_dir / "config.yaml"), "--overwrite", "--quiet"],
-                                      capture_output=True, text=True, preexec_fn=die_with_parent())
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["?"])[-1].removeprefix("error: ")
-                    raise TrainingFailed(f"retraining {name} (trial {record.index}), seed {seed}, failed: {last}")
-                losses[name].append(read_json(run_dir / "metrics.json", "metrics")["val_loss"])
+        for name, seed, spec in specs:
+            if not quiet:
+                print(f"retraining {name} (trial {runs[name].index}), seed {seed + 1}/{seeds}", flush=True)
+            executor.submit(spec)
+            result = None
+            while result is None:
+                result = next((e.result for e in executor.poll(1.0) if e.result is not None), None)
+            if result.state.value != "completed":
+                raise TrainingFailed(f"retraining {name} (trial {runs[name].index}), seed {seed}, failed: {result.reason}; "
+                                     f"log in {spec.directory}")
+            losses[name].append(result.metrics["loss"])
+            answers = result.extra.get("answers") or []
+            try:
+                for metric, value in score(scorer_list, [a["prediction"] for a in answers],
+                                           [a["reference"] for a in answers]).items():
+                    scores[name].setdefault(metric, []).append(value)
+            except ScoringError as exc:
+                raise LoratuneError(f"retraining {name}, seed {seed}: {exc}") from None
     except BaseException:  # the last comparison stays as it was
         shutil.rmtree(final, ignore_errors=True)
         if kept.exists():
             kept.rename(final)
         raise
+    finally:
+        executor.shutdown()
     shutil.rmtree(kept, ignore_errors=True)
-    result = compare_runs(losses["best"], losses["baseline"])
-    atomic_write_json(paths.comparison, {**asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,
-                                         "study_id": stored.study_id, "best_trial": best.index,
-                                         "baseline_trial": base.index, "verdict": result.verdict()})
+    result = dataclasses.replace(compare_runs(losses["best"], losses["baseline"]), data="test" if on_test else "validation")
+    atomic_write_json(paths.comparison, {
+        **asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,
+        "scores": {m: {"best": scores["best"][m], "baseline": scores["baseline"].get(m, [])} for m in scores["best"]},
+        "study_id": stored.study_id, "best_trial": best.index, "baseline_trial": base.index, "verdict": result.verdict()})
     return result

@@ -19,6 +19,7 @@ from typing import Any, Literal
 DEMO_MODEL = "builtin:tiny-qwen2"
 DEMO_TRAIN = "builtin:ai_director_train"
 DEMO_VALIDATION = "builtin:ai_director_validation"
+DEMO_TEST = "builtin:ai_director_test"
 
 
 @dataclass
@@ -73,6 +74,14 @@ class DataConfig:
     """Validation data in the same form, from a file, directory or hub id; the demo's own with the demo data."""
     validation_size: float = 0.2
     """Held-out share (< 1) or count (>= 1) of the training data when neither a validation split nor a path is given."""
+    test_path: str | None = None
+    """Test data the search never sees, in the same form (a file, directory or hub id): only the best config and
+    the baseline are scored on it, once the study has chosen. The demo's own with the demo data."""
+    test_split: str | None = None
+    """A named split of the same dataset to test on (e.g. ``test``), instead of ``test_path``."""
+    test_size: float = 0
+    """Share (< 1) or count (>= 1) of the training rows held out as the test split, drawn from the seed apart from
+    the validation rows; 0: none (unless ``test_path`` or ``test_split`` gives one)."""
     max_length: int = 512
     """Longest tokenized example; longer ones are cut at the end. A prompt this long or longer is an error."""
     system_prompt: str | None = None
@@ -161,6 +170,23 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class ScoringConfig:
+    scores: list[str] = field(default_factory=list)
+    """Task scores of generated answers to compute: built-in ``exact_match``, ``token_f1``, ``rouge_l``,
+    ``plan_accuracy`` (the demo's), or the names of ``scorers``. An objective or outcome constraint naming a
+    score adds it. Every trial answers the validation prompts greedily and is scored; the best config and
+    the baseline are scored on the test split too."""
+    scorers: dict[str, str] = field(default_factory=dict)
+    """Your own scores: name -> ``package.module:function``, where ``function(prediction, reference)`` returns
+    a number (or ``function(predictions, references)`` for a corpus-level score)."""
+    subset: int = 64
+    """Validation prompts each trial answers and is scored on, drawn once from the seed (all of them when there
+    are fewer); 0: none during the search, only the final test."""
+    max_new_tokens: int | None = None
+    """Longest generated answer; null: the longest reference's length plus a quarter, plus 8 tokens."""
+
+
+@dataclass
 class StudyConfig:
     trials: int = 20
     """Trials to run in all, the baseline included."""
@@ -172,7 +198,8 @@ class StudyConfig:
     constraints: list[str] = field(default_factory=list)
     """Parameter constraints, linear or a product: ``lora_rank * batch_size <= 128``."""
     objectives: list[str] = field(default_factory=lambda: ["loss"])
-    """Metrics to optimize: loss, inference_time, train_time, peak_memory_gb, trainable_params."""
+    """Metrics to optimize: loss, inference_time, train_time, peak_memory_gb, trainable_params, or a task score
+    (see ``scoring``)."""
     minimize: list[bool] = field(default_factory=lambda: [True])
     """One flag per objective."""
     outcome_constraints: list[str] = field(default_factory=list)
@@ -220,6 +247,7 @@ class StudyConfig:
     trial_timeout: float | None = None
     """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"). Null: no limit."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -278,6 +306,7 @@ def reference_markdown() -> str:
     sections = [("Study fields (optimization config, top level)", StudyConfig), ("`model`", ModelConfig),
                 ("`lora`", LoraConfig), ("`data`", DataConfig), ("`training`", TrainingConfig),
                 ("`early_stopping` (optimization config)", EarlyStoppingConfig),
+                ("`scoring` (optimization config)", ScoringConfig),
                 ("Training config, top level", FinetuneConfig)]
     for title, cls in sections:
         docs = field_docs(cls)

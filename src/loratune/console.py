@@ -153,10 +153,14 @@ class StudyConsole:
                               f"{r.duration_s or 0:.1f}")
             self.console.print(table)
         gain = result.get("improvement")
+        test = result.get("test") or {}
         if gain:
-            self.print(f"Best {self.objective} {gain['best']:.4f} vs baseline {gain['baseline']:.4f} "
+            which = "Validation (used to choose): " if test.get("improvement") else ""
+            self.print(f"{which}best {self.objective} {gain['best']:.4f} vs baseline {gain['baseline']:.4f} "
                        f"({gain['relative']:+.1%} better)" if gain["absolute"] >= 0 else
-                       f"Best {self.objective} {gain['best']:.4f}: the baseline ({gain['baseline']:.4f}) was not beaten")
+                       f"{which}best {self.objective} {gain['best']:.4f}: the baseline ({gain['baseline']:.4f}) was not beaten")
+        for line in test_lines(test):
+            self.print(line)
         wall, ax_s = result["wall_time_s"], result["optimizer_time_s"]
         self.print(f"Time: {duration(wall)} in all, {duration(ax_s)} of it in Ax "
                    f"({min(ax_s / max(wall, 1e-9), 1.0):.0%}: set-up, suggestions, checkpoints)")
@@ -166,6 +170,26 @@ class StudyConsole:
         if result.get("best_config"):
             self.print(f"Best config: {result['best_config']}  (retrain: python finetune_lora.py --config "
                        f"{result['best_config']})")
+
+
+def test_lines(test: dict | None) -> list[str]:
+    """The final test in words: each metric of the best config against the baseline on data the search never
+    saw, and how much of the validation gain held."""
+    if not test:
+        return []
+    if "error" in test:
+        return [f"Test: not scored ({test['error']})"]
+    gains = test.get("improvement") or {}
+    if not gains:
+        best = test["best"]
+        return [f"Test (never seen, {test['examples']} examples): best trial {best['trial']} loss {best['loss']:.4f}"]
+    parts = [f"{name} {g['best']:.4f} vs {g['baseline']:.4f} ({g['relative']:+.1%})" for name, g in gains.items()]
+    lines = [f"Test (never seen, {test['examples']} examples): " + "; ".join(parts)]
+    held = test.get("held")
+    if held is not None:
+        lines.append(f"  {held:.0%} of the validation gain in loss held on test" if held <= 1 else
+                     "  the gain in loss on test exceeds the gain on validation")
+    return lines
 
 
 class TrainingProgress:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEMO_TRAIN, DEMO_VALIDATION, DataConfig
+from .config import DEMO_TEST, DEMO_TRAIN, DEMO_VALIDATION, DataConfig
 from .errors import LoratuneError, first_line
 
 IGNORE = -100  # label value that the loss skips
@@ -33,15 +33,11 @@ FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE everywhere but on the trained assistant tokens
+    prompt: list[int] = field(default_factory=list)  # the last trained turn's generation prompt, tokenized alone
+    reference: str = ""  # that turn's answer, as written: what a generated answer is scored against
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def prompt(self) -> list[int]:
-        """The ids before the first trained token: what generation starts from."""
-        first = next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
-        return self.input_ids[:first]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +297,17 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict]:
 Trained = list[tuple[int, int]]  # character ranges [start, end) of a text that the loss covers
 
 
-def rendered(tokenizer, messages: list[dict], train_on: str, where: str = "model.name") -> list[tuple[str, Trained]]:
+@dataclass
+class Rendered:
+    """A conversation as the model is served it, and what of it the loss covers."""
+
+    text: str
+    trained: Trained
+    prompt: str  # what generation of the last trained turn starts from (the template's generation prompt)
+    reference: str  # that turn's answer
+
+
+def rendered(tokenizer, messages: list[dict], train_on: str, where: str = "model.name") -> list[Rendered]:
     """The text(s) the model is served for this conversation, each with the ranges the loss covers: the
     whole conversation once; or, where the template renders a conversation differently from its
     beginning (a reasoning block kept only after the last user message, as Qwen3's), one text per
@@ -320,17 +326,17 @@ def rendered(tokenizer, messages: list[dict], train_on: str, where: str = "model
             return [_turn_alone(tokenizer, messages, j, where) for j in trained]
         ranges.append((len(prompt), len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"],
                                                             tokenizer.eos_token, where)))
-    return [(full, ranges)]
+    return [Rendered(full, ranges, _render(tokenizer, messages[:trained[-1]], True), messages[trained[-1]]["content"])]
 
 
-def _turn_alone(tokenizer, messages: list[dict], i: int, where: str) -> tuple[str, Trained]:
+def _turn_alone(tokenizer, messages: list[dict], i: int, where: str) -> Rendered:
     """Turn ``i`` as the conversation is rendered when it is the last turn (what the model is served then)."""
     prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
     if not turn.startswith(prompt):
         raise ValueError("the chat template renders an assistant turn that does not begin with its own generation "
                          "prompt, so the assistant's tokens cannot be told apart")
-    return turn, [(len(prompt), len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"], tokenizer.eos_token,
-                                                        where))]
+    end = len(prompt) + _turn_end(turn[len(prompt):], messages[i]["content"], tokenizer.eos_token, where)
+    return Rendered(turn, [(len(prompt), end)], prompt, messages[i]["content"])
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -354,7 +360,7 @@ def _turn_end(turn: str, content: str, eos: str | None, where: str) -> int:
     return len(turn.rstrip())
 
 
-def _plain(tokenizer, messages: list[dict], trained: set[int], where: str) -> tuple[str, Trained]:
+def _plain(tokenizer, messages: list[dict], trained: set[int], where: str) -> Rendered:
     """Without a chat template: each message's text on its own paragraph, an answer ended by eos."""
     eos = tokenizer.eos_token
     if not eos:
@@ -369,7 +375,25 @@ def _plain(tokenizer, messages: list[dict], trained: set[int], where: str) -> tu
             text += m["content"] + eos + ("\n\n" if i < len(messages) - 1 else "")
         else:
             text += f"{m['content']}\n\n"
-    return text, ranges
+    last = max(trained)
+    return Rendered(text, ranges, text[:ranges[-1][0]], messages[last]["content"])
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids that end an assistant's answer, where generation stops: the token the chat template puts
+    after an answer (ChatML's ``<|im_end|>``), and the tokenizer's eos."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if tokenizer.chat_template:
+        probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+        try:
+            prompt, turn = _render(tokenizer, probe[:1], True), _render(tokenizer, probe, False)
+        except Exception:  # a template that takes no such conversation: eos alone
+            return ids
+        after = turn[len(prompt):].split("Hi.", 1)[-1].strip()
+        marker = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if marker and marker[0] not in ids:
+            ids.append(marker[0])
+    return ids
 
 
 def _bos_to_add(tokenizer, text: str) -> int | None:
@@ -410,14 +434,16 @@ def _boundary(tokenizer, text: str, ids: list[int], position: int) -> tuple[int,
     return k, k < len(prefix)
 
 
-def encode(tokenizer, text: str, trained: Trained, max_length: int) -> Example:
-    """``text`` tokenized at once, its tokens labelled where they overlap a trained range."""
-    ids, mask = trained_mask(tokenizer, text, trained)
+def encode(tokenizer, conversation: Rendered, max_length: int) -> Example:
+    """The conversation's text tokenized at once, its tokens labelled where they overlap a trained range;
+    its generation prompt tokenized alone, as serving tokenizes a prompt."""
+    ids, mask = trained_mask(tokenizer, conversation.text, conversation.trained)
     labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
-    bos = _bos_to_add(tokenizer, text)
+    prompt = list(tokenizer(conversation.prompt, add_special_tokens=False)["input_ids"])
+    bos = _bos_to_add(tokenizer, conversation.text)
     if bos is not None:
-        ids, labels = [bos, *ids], [IGNORE, *labels]
-    return Example(ids[:max_length], labels[:max_length])
+        ids, labels, prompt = [bos, *ids], [IGNORE, *labels], [bos, *prompt]
+    return Example(ids[:max_length], labels[:max_length], prompt[:max_length], conversation.reference)
 
 
 def tokenize_row(tokenizer, row: dict, fmt: str, cfg: DataConfig, at: str) -> list[Example]:
@@ -433,17 +459,22 @@ def tokenize_row(tokenizer, row: dict, fmt: str, cfg: DataConfig, at: str) -> li
         hint = " (data.system_prompt adds a system message, which this template may not take)" \
             if cfg.system_prompt and fmt != "chat" else ""
         raise LoratuneError(f"{at}: the model's chat template refused it: {first_line(exc)}{hint}") from None
-    examples = [encode(tokenizer, text, trained, cfg.max_length) for text, trained in texts]
+    examples = [encode(tokenizer, text, cfg.max_length) for text in texts]
     if any(all(label == IGNORE for label in e.labels) for e in examples):
         raise LoratuneError(f"data.max_length: {cfg.max_length} tokens is shorter than the prompt of {at} "
                             f"(no answer token is left to train on)")
     return examples
 
 
-def tokenize_by_row(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[list[Example]]:
+def tokenize_by_row(tokenizer, rows: list[dict], cfg: DataConfig, where: str,
+                    numbers: list[int] | None = None) -> list[list[Example]]:
+    """Each row's examples; ``numbers``: the rows' places in their file (0-based), for messages."""
+    if not rows:
+        return []
     rows = rename_columns(rows, cfg.columns, where)
     fmt = detect_format(rows, cfg.format, where)
-    return [tokenize_row(tokenizer, row, fmt, cfg, f"{where}: row {i + 1}") for i, row in enumerate(rows)]
+    numbers = numbers or list(range(len(rows)))
+    return [tokenize_row(tokenizer, row, fmt, cfg, f"{where}: row {k + 1}") for k, row in zip(numbers, rows, strict=True)]
 
 
 def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> list[Example]:
@@ -454,25 +485,73 @@ def tokenize_rows(tokenizer, rows: list[dict], cfg: DataConfig, where: str) -> l
 def load_examples(tokenizer, cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     """Tokenized (train, validation) examples: from ``data.validation_split``, ``data.validation_path``, or
     ``data.validation_size`` of the training rows held out at random from ``seed`` (a row's examples
-    stay on one side)."""
-    by_row = tokenize_by_row(tokenizer, load_rows(cfg.path, "data.path", cfg), cfg, cfg.path)
-    validation_path = cfg.validation_path or (DEMO_VALIDATION if cfg.path == DEMO_TRAIN else None)
+    stay on one side). The test split is never read here: rows held out for it (``data.test_size``) are
+    left out untokenized, and ``data.test_path`` or ``data.test_split`` is not opened."""
+    rows = load_rows(cfg.path, "data.path", cfg)
+    detect_format(rename_columns(rows, cfg.columns, cfg.path), cfg.format, cfg.path)  # before any split is drawn
+    validation_path = _validation_path(cfg)
+    apart = bool(cfg.validation_split or validation_path)
+    train_rows, validation_rows, _ = split_rows(len(rows), cfg, seed, not apart)
+    train = _flat(tokenize_by_row(tokenizer, [rows[i] for i in train_rows], cfg, cfg.path, train_rows))
     if cfg.validation_split:
         rows = load_rows(cfg.path, "data.path", cfg, split=cfg.validation_split, split_field="data.validation_split")
-        return _flat(by_row), tokenize_rows(tokenizer, rows, cfg, f"{cfg.path} [{cfg.validation_split}]")
+        return train, tokenize_rows(tokenizer, rows, cfg, f"{cfg.path} [{cfg.validation_split}]")
     if validation_path:
-        rows = load_rows(validation_path, "data.validation_path", cfg)
-        return _flat(by_row), tokenize_rows(tokenizer, rows, cfg, validation_path)
-    n_val = int(cfg.validation_size) if cfg.validation_size >= 1 else round(cfg.validation_size * len(by_row))
-    if n_val < 1 or n_val >= len(by_row):
-        raise LoratuneError(
-            f"data.validation_size: {cfg.validation_size} of {len(by_row)} rows leaves "
-            f"{'no validation' if n_val < 1 else 'no training'} rows"
-        )
-    order = list(range(len(by_row)))
+        return train, tokenize_rows(tokenizer, load_rows(validation_path, "data.validation_path", cfg), cfg, validation_path)
+    return train, _flat(tokenize_by_row(tokenizer, [rows[i] for i in validation_rows], cfg, cfg.path, validation_rows))
+
+
+def load_test_examples(tokenizer, cfg: DataConfig, seed: int) -> tuple[list[Example], str] | None:
+    """The test split the search never sees, tokenized, and where it comes from; None without one. Only the
+    final evaluation of a study (and a comparison) reads it, never a trial."""
+    source = test_source(cfg)
+    if source is None:
+        return None
+    if cfg.test_size:
+        rows = load_rows(cfg.path, "data.path", cfg)
+        _, _, test_rows = split_rows(len(rows), cfg, seed, not (cfg.validation_split or _validation_path(cfg)))
+        examples = _flat(tokenize_by_row(tokenizer, [rows[i] for i in test_rows], cfg, cfg.path, test_rows))
+    elif cfg.test_split:
+        rows = load_rows(cfg.path, "data.path", cfg, split=cfg.test_split, split_field="data.test_split")
+        examples = tokenize_rows(tokenizer, rows, cfg, source)
+    else:
+        examples = tokenize_rows(tokenizer, load_rows(source, "data.test_path", cfg), cfg, source)
+    return examples, source
+
+
+def test_source(cfg: DataConfig) -> str | None:
+    """A short description of the test split's source, or None without one."""
+    if cfg.test_size:
+        return f"{cfg.path} ({cfg.test_size:g} of its rows, held out)"
+    if cfg.test_split:
+        return f"{cfg.path} [{cfg.test_split}]"
+    return cfg.test_path or (DEMO_TEST if cfg.path == DEMO_TRAIN else None)
+
+
+def _validation_path(cfg: DataConfig) -> str | None:
+    return cfg.validation_path or (DEMO_VALIDATION if cfg.path == DEMO_TRAIN else None)
+
+
+def split_rows(n: int, cfg: DataConfig, seed: int, validation_from_rows: bool) -> tuple[list[int], list[int], list[int]]:
+    """(training, validation, test) row indices of the training data: the rows shuffled once from ``seed``,
+    validation taken from the front (``data.validation_size``, when no validation set is given apart) and
+    test from the back (``data.test_size``), so that holding out a test split leaves the validation rows as
+    they were."""
+    def count(size: float, what: str, field: str) -> int:
+        k = int(size) if size >= 1 else round(size * n)
+        if size and k < 1:
+            raise LoratuneError(f"{field}: {size} of {n} rows leaves no {what} rows")
+        return k
+
+    n_val = count(cfg.validation_size, "validation", "data.validation_size") if validation_from_rows else 0
+    n_test = count(cfg.test_size, "test", "data.test_size")
+    if n_val + n_test >= n:
+        field = "data.test_size" if n_test else "data.validation_size"
+        raise LoratuneError(f"{field}: {n_val} validation and {n_test} test of {n} rows leaves no training rows")
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return _flat(e for i, e in enumerate(by_row) if i not in val_idx), _flat(by_row[i] for i in sorted(val_idx))
+    test = sorted(order[n - n_test:]) if n_test else []
+    return sorted(order[n_val:n - n_test]), sorted(order[:n_val]), test
 
 
 def _flat(groups) -> list[Example]:

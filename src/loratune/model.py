@@ -226,6 +226,16 @@ def attach_adapter(base: Base, cfg: FinetuneConfig):
     return model
 
 
+def load_adapter(base: Base, path: str | Path):
+    """A saved adapter (``adapter/`` of a trial or a retrain) put on ``base``, for evaluation."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base.model, str(path), is_trainable=False)
+    if base.device != "cpu" and getattr(base.model, "hf_device_map", None) is None:
+        model.to(base.device)
+    return model
+
+
 def detach_adapter(model) -> Any:
     """Remove the adapter's layers without merging them: the base model is left exactly as loaded."""
     base = model.unload()  # leaves no attribute, module or weight of the adapter behind (tested)

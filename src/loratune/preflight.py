@@ -16,6 +16,7 @@ from .checkpoint import StudyPaths
 from .config import FinetuneConfig, StudyConfig
 from .errors import LoratuneError
 from .executors.command import check_command
+from .scoring import Scorer
 from .search_space import SearchSpace
 from .settings import Origin
 from .storage import check_creatable
@@ -160,3 +161,20 @@ def check_target_modules(wanted: list[str], modules: list[str], at: str = "lora.
             linear = [n for n in leaves if n.endswith("proj") or n in ("fc1", "fc2", "c_attn", "c_proj", "query", "value")]
             raise LoratuneError(f"{at}: no module named '{name}' in the model; {hint}"
                                 f"its modules include {', '.join(linear[:8] or leaves[:8])}")
+
+
+def resolve_scorers(cfg: StudyConfig, functions: dict | None, where: str = "scoring", finetune: bool = True) -> list[Scorer]:
+    """The study's task scorers (``settings.requested_scores``), each loaded and called once on a made-up
+    answer: one that cannot be imported, raises or returns no number is one line before anything starts.
+    ``functions``: scores given to the API as functions (``scorers={name: fn}``)."""
+    from . import scoring
+    from .settings import requested_scores
+
+    if functions is not None and not (isinstance(functions, dict) and all(
+            isinstance(k, str) and callable(v) for k, v in functions.items())):
+        raise LoratuneError(f"scorers: expected a mapping of score names to functions, got {functions!r}")
+    functions = functions or {}
+    scorers = [scoring.load(name, functions.get(name) or cfg.scoring.scorers.get(name), f"{where}.scorers")
+               for name in requested_scores(cfg, functions, finetune)]
+    scoring.check(scorers, where)
+    return scorers

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import SECTIONS, FinetuneConfig, StudyConfig, get_field, to_dict
+from .config import DEMO_TRAIN, SECTIONS, FinetuneConfig, StudyConfig, get_field, to_dict
 from .errors import LoratuneError
 
 
@@ -60,6 +60,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {' to '.join(_type_name(a).removeprefix('a ').removeprefix('an ') + 's' for a in typing.get_args(tp))}"
     return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
             dict: "a mapping"}.get(tp, str(tp))
 
@@ -88,6 +90,11 @@ def coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        key_type, value_type = typing.get_args(tp)
+        return {coerce(k, key_type): coerce(v, value_type) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ValueError
@@ -220,6 +227,12 @@ def _finetune_checks(cfg: FinetuneConfig) -> list[tuple[str, bool, str]]:
             isinstance(lo.target_modules, list) and lo.target_modules and all(m.strip() for m in lo.target_modules)),
          "must be 'all-linear', a regular expression over module names, or a non-empty list of module names"),
         ("data.validation_size", d.validation_size > 0, "must be > 0"),
+        ("data.test_size", d.test_size >= 0, "must be >= 0 (0: no test split held out)"),
+        ("data.test_split", not (d.test_split and d.test_path), "give one test source, data.test_path or data.test_split"),
+        ("data.test_size", not (d.test_size and (d.test_path or d.test_split)),
+         "give one test source: data.test_size holds rows out, data.test_path or data.test_split names them"),
+        ("data.test_split", d.test_split is None or d.test_split not in (d.split, d.validation_split),
+         "must be a split of its own, not the training or validation split"),
         ("data.max_length", d.max_length >= 8, "must be at least 8 tokens"),
         ("data.columns", d.columns is None or all(isinstance(k, str) and isinstance(v, str) and v
                                                   for k, v in d.columns.items()),
@@ -257,12 +270,31 @@ def outcome_metric(constraint: str) -> str:
     return OUTCOME_CONSTRAINT.match(constraint).group(1)
 
 
-def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metrics: bool = False) -> StudyConfig:
+def requested_scores(cfg: StudyConfig, scorer_names: Iterable[str] = (), finetune: bool = True) -> list[str]:
+    """The task scores a study computes: ``scoring.scores``, and every score an objective or an outcome
+    constraint names (a built-in one, one of ``scoring.scorers``, or one given to the API). The demo data
+    brings its own, as it brings its validation and test splits: ``plan_accuracy``, for fine-tune studies."""
+    from .scoring import BUILTIN
+
+    known = {*BUILTIN, *cfg.scoring.scorers, *scorer_names}
+    named = [*cfg.scoring.scores, *cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints
+                                                     if OUTCOME_CONSTRAINT.match(c))]
+    scores = list(dict.fromkeys(n for n in named if n in known or n in cfg.scoring.scores))
+    if not scores and finetune and cfg.data.path == DEMO_TRAIN:
+        scores = ["plan_accuracy"]
+    return scores
+
+
+def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metrics: bool = False,
+                   scorer_names: Iterable[str] = ()) -> StudyConfig:
     """Check a study config once; ``custom_metrics`` (or a ``command``) allows any metric name: the user's
-    own evaluation measures what it likes."""
+    own evaluation measures what it likes. ``scorer_names``: scores given to the API as functions."""
+    from .scoring import BUILTIN
+
     origin = origin or Origin()
     custom_metrics = custom_metrics or bool(cfg.command)
-    es = cfg.early_stopping
+    known_metrics = (*KNOWN_METRICS, "generation_s", *BUILTIN, *cfg.scoring.scorers, *scorer_names)
+    es, sc = cfg.early_stopping, cfg.scoring
     checks = [
         ("trials", cfg.trials >= 1, "must be at least 1"),
         ("seed", cfg.seed is None or 0 <= cfg.seed < 2**32, "must be in [0, 2**32) or null"),
@@ -283,6 +315,8 @@ def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metric
         ("early_stopping.percentile", es.percentile is None or 0 < es.percentile < 100, "must be in (0, 100)"),
         ("early_stopping.min_progression", 0 <= es.min_progression <= 1, "must be in [0, 1]"),
         ("early_stopping.min_curves", es.min_curves >= 1, "must be at least 1"),
+        ("scoring.subset", sc.subset >= 0, "must be >= 0 (0: no answers generated during the search)"),
+        ("scoring.max_new_tokens", sc.max_new_tokens is None or sc.max_new_tokens >= 1, "must be a positive integer or null"),
     ]
     for name, ok, rule in checks:
         if not ok:
@@ -297,18 +331,41 @@ def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metric
         if not match:
             raise LoratuneError(f"{origin.at('outcome_constraints')}: '{text}' is not 'metric <= number' or "
                                 "'metric >= number'")
-        if not custom_metrics and match.group(1) not in KNOWN_METRICS:
+        if not custom_metrics and match.group(1) not in known_metrics:
             raise LoratuneError(f"{origin.at('outcome_constraints')}: "
-                                f"{unknown_field_message(match.group(1), KNOWN_METRICS)}: not a metric loratune measures")
+                                f"{unknown_field_message(match.group(1), known_metrics)}: not a metric loratune measures")
         if match.group(1) in cfg.objectives:
             raise LoratuneError(f"{origin.at('outcome_constraints')}: '{match.group(1)}' is already an objective")
     if not custom_metrics:
         for name in cfg.objectives:
-            if name not in KNOWN_METRICS:
-                raise LoratuneError(f"{origin.at('objectives')}: {unknown_field_message(name, KNOWN_METRICS)}: "
-                                    f"not a metric loratune measures ({', '.join(KNOWN_METRICS)})")
+            if name not in known_metrics:
+                raise LoratuneError(f"{origin.at('objectives')}: {unknown_field_message(name, known_metrics)}: "
+                                    f"not a metric loratune measures ({', '.join(known_metrics)})")
+    _check_scoring(cfg, origin, custom_metrics, scorer_names)
     validate(cfg.base(), origin)
     return cfg
+
+
+def _check_scoring(cfg: StudyConfig, origin: Origin, custom_metrics: bool, scorer_names: Iterable[str]) -> None:
+    from .scoring import BUILTIN
+
+    sc = cfg.scoring
+    for name in sc.scores:
+        if name not in {*BUILTIN, *sc.scorers, *scorer_names}:
+            raise LoratuneError(f"{origin.at('scoring.scores')}: {unknown_field_message(name, [*BUILTIN, *sc.scorers])}: "
+                                f"not a built-in score ({', '.join(BUILTIN)}) nor one of scoring.scorers")
+    for name in sc.scorers:
+        if name in KNOWN_METRICS or name == "generation_s" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise LoratuneError(f"{origin.at('scoring.scorers')}: '{name}' cannot name a score (a metric of that name "
+                                "exists, or it is not an identifier)")
+    scores = requested_scores(cfg, scorer_names, finetune=not custom_metrics)
+    if scores and custom_metrics:
+        raise LoratuneError(f"{origin.at('scoring')}: task scores ({', '.join(scores)}) score loratune's own fine-tunes; "
+                            "a Python evaluate or a --command returns its own metrics")
+    optimized = [n for n in [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)] if n in scores]
+    if optimized and sc.subset == 0:
+        raise LoratuneError(f"{origin.at('scoring.subset')}: 0 answers no validation prompt during the search, so "
+                            f"trials have no {optimized[0]} to optimize; give it a number of prompts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,11 +444,11 @@ def _settings(cls: type, config: str | Path | Any | None, overrides: Iterable[Ov
 
 
 def load_study_config(config: str | Path | StudyConfig | None = None, overrides: Iterable[Override] = (),
-                      custom_metrics: bool = False) -> tuple[StudyConfig, Origin]:
+                      custom_metrics: bool = False, scorer_names: Iterable[str] = ()) -> tuple[StudyConfig, Origin]:
     """An optimization config: a YAML file (None: the embedded default, the demo) or a StudyConfig,
     with overrides applied, built and validated once. Returns the config and where each setting came from."""
     cfg, origin = _settings(StudyConfig, config, overrides)
-    return validate_study(cfg, origin, custom_metrics), origin
+    return validate_study(cfg, origin, custom_metrics, scorer_names), origin
 
 
 def load_finetune_config(config: str | Path | FinetuneConfig, overrides: Iterable[Override] = ()) -> FinetuneConfig:

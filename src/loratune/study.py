@@ -17,23 +17,26 @@ from datetime import datetime
 from . import checkpoint
 from . import results as R
 from .checkpoint import StoredStudy, StudyPaths
-from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, get_field, to_dict
+from .config import get_field, to_dict
 from .console import StudyConsole
+from .data import test_source
 from .early_stopping import EarlyStoppingCallback
-from .errors import StudyAborted
+from .errors import LoratuneError, StudyAborted
 from .executors import Event, Executor, TrialSpec, create_executor
 from .optimizer import PROGRESSION_SCALE, Optimizer
-from .search_space import apply, parse_search_space
+from .scoring import Scorer, ScoringError, score
+from .search_space import parse_search_space
 from .settings import outcome_metric
 from .tracking import Tracker
-from .trial import TrialRecord, TrialResult, TrialState, check_metrics
+from .trial import TrialRecord, TrialResult, TrialState, check_metrics, failure_message
 
 
 class Study:
     def __init__(self, stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, console: StudyConsole, *,
                  evaluate: Callable | None = None, started: float | None = None, tracker: Tracker | None = None,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, scorers: list[Scorer] | None = None):
         self.stored, self.paths, self.opt, self.console, self.evaluate = stored, paths, optimizer, console, evaluate
+        self.scorers = scorers or []  # task scores of each trial's answers (scoring.py)
         self.tracker = tracker or Tracker()
         self.executor = executor  # None: the one the settings ask for (benchmarks give their own)
         self.cfg = stored.config
@@ -78,6 +81,8 @@ class Study:
                     if changed and not started:  # one atomic save per round; _fill saved before starting a trial
                         self.save()
                     changed = False
+                if aborted is None:
+                    self._final_test(executor)
                 self.save()
         except KeyboardInterrupt:
             executor.shutdown()
@@ -143,18 +148,12 @@ class Study:
     def _submit(self, executor: Executor, record: TrialRecord, running: dict) -> None:
         config = None
         if self.stored.evaluation == "finetune":
-            cfg = apply(self.cfg.base(), record.params, self.space)
-            cfg.training.seed = self.cfg.seed if self.cfg.seed is not None else cfg.training.seed
-            cfg.output_dir = str(self.paths.trial_dir(record.index).resolve())
-            cfg.save_adapter = self.cfg.keep_adapters != "none"
-            if cfg.training.eval_points is None:  # a denser curve only where a rule reads it
-                es = self.cfg.early_stopping
-                reads = es.threshold is not None or es.percentile is not None
-                cfg.training.eval_points = EVAL_POINTS_FOR_EARLY_STOPPING if reads else EVAL_POINTS
-            config = to_dict(cfg)
+            config = to_dict(checkpoint.trial_config(self.cfg, self.space, record.params, self.paths.trial_dir(record.index)))
         record.started_at, record.curve, record.state = checkpoint.now(), [], TrialState.RUNNING
         measure = "inference_time" in self.cfg.objectives + [outcome_metric(c) for c in self.cfg.outcome_constraints]
-        executor.submit(TrialSpec(record.index, dict(record.params), self.paths.trial_dir(record.index), config, measure))
+        answer = self.cfg.scoring.subset if self.scorers else 0
+        executor.submit(TrialSpec(record.index, dict(record.params), self.paths.trial_dir(record.index), config, measure,
+                                  answer, self.cfg.scoring.max_new_tokens))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.console.started(record)
@@ -203,6 +202,7 @@ class Study:
             executor.stop(record.index)
 
     def _on_result(self, record: TrialRecord, result: TrialResult) -> None:
+        result = self._scored(result)
         if result.state is TrialState.COMPLETED:  # a number of any kind, finite, for every objective
             checked = check_metrics(result.metrics, self.cfg.objectives)
             result = dataclasses.replace(result, state=checked.state, metrics=checked.metrics,
@@ -221,6 +221,18 @@ class Study:
         self._prune_adapters()
         self.console.ended(record, before, [r.duration_s for r in self.records if r.duration_s])
         self.tracker.trial_ended(record)
+
+    def _scored(self, result: TrialResult) -> TrialResult:
+        """A completed trial's answers scored by the study's scorers, the scores among its metrics (the
+        answers themselves stay in its directory, in metrics.json)."""
+        answers = (result.extra or {}).pop("answers", None)
+        if not self.scorers or result.state is not TrialState.COMPLETED or answers is None:
+            return result
+        try:
+            scores = score(self.scorers, [a["prediction"] for a in answers], [a["reference"] for a in answers])
+        except ScoringError as exc:
+            return dataclasses.replace(result, state=TrialState.FAILED, reason=str(exc))
+        return dataclasses.replace(result, metrics={**result.metrics, **scores})
 
     def _tell_ax(self, record: TrialRecord) -> None:
         index, state = record.index, record.state
@@ -243,12 +255,32 @@ class Study:
         else:
             self.opt.failed(index, record.reason or "failed")
 
+    def _final_test(self, executor: Executor) -> None:
+        """The best trial and the baseline scored on the test split (evaluation.py), on the study's own
+        workers, which hold the base model already. One that fails is a warning and a line in the results:
+        the study's own results stand, and ``loratune evaluate`` tries again."""
+        from .evaluation import final_test
+
+        if self.stored.evaluation != "finetune" or test_source(self.cfg.data) is None or self.stored.best() is None:
+            return
+        self.console.print("Final test: the best config and the baseline on the test split the search never saw")
+        try:
+            self.stored.test = final_test(self.stored, self.paths, self.scorers, executor)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong there, the study's results are saved
+            reason = str(exc) if isinstance(exc, LoratuneError) else failure_message(exc)
+            self.stored.test = {"error": reason}
+            self.console.print(f"[yellow]warning[/]: {reason}; `loratune evaluate {self.paths.directory}` tries again")
+
     # -- outputs ------------------------------------------------------------------------------
 
     def _prune_adapters(self) -> None:
+        """With ``keep_adapters: best``, the Pareto front's adapters stay, and the baseline's where a final
+        test will score it."""
         if self.cfg.keep_adapters != "best":
             return
         keep = {r.index for r in R.pareto_front(self.records, self.cfg.objectives, self.cfg.minimize)}
+        if test_source(self.cfg.data) is not None:
+            keep |= {r.index for r in self.records if r.baseline}
         for r in self.records:
             if r.finished and r.index not in keep:
                 shutil.rmtree(self.paths.directory / r.directory / "adapter", ignore_errors=True)

@@ -13,6 +13,7 @@ failure (a server down, a full disk) is one warning, after which tracking is off
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import socket
@@ -187,6 +188,7 @@ class MlflowTracker(Tracker):
                 best["best_trial"] = float(result["best_trial"])
             gain = result.get("improvement") or {}
             best |= {f"improvement_{k}": float(v) for k, v in gain.items() if isinstance(v, int | float)}
+            best |= test_metrics(result.get("test"))
             self.client.log_batch(self.parent, metrics=[Metric(k, v, now, 0) for k, v in best.items()])
             for path in (paths.best_config, report):
                 if path is not None and Path(path).exists():
@@ -198,6 +200,24 @@ class MlflowTracker(Tracker):
 
         self._later(end)
         self.close()
+
+
+def test_metrics(test: dict | None) -> dict[str, float]:
+    """The final test as the parent run's metrics, beside the validation ones: ``test_best_loss``,
+    ``test_baseline_loss``, ``test_improvement_loss`` (relative), ``validation_improvement_loss``, ... and
+    ``test_held_share`` (of the validation gain)."""
+    if not test or "error" in test:
+        return {}
+    out = {}
+    for side in ("best", "baseline"):
+        out |= {f"test_{side}_{k}": float(v) for k, v in (test.get(side) or {}).items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("trial", "generation_s")}
+    for key, prefix in (("improvement", "test_improvement"), ("validation", "validation_improvement")):
+        out |= {f"{prefix}_{k}": float(g["relative"]) for k, g in (test.get(key) or {}).items()
+                if math.isfinite(g["relative"])}
+    if test.get("held") is not None:
+        out["test_held_share"] = float(test["held"])
+    return out
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:

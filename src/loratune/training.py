@@ -287,13 +287,84 @@ def measure_inference_time(s: Setup, n_prompts: int = 4, new_tokens: int = 16) -
     return 1000 * elapsed / max(generated, 1)
 
 
+def answer_subset(validation: list[Example], n: int, seed: int) -> list[Example]:
+    """The ``n`` validation examples every trial answers (all when there are fewer), drawn once from the seed."""
+    if n >= len(validation):
+        return validation
+    return [validation[i] for i in sorted(random.Random(seed).sample(range(len(validation)), n))]
+
+
+def generate_answers(s: Setup, examples: list[Example], max_new_tokens: int | None = None,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to the examples' prompts, as a server generates them: batches left-padded, each answer
+    ending at the end-of-turn token (or after ``max_new_tokens``: by default the longest reference's length
+    plus a quarter, plus 8), decoded without special tokens and stripped."""
+    import torch
+
+    from .data import end_of_turn_ids
+
+    stop = end_of_turn_ids(s.tokenizer)
+    if max_new_tokens is None:
+        longest = max(len(s.tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
+        max_new_tokens = longest + longest // 4 + 8
+    pad = s.tokenizer.pad_token_id
+    answers: dict[int, str] = {}
+    s.model.eval()
+    s.model.config.use_cache = True
+    with torch.no_grad(), _autocast(s):
+        for idx in sorted_batches([len(e.prompt) for e in examples], batch_size):
+            width = max(len(examples[i].prompt) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(examples[i].prompt)) + examples[i].prompt for i in idx], device=s.device)
+            mask = torch.tensor([[0] * (width - len(examples[i].prompt)) + [1] * len(examples[i].prompt) for i in idx],
+                                device=s.device)
+            out = s.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=stop or None, pad_token_id=pad)
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                end = next((k for k, t in enumerate(new) if t in stop), len(new))
+                answers[i] = s.tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+    s.model.config.use_cache = False
+    s.model.train()
+    return [answers[i] for i in range(len(examples))]
+
+
+def score_examples(s: Setup, examples: list[Example], batch_size: int, answer: bool,
+                   max_new_tokens: int | None = None) -> dict:
+    """The loss per answer token over ``examples`` and, with ``answer``, their greedy answers (with the
+    references, for the study's scorers) and the seconds generating them took."""
+    out: dict = {"loss": evaluate(s, batch_size, examples), "examples": len(examples)}
+    if answer:
+        start = time.perf_counter()
+        out["answers"] = [{"prediction": p, "reference": e.reference}
+                          for p, e in zip(generate_answers(s, examples, max_new_tokens), examples, strict=True)]
+        out["generation_s"] = time.perf_counter() - start
+    return out
+
+
+def score_adapter(cfg: FinetuneConfig, base: Base, adapter: str | Path, examples: list[Example], answer: bool,
+                  max_new_tokens: int | None = None) -> dict:
+    """``score_examples`` of a saved adapter, put on ``base`` and taken off again."""
+    from .model import load_adapter
+
+    model = load_adapter(base, adapter)
+    try:
+        s = Setup(model, base.tokenizer, [], examples, base.device, base.precision, 0)
+        return score_examples(s, examples, cfg.training.eval_batch_size, answer, max_new_tokens)
+    finally:
+        base.model = detach_adapter(model)
+
+
 def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalCallback | None = None,
                  on_step: StepCallback | None = None, stop_requested: Callable[[], bool] | None = None,
                  measure_inference: bool = False, base: Base | None = None,
-                 data: tuple[list[Example], list[Example]] | None = None) -> dict:
+                 data: tuple[list[Example], list[Example]] | None = None, answer: int = 0,
+                 max_new_tokens: int | None = None, test: list[Example] | None = None,
+                 test_answers: bool = False) -> dict:
     """Fine-tune a LoRA adapter as ``cfg`` says; write ``metrics.json`` (and the adapter) to its
     output_dir; return the metrics. With ``base`` (and ``data``), train on that loaded base and leave
-    it as it was: the adapter is removed afterwards.
+    it as it was: the adapter is removed afterwards. ``answer``: validation prompts to answer (see
+    ``answer_subset``) once trained, unless stopped early; the answers go to the metrics, with their references.
+    ``test``: examples to score the trained adapter on as well (``metrics["test"]``, see ``score_examples``).
 
     >>> from loratune.config import FinetuneConfig
     >>> metrics = run_training(FinetuneConfig(output_dir="runs/demo"))  # doctest: +SKIP
@@ -311,6 +382,14 @@ def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalC
         inference_start = time.perf_counter()
         inference_ms = measure_inference_time(s) if measure_inference else None
         inference_s = time.perf_counter() - inference_start
+        answered, generation_s = [], 0.0
+        if answer and not result.stopped_early:
+            generation_start = time.perf_counter()
+            asked = answer_subset(s.validation, answer, cfg.training.seed)
+            answered = [{"prediction": p, "reference": e.reference}
+                        for p, e in zip(generate_answers(s, asked, max_new_tokens), asked, strict=True)]
+            generation_s = time.perf_counter() - generation_start
+        tested = score_examples(s, test, cfg.training.eval_batch_size, test_answers, max_new_tokens) if test else None
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if cfg.save_adapter:
@@ -344,5 +423,9 @@ def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalC
     }
     if inference_ms is not None:
         metrics["inference_time"] = inference_ms
+    if answered:
+        metrics["answers"], metrics["generation_s"] = answered, generation_s
+    if tested is not None:
+        metrics["test"] = tested
     atomic_write_json(Path(cfg.output_dir) / "metrics.json", metrics)
     return metrics

@@ -48,8 +48,9 @@ def metrics_from_training(m: dict) -> dict[str, float]:
         "peak_memory_gb": m["peak_memory_gb"], "trainable_params": float(m["trainable_params"]),
         "tokens_per_s": m["tokens_per_s"], "padding_fraction": m["padding_fraction"],
     }
-    if "inference_time" in m:
-        out["inference_time"] = m["inference_time"]
+    for name in ("inference_time", "generation_s"):
+        if name in m:
+            out[name] = m[name]
     return out
 
 
@@ -95,6 +96,9 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
 
     try:
         cfg = finetune_config_from_dict(spec["config"], str(trial_dir / SPEC_FILE))
+        test = spec.get("test", False)
+        if cache is None and test:
+            cache = Cache()  # a test job with a base of its own: loaded once for the examples and the adapter
         base = data = None
         load_s = 0.0
         if cache is not None:
@@ -104,15 +108,19 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
                 cache.base = (key, load_base(cfg))
                 load_s = cache.base[1].load_time_s
             base = cache.base[1]
-            data_key = json.dumps([asdict(cfg.data), cfg.training.seed])
-            if cache.data is None or cache.data[0] != data_key:
-                from .data import load_examples
+            if not (test and spec.get("adapter")):  # scoring a saved adapter needs no training data
+                data_key = json.dumps([asdict(cfg.data), cfg.training.seed])
+                if cache.data is None or cache.data[0] != data_key:
+                    from .data import load_examples
 
-                cache.data = (data_key, load_examples(base.tokenizer, cfg.data, cfg.training.seed))
-            data = cache.data[1]
+                    cache.data = (data_key, load_examples(base.tokenizer, cfg.data, cfg.training.seed))
+                data = cache.data[1]
+        if test:
+            return _test_job(cfg, spec, base, data, started)
         m = training.run_training(cfg, overwrite=True, on_eval=on_eval, on_step=on_step,
                                   stop_requested=(trial_dir / STOP_FILE).exists,
-                                  measure_inference=spec.get("measure_inference", False), base=base, data=data)
+                                  measure_inference=spec.get("measure_inference", False), base=base, data=data,
+                                  answer=spec.get("answer", 0), max_new_tokens=spec.get("max_new_tokens"))
     except BaseException as exc:  # every way a trial can end becomes a recorded state
         return result_from_exception(exc)
     finally:
@@ -126,9 +134,35 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         timings["startup_s"] = started - process_start
     extra = {k: m[k] for k in ("steps", "planned_steps", "tokens_seen", "device", "precision")}
     extra["gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "answers" in m:  # scored in the study's process, by its scorers
+        extra["answers"] = m["answers"]
     return TrialResult(state, metrics_from_training(m), m["curve"],
                        reason="early-stopped" if state is TrialState.EARLY_STOPPED else None,
                        extra={**extra, "timings": timings, "memory_after": memory})
+
+
+def _test_job(cfg, spec: dict, base, data, started: float) -> TrialResult:
+    """The final test of a study (the only job that reads the test split): a saved adapter, or a retrain of
+    the trial's config where its adapter was not kept, scored on the test split; the answers go back to the
+    study's scorers."""
+    from . import training
+    from .data import load_test_examples
+
+    found = load_test_examples(base.tokenizer, cfg.data, cfg.training.seed)
+    if found is None:
+        raise ValueError("the study's data has no test split")
+    examples, source = found
+    answer = bool(spec.get("answer"))  # answers are generated only for a study's scorers
+    if spec.get("adapter"):
+        scored = training.score_adapter(cfg, base, spec["adapter"], examples, answer, spec.get("max_new_tokens"))
+    else:
+        trained = training.run_training(cfg, overwrite=True, base=base, data=data, test=examples, test_answers=answer,
+                                        max_new_tokens=spec.get("max_new_tokens"))
+        scored = {**trained["test"], "validation_loss": trained["val_loss"]}
+    metrics = {"loss": scored["loss"], **{k: scored[k] for k in ("generation_s", "validation_loss") if k in scored}}
+    return TrialResult(TrialState.COMPLETED, metrics, extra={
+        "answers": scored.get("answers", []), "examples": scored["examples"], "source": source,
+        "retrained": not spec.get("adapter"), "timings": {"trial_s": time.time() - started}})
 
 
 def _memory_after_trial() -> dict[str, float]:

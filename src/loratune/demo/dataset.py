@@ -3,7 +3,8 @@
 Generated here, deterministically, from a few tables of film-craft rules, so that a model can learn
 the mapping (mood -> lighting and pacing, cast size -> framing, place -> lens and sound, action ->
 camera movement). ``python -m loratune.demo.dataset`` rewrites the shipped JSONL files; a test checks
-that they match this code. 185 examples: 148 for training, as in Module 4.5, and 37 for validation.
+that they match this code. 185 examples: 148 for training, as in Module 4.5, and 37 for validation;
+and 37 more, by the same rules, as the test split that a study never sees (scenes of their own).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 TRAIN_FILE = HERE / "ai_director_train.jsonl"
 VALIDATION_FILE = HERE / "ai_director_validation.jsonl"
-N_TRAIN, N_VALIDATION = 148, 37
+TEST_FILE = HERE / "ai_director_test.jsonl"
+N_TRAIN, N_VALIDATION, N_TEST = 148, 37, 37
 SEED = 2026
 
 SYSTEM = "You are a film director. Turn each scene into a shot plan."
@@ -86,17 +88,18 @@ def make_example(rng: random.Random) -> dict:
     }
 
 
-def generate() -> tuple[list[dict], list[dict]]:
-    """Return (train, validation) rows; distinct scenes, always the same ones."""
+def generate() -> tuple[list[dict], list[dict], list[dict]]:
+    """Return (train, validation, test) rows; distinct scenes, always the same ones (the test rows come
+    after the others, which are as they were before the demo had a test split)."""
     rng = random.Random(SEED)
     rows, seen = [], set()
-    while len(rows) < N_TRAIN + N_VALIDATION:
+    while len(rows) < N_TRAIN + N_VALIDATION + N_TEST:
         row = make_example(rng)
         scene = row["messages"][1]["content"]
         if scene not in seen:
             seen.add(scene)
             rows.append(row)
-    return rows[:N_TRAIN], rows[N_TRAIN:]
+    return rows[:N_TRAIN], rows[N_TRAIN:N_TRAIN + N_VALIDATION], rows[N_TRAIN + N_VALIDATION:]
 
 
 def pretraining_corpus(n: int = 3000, seed: int = 7) -> list[str]:
@@ -117,11 +120,10 @@ def pretraining_corpus(n: int = 3000, seed: int = 7) -> list[str]:
 
 
 def write_files() -> None:
-    train, validation = generate()
-    for path, rows in ((TRAIN_FILE, train), (VALIDATION_FILE, validation)):
+    for path, rows in zip((TRAIN_FILE, VALIDATION_FILE, TEST_FILE), generate(), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
     write_files()
-    print(f"wrote {TRAIN_FILE} and {VALIDATION_FILE}")
+    print(f"wrote {TRAIN_FILE}, {VALIDATION_FILE} and {TEST_FILE}")

@@ -19,6 +19,16 @@ class TrialSpec:
     directory: Path
     config: dict | None = None  # the resolved training config, for fine-tune trials
     measure_inference: bool = False  # time generation (when inference_time is an objective or a constraint)
+    answer: int = 0  # validation prompts to answer, for task scores (scoring.subset)
+    max_new_tokens: int | None = None  # the longest answer (scoring.max_new_tokens)
+    test: bool = False  # a final test job: score the trial's adapter on the test split (retrained without one)
+    adapter: str | None = None  # for a test job, the trial's saved adapter
+
+    def payload(self) -> dict:
+        """What a worker reads from the trial's ``trial.json`` (see worker.py)."""
+        return {"index": self.index, "params": self.params, "config": self.config,
+                "measure_inference": self.measure_inference, "answer": self.answer, "max_new_tokens": self.max_new_tokens,
+                "test": self.test, "adapter": self.adapter}
 
 
 @dataclass

@@ -82,8 +82,7 @@ class LocalExecutor:
         if self.command:
             slot.runner.start(d, spec.params)
         else:
-            atomic_write_json(d / SPEC_FILE, {"index": spec.index, "params": spec.params, "config": spec.config,
-                                              "measure_inference": spec.measure_inference})
+            atomic_write_json(d / SPEC_FILE, spec.payload())
             slot.runner.start(d, key)
         slot.spec, slot.reader = spec, ProgressReader(d)
         self.running[spec.index] = slot

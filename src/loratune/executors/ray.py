@@ -172,9 +172,7 @@ class RayExecutor:
         fresh = self.actors[slot] is None
         if fresh:
             self.actors[slot] = self.actor_class.remote(*self.actor_args)
-        payload = {"index": spec.index, "params": spec.params, "config": spec.config,
-                   "measure_inference": spec.measure_inference}
-        ref = self.actors[slot].run.remote(payload, self.shared_dir, self.progress, self.signals)
+        ref = self.actors[slot].run.remote(spec.payload(), self.shared_dir, self.progress, self.signals)
         self.running[spec.index] = _Call(spec, ref, slot, fresh)
 
     def _hear(self) -> None:

@@ -52,6 +52,7 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
             lines += [f"Baseline (#{data.baseline.index}, {R.format_params(data.baseline.params)}): {obj} "
                       f"{imp.baseline:.4f}. Improvement: {imp.absolute:+.4f} absolute, {abs(imp.relative):.1%} {word}."]
         lines += [""]
+    lines += _test_section(summary.get("test"))
     lines += _recommendation(data, summary, comparison)
 
     lines += ["## Every trial", "", "★ best, ◆ baseline. Effective scale is alpha/rank"
@@ -129,6 +130,35 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
     return "\n".join(lines) + "\n"
 
 
+def _test_section(test: dict | None) -> list[str]:
+    """Validation (used to choose the best) and test (never seen by the search) side by side."""
+    if not test:
+        return []
+    lines = ["### Validation versus test", ""]
+    if "error" in test:
+        return lines + [f"The final test did not run: {test['error']}. `loratune evaluate DIR` tries again.", ""]
+    lines += [f"The best config and the baseline scored on {test['examples']} test examples ({test['source']}) that no "
+              "trial ever read. The best trial was chosen as the lowest of many noisy validation measurements, so its "
+              "validation margin is biased upwards (the winner's curse); the test margin is not.", ""]
+    gains, validation = test.get("improvement") or {}, test.get("validation") or {}
+    if not gains:
+        best = test["best"]
+        return lines + [f"Best trial #{best['trial']}: test loss {best['loss']:.4f} (the study has no baseline to "
+                        "compare it with).", ""]
+    rows = []
+    for name, g in gains.items():
+        v = validation.get(name)
+        rows.append([name, f"{v['best']:.4f} vs {v['baseline']:.4f} ({v['relative']:+.1%})" if v else "not measured",
+                     f"{g['best']:.4f} vs {g['baseline']:.4f} ({g['relative']:+.1%})"])
+    lines += _table(["metric (best vs baseline)", "validation: used to choose", "test: never seen"], rows) + [""]
+    held = test.get("held")
+    if held is not None:
+        lines += [(f"{held:.0%} of the validation gain in loss held on test." if held <= 1 else
+                   "The gain in loss on test exceeds the gain on validation.") + " Gains are signed so that a positive "
+                  "one is better.", ""]
+    return lines
+
+
 def _recommendation(data: ReportData, summary: dict, comparison: dict | None) -> list[str]:
     if data.best is None:
         return []
@@ -151,11 +181,18 @@ def _recommendation(data: ReportData, summary: dict, comparison: dict | None) ->
 
 
 def _comparison(c: dict) -> list[str]:
+    on_test = c.get("data") == "test"
     lines = ["## Best versus baseline, fully retrained", "",
              f"{c['epochs']:g} epochs, {c['seeds']} seeds each (trial #{c['best_trial']} against the baseline "
-             f"#{c['baseline_trial']}):", ""]
-    lines += _table(["config", "validation loss per seed", "mean", "std"], [
-        ["best", ", ".join(f"{v:.4f}" for v in c["best"]), c["best_mean"], c["best_std"]],
-        ["baseline", ", ".join(f"{v:.4f}" for v in c["baseline"]), c["baseline_mean"], c["baseline_std"]],
-    ])
+             f"#{c['baseline_trial']}), scored "
+             + ("on the test split, which the search never saw:" if on_test else
+                "on the validation set, the data that chose the winner (the study has no test split), so the best "
+                "config's margin is biased in its favour:"), ""]
+    what = "test" if on_test else "validation"
+    rows = [["best", ", ".join(f"{v:.4f}" for v in c["best"]), c["best_mean"], c["best_std"]],
+            ["baseline", ", ".join(f"{v:.4f}" for v in c["baseline"]), c["baseline_mean"], c["baseline_std"]]]
+    lines += _table(["config", f"{what} loss per seed", "mean", "std"], rows)
+    for metric, values in (c.get("scores") or {}).items():
+        lines += ["", f"{metric} per seed: best {', '.join(f'{v:.4f}' for v in values['best'])}; baseline "
+                      f"{', '.join(f'{v:.4f}' for v in values['baseline'])}."]
     return lines + ["", f"Difference {c['difference']:+.4f} ({c['relative']:+.1%}): {c['verdict']}.", ""]
