@@ -169,7 +169,7 @@ def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate:
     from .study import Study
 
     cfg = stored.config
-    console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers)
+    console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers, [s.name for s in scorers])
     tracker = _tracker(cfg, paths, console)
     study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers)
     try:

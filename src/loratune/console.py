@@ -47,9 +47,10 @@ class _Live:
 
 class StudyConsole:
     def __init__(self, quiet: bool = False, objective: str = "loss", minimize: bool = True, total: int = 1,
-                 workers: int = 1):
+                 workers: int = 1, scores: list[str] | tuple[str, ...] = ()):
         self.console = Console(quiet=quiet, highlight=False)
         self.objective, self.minimize, self.total, self.workers = objective, minimize, total, workers
+        self.scores = [s for s in scores if s != objective]  # task scores shown beside the objective
         self.live_mode = self.console.is_terminal and not quiet
         self.running: dict[int, _Live] = {}
         self.elapsed: Callable[[], float] = lambda: 0.0  # the study's wall time, earlier sessions included
@@ -126,6 +127,7 @@ class StudyConsole:
         self.mean_trial_s = sum(durations) / len(durations) if durations else None
         value = record.metrics.get(self.objective)
         shown = f"{self.objective}={value:.4f}" if isinstance(value, int | float) else record.state.value
+        shown += "".join(f", {s}={record.metrics[s]:.3f}" for s in self.scores if s in record.metrics)
         if record.state.value == "early_stopped":
             shown = f"stopped at {record.curve[-1]['progress']:.0%}" if record.curve else "stopped"
         elif record.state.value != "completed":
@@ -144,12 +146,13 @@ class StudyConsole:
         top = R.ranked(records, self.objective, self.minimize)[:5]
         if top:
             table = Table(title="Top trials")
-            for col in ["#", *[R.SHORT_NAMES.get(n, n) for n in names], *objectives, "time (s)"]:
+            shown = [*objectives, *(s for s in self.scores if s not in objectives)]
+            for col in ["#", *[R.SHORT_NAMES.get(n, n) for n in names], *shown, "time (s)"]:
                 table.add_column(col)
             for r in top:
                 table.add_row(str(r.index) + (" baseline" if r.baseline else ""),
                               *[f"{r.params[n]:.3g}" if isinstance(r.params[n], float) else str(r.params[n]) for n in names],
-                              *[f"{r.metrics[o]:.4f}" if o in r.metrics else "" for o in objectives],
+                              *[f"{r.metrics[o]:.4f}" if o in r.metrics else "" for o in shown],
                               f"{r.duration_s or 0:.1f}")
             self.console.print(table)
         gain = result.get("improvement")
