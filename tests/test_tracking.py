@@ -149,3 +149,16 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_the_study_goes_on(tmp
     out = capsys.readouterr().out
     assert [t["state"] for t in result["trials"]] == ["completed"] * 3
     assert out.count("warning") == 1 and "is not reachable; the study runs without tracking" in out
+
+
+def test_the_final_test_reaches_the_parent_run_beside_the_validation_figures():
+    from loratune.tracking import test_metrics
+
+    gain = {"best": 0.66, "baseline": 0.90, "absolute": 0.24, "relative": 0.266}
+    test = {"examples": 37, "best": {"trial": 12, "loss": 0.66, "plan_accuracy": 0.2, "generation_s": 0.4},
+            "baseline": {"trial": 0, "loss": 0.90, "plan_accuracy": 0.25}, "improvement": {"loss": gain},
+            "validation": {"loss": {**gain, "relative": 0.264}}, "held": 1.01}
+    assert test_metrics(test) == {"test_best_loss": 0.66, "test_best_plan_accuracy": 0.2, "test_baseline_loss": 0.9,
+                                  "test_baseline_plan_accuracy": 0.25, "test_improvement_loss": 0.266,
+                                  "validation_improvement_loss": 0.264, "test_held_share": 1.01}
+    assert test_metrics({"error": "the test file is gone"}) == {} and test_metrics(None) == {}
