@@ -9,12 +9,8 @@
 import sys
 
 from loratune import EarlyStoppingCallback, resume_optimization, run_optimization  # noqa: F401
-from loratune.cli import _Parser, add_optimize_arguments, cmd_optimize, cmd_resume, run
+from loratune.cli import _Parser, add_optimize_arguments, cmd_optimize, cmd_resume, run, study_flags
 from loratune.errors import USAGE_EXIT_CODE
-
-# what --resume cannot take: they would change what the study measures, or where it lives
-NOT_ON_RESUME = ("config", "model", "data", "seed", "command", "output", "overwrite", "executor", "ray_address",
-                 "shared_dir")
 
 
 def main(argv=None) -> int:
@@ -25,12 +21,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.resume:
         return run(cmd_optimize, args)
-    given = [name for name in NOT_ON_RESUME if getattr(args, name) not in (None, False)]
+    # on resume: the flags of what may change then (the same policy as `loratune resume`), and --trials added
+    may = {f.name for f in study_flags(resuming=True)} | {"trials", "assignments", "quiet", "resume"}
+    given = [name for name, value in vars(args).items() if name not in may and value not in (None, False, [])]
     if given:
         flag = "--" + given[0].replace("_", "-")
-        print(f"error: {flag}: cannot change when a study resumes; --resume takes --trials (additional), --workers, "
-              "--gpus, --gpus-per-trial, --trial-timeout, --no-reuse-model, --set for those, --no-report, --quiet",
-              file=sys.stderr)
+        flag = next((f.metadata["flag"] for f in study_flags() if f.name == given[0]), flag)
+        can = ", ".join(f.metadata["flag"] for f in study_flags(resuming=True))
+        print(f"error: {flag}: cannot change when a study resumes; --resume takes --trials (additional), {can}, --set "
+              "for those, --quiet", file=sys.stderr)
         return USAGE_EXIT_CODE
     args.checkpoint, args.trials = args.resume, args.trials or 0
     return run(cmd_resume, args)

@@ -98,6 +98,11 @@ def test_the_readmes_config_reference_is_the_schema():
     readme = (ROOT / "README.md").read_text()
     section = readme.split(START)[1].split(END)[0].strip()
     assert section == config.reference_markdown().strip(), "run `make docs`"
+    from config_reference import OPTIONS_END, OPTIONS_START
+
+    from loratune.cli import options_markdown
+
+    assert readme.split(OPTIONS_START)[1].split(OPTIONS_END)[0].strip() == options_markdown().strip(), "run `make docs`"
     for cls in (config.StudyConfig, config.ModelConfig, config.LoraConfig, config.DataConfig, config.TrainingConfig,
                 config.EarlyStoppingConfig, config.FinetuneConfig):
         docs = config.field_docs(cls)
@@ -108,3 +113,32 @@ def test_the_readmes_config_reference_is_the_schema():
 
 
 SECTIONS_AND_RULE = ("model", "lora", "data", "training", "early_stopping", "scoring")
+
+
+def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsys):
+    """How trials run may change on resume, what they measure may not: each study field says which, and
+    `loratune resume`, `ax_optimization.py --resume` and `resume_optimization` all ask the same function."""
+    import dataclasses
+
+    import ax_optimization
+
+    from loratune.cli import build_parser, study_flags
+    from loratune.config import StudyConfig
+    from loratune.settings import may_change_on_resume
+
+    for f in dataclasses.fields(StudyConfig):
+        assert may_change_on_resume(f.name) == bool(f.metadata.get("resume")), f.name
+        if dataclasses.is_dataclass(StudyConfig.__dataclass_fields__[f.name].default_factory()
+                                    if f.default_factory is not dataclasses.MISSING else None):
+            assert not may_change_on_resume(f.name) and not may_change_on_resume(f"{f.name}.anything")
+    assert may_change_on_resume("executor") and may_change_on_resume("ray_address")  # where trials run, not what
+    assert not may_change_on_resume("seed") and not may_change_on_resume("command")
+    resume = next(a for a in build_parser()._subparsers._group_actions[0].choices["resume"]._actions if a.dest == "workers")
+    offered = {a.option_strings[0] for a in build_parser()._subparsers._group_actions[0].choices["resume"]._actions
+               if a.option_strings and a.dest not in ("help", "trials", "assignments", "quiet")}
+    assert resume and offered == {f.metadata["flag"] for f in study_flags(resuming=True)}
+    for f in study_flags():
+        if not f.metadata["resume"] and f.name != "trials":
+            value = [] if f.metadata["flag"].startswith("--no-") else ["1"]
+            assert ax_optimization.main(["--resume", "nowhere.json", f.metadata["flag"], *value]) == 2
+            assert f"error: {f.metadata['flag']}: cannot change when a study resumes" in capsys.readouterr().err

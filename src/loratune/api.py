@@ -28,7 +28,9 @@ from .settings import (
     build,
     load_finetune_config,
     load_study_config,
+    may_change_on_resume,
     override,
+    resumable_fields,
     validate_study,
 )
 from .storage import DirectoryLock, atomic_write_text, check_creatable
@@ -39,10 +41,7 @@ _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space"
               "objectives": "objectives", "minimize": "minimize", "constraints": "constraints", "seed": "seed",
               "workers": "workers", "command": "command", "outcome_constraints": "outcome_constraints",
               "report": "report"}
-# what may change when a study resumes: how it runs, never what it measures
-RESUMABLE = ("workers", "gpus", "gpus_per_trial", "executor", "ray_address", "shared_dir", "reuse_model",
-             "trials_per_worker", "trial_timeout", "max_failures_in_a_row", "keep_adapters", "report", "retrain_epochs",
-             "tracking", "tracking_uri", "tracking_experiment")
+
 
 
 def run_optimization(
@@ -220,7 +219,7 @@ def resume_optimization(
 ) -> dict:
     """Continue a study from its checkpoint: trials that were running are run again, then
     ``additional_trials`` more than the study had planned. How the trials run may change
-    (``workers=4``, ``trial_timeout=600``, ...: see ``RESUMABLE``); what they measure may not.
+    (``workers=4``, ``trial_timeout=600``, ...: see ``settings.may_change_on_resume``); what they measure may not.
 
     >>> from ax_optimization import resume_optimization
     >>> results = resume_optimization(checkpoint="configs/optimization_checkpoint.json",
@@ -239,10 +238,10 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     preflight.check_no_foreign_files(paths, str(paths.checkpoint))
     data, origin = {}, Origin(str(paths.checkpoint))
     for dotted, value, label in overrides:
-        if dotted.split(".")[0] not in RESUMABLE:
+        if not may_change_on_resume(dotted):
             named = label if label.lstrip("-").replace("-", "_") in (dotted, dotted.split(".")[0]) else f"{label}: {dotted}"
             raise LoratuneError(f"{named}: cannot change when a study resumes (it would mix trials of two set-ups); "
-                                f"what can: {', '.join(RESUMABLE)}")
+                                f"what can: {', '.join(resumable_fields())}")
         override(data, StudyConfig, dotted, value, label, origin)
     if stored.evaluation == "callable" and evaluate is None:
         raise LoratuneError(f"{paths.checkpoint}: this study evaluated a Python function; pass the same evaluate= "

@@ -4,11 +4,15 @@ study that ended without its result (too many failures, nothing completed) is on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
+import typing
 from collections.abc import Callable
+from typing import Literal
 
+from .config import StudyConfig
 from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, first_line
 
 
@@ -57,41 +61,90 @@ def _int(text: str) -> int:
 
 DEFAULT_OUTPUT = "configs/optimization_results.json"
 SET_HELP = "override any setting: section.field=value, read as YAML (repeatable), e.g. --set training.epochs=0.5"
-# flag -> (setting, how the flag's text becomes its value)
-STUDY_FLAGS = {
-    "trials": ("trials", None), "model": ("model.name", None), "seed": ("seed", None), "workers": ("workers", None),
-    "gpus_per_trial": ("gpus_per_trial", None), "gpus": ("gpus", lambda text: [g.strip() for g in text.split(",")]),
-    "executor": ("executor", None), "ray_address": ("ray_address", None), "shared_dir": ("shared_dir", None),
-    "command": ("command", None), "trial_timeout": ("trial_timeout", None), "tracking": ("tracking", None),
-    "tracking_uri": ("tracking_uri", None),
-}
+# the options that are not a study field of their own (those come from config.setting), for the README too:
+# (option, meaning, what it does on resume)
+OPTIONS = [
+    ("--config FILE", "optimization config (default: the embedded demo, the same as `configs/optimization_config.yaml`)",
+     "no"),
+    ("--output PATH", "results file (or a directory); `best_config.yaml`, `optimization_checkpoint.json` and `trials/` go "
+                      "beside it", "no"),
+    ("--model NAME", "base model: hub id or local directory", "no"),
+    ("--data PATH", "training data (a validation split is then held out from it)", "no"),
+    ("--set FIELD=VALUE", "any setting of the config reference below, e.g. `--set training.epochs=0.5` (repeatable; the "
+                          "value is read as YAML and checked as in a file)", "for the fields that may"),
+    ("--overwrite", "replace a study already in the output directory (otherwise it is refused); files of a study's names "
+                    "that no loratune study wrote are never replaced", "no"),
+    ("--quiet", "print nothing but errors", "yes"),
+]
+
+
+def study_flags(resuming: bool = False) -> list[dataclasses.Field]:
+    """The study fields with a flag of their own; on resume, those that may change then."""
+    from .config import StudyConfig
+    from .settings import may_change_on_resume
+
+    return [f for f in dataclasses.fields(StudyConfig) if f.metadata.get("flag")
+            and (not resuming or may_change_on_resume(f.name))]
+
+
+def _flag_type(f: dataclasses.Field) -> dict:
+    """argparse's type (or choices, or a switch) for a field, from its type; the values are checked later as
+    the same values in a config file are."""
+    tp = typing.get_type_hints(StudyConfig)[f.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if f.metadata["flag"].startswith("--no-"):
+        return {"action": "store_true"}
+    if typing.get_origin(tp) is Literal:
+        return {"choices": list(typing.get_args(tp))}
+    kind = args[0] if args else tp
+    if kind is int or tp is int:
+        return {"type": _positive_int if f.name not in ("seed",) else _int}
+    if kind is float:
+        return {"type": float}
+    if typing.get_origin(kind) is list:
+        return {"type": lambda text: [g.strip() for g in text.split(",")]}
+    return {"type": str}
+
+
+def add_study_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
+    for f in study_flags(resuming):
+        if resuming and f.name == "trials":
+            continue
+        kind = _flag_type(f)
+        if f.metadata.get("metavar"):
+            kind["metavar"] = f.metadata["metavar"]
+        p.add_argument(f.metadata["flag"], dest=f.name, help=f.metadata["help"], **kind)
+
+
+def options_markdown() -> str:
+    """The README's table of the options of ``ax_optimization.py`` / ``loratune optimize``: the study fields'
+    flags (``config.setting``) and the other options, in the order of ``--help``, with the resume policy."""
+    others = {flag: (meaning, resume) for flag, meaning, resume in OPTIONS}
+    order = [*list(others)[:4], *study_flags(), *list(others)[4:]]
+    lines = ["| option | meaning | on resume |", "|---|---|---|"]
+    for item in order:
+        if isinstance(item, str):
+            (meaning, resume), flag = others[item], item
+        else:
+            flag = f"{item.metadata['flag']} {item.metadata.get('metavar') or ''}".strip()
+            meaning = item.metadata["help"]
+            resume = "adds N trials" if item.name == "trials" else "may change" if item.metadata.get("resume") else "no"
+        lines.append(f"| `{flag}` | {meaning} | {resume} |")
+    lines.append("| `--resume CHECKPOINT` | (`ax_optimization.py` only) continue a study: it runs the trials still "
+                 "planned, and `--trials N` adds N more | |")
+    return "\n".join(lines) + "\n"
 
 
 def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="optimization config YAML (default: the embedded demo: the default search "
                                     "space on the offline tiny model)")
-    p.add_argument("--trials", type=_positive_int, help="number of trials, the baseline included")
     p.add_argument("--output", help=f"results file (or directory; default {DEFAULT_OUTPUT}); "
                                     "best_config.yaml and the checkpoint go beside it")
     p.add_argument("--model", help="base model: hub id or local directory")
     p.add_argument("--data", help="training data file (a validation split is held out from it)")
-    p.add_argument("--seed", type=_int, help="seed of the search and of each trial's training")
-    p.add_argument("--workers", type=_positive_int, help="trials to run at once")
-    p.add_argument("--gpus-per-trial", type=_positive_int, help="GPUs each trial gets (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1,2,3 (default: all visible)")
-    p.add_argument("--executor", choices=["local", "ray"], help="where trials run (default local)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: start Ray on this machine)")
-    p.add_argument("--shared-dir", help="with Ray: a path all nodes share for trial files")
-    p.add_argument("--command", help="external training command with {parameter} placeholders; "
-                                     "its last JSON line on stdout holds the metrics")
-    p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer (failed: timeout)")
-    p.add_argument("--no-reuse-model", action="store_true",
-                   help="a fresh process per trial instead of workers that keep the base model loaded")
-    p.add_argument("--tracking", choices=["none", "mlflow"], help="log the study to MLflow (a parent run, a child run per trial)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a local store in the output directory)")
+    add_study_flags(p)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments", help=SET_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a study already in the output directory")
-    p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md (write it later with `loratune report`)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -100,16 +153,17 @@ def study_overrides(args: argparse.Namespace, resuming: bool = False) -> list:
     from .settings import parse_assignment
 
     overrides = []
-    for name, (setting, convert) in STUDY_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None and not (resuming and name == "trials"):  # there: the additional trials
-            overrides.append((setting, convert(value) if convert else value, "--" + name.replace("_", "-")))
+    for f in study_flags():
+        value, flag = getattr(args, f.name, None), f.metadata["flag"]
+        if flag.startswith("--no-"):
+            if value:
+                overrides.append((f.name, False, flag))
+        elif value is not None and not (resuming and f.name == "trials"):  # there: the additional trials
+            overrides.append((f.name, value, flag))
+    if getattr(args, "model", None) is not None:
+        overrides.append(("model.name", args.model, "--model"))
     if getattr(args, "data", None) is not None:  # a validation split is then held out of it
         overrides += [("data.path", args.data, "--data"), ("data.validation_path", None, "--data")]
-    if getattr(args, "no_reuse_model", False):
-        overrides.append(("reuse_model", False, "--no-reuse-model"))
-    if getattr(args, "no_report", False):
-        overrides.append(("report", False, "--no-report"))
     return overrides + [(*parse_assignment(text), "--set") for text in args.assignments]
 
 
@@ -177,18 +231,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:
-    """What can change when a study resumes: how its trials run, never what they measure."""
+    """What can change when a study resumes: how its trials run, never what they measure
+    (``settings.may_change_on_resume``)."""
     p.add_argument("--trials", type=_non_negative_int, default=0, help="additional trials beyond those planned")
-    p.add_argument("--workers", type=_positive_int, help="trials to run at once")
-    p.add_argument("--gpus-per-trial", type=_positive_int, help="GPUs each trial gets")
-    p.add_argument("--gpus", help="which local GPUs to use, e.g. 0,1")
-    p.add_argument("--trial-timeout", type=float, metavar="SECONDS", help="stop a trial running longer")
-    p.add_argument("--no-reuse-model", action="store_true", help="a fresh process per trial")
-    p.add_argument("--tracking", choices=["none", "mlflow"], help="log the study to MLflow")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a local store in the output directory)")
+    add_study_flags(p, resuming=True)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",
                    help="override a setting that may change on resume (workers, trial_timeout, ...)")
-    p.add_argument("--no-report", action="store_true", help="skip OPTIMIZATION_RESULTS.md")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 

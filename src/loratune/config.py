@@ -153,6 +153,15 @@ def default_search_space() -> dict:
     }
 
 
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, flag: str | None = None,
+            help: str | None = None, metavar: str | None = None, resume: bool = False) -> Any:
+    """A study field that describes itself: its command-line ``flag`` (``--no-...`` for a switch that turns a
+    true default off) with its ``help`` line, and whether it may change when a study ``resume``s: how trials
+    run may, what they measure may not. The CLI, the resume policy and the README's options are made from it."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"flag": flag, "help": help, "metavar": metavar, "resume": resume})
+
+
 @dataclass
 class EarlyStoppingConfig:
     threshold: float | Literal["baseline"] | None = None
@@ -188,9 +197,9 @@ class ScoringConfig:
 
 @dataclass
 class StudyConfig:
-    trials: int = 20
+    trials: int = setting(20, flag="--trials", metavar="N", help="trials in all, the baseline included")
     """Trials to run in all, the baseline included."""
-    seed: int | None = 0
+    seed: int | None = setting(0, flag="--seed", metavar="N", help="makes the run reproducible (search and training)")
     """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
     search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping
@@ -210,41 +219,57 @@ class StudyConfig:
     """Trials of the initial design (the centre of the space, then Sobol points) before Bayesian
     optimization starts; the baseline comes on top (when it is the centre, the centre is not run twice).
     null: Ax's default, 5."""
-    workers: int = 1
+    workers: int = setting(1, flag="--workers", metavar="N", resume=True,
+                           help="trials at once (each gets its own GPU set where there are GPUs)")
     """Trials running at once."""
-    gpus_per_trial: int = 1
+    gpus_per_trial: int = setting(1, flag="--gpus-per-trial", metavar="N", resume=True,
+                                  help="GPUs each trial gets (CUDA_VISIBLE_DEVICES; default 1)")
     """GPUs handed to each trial (CUDA_VISIBLE_DEVICES) when the machine has GPUs."""
-    gpus: list[str] | None = None
+    gpus: list[str] | None = setting(None, flag="--gpus", metavar="0,1,2,3", resume=True,
+                                     help="which local GPUs trials may use (default: all visible)")
     """Which local GPUs trials may use (ids as CUDA_VISIBLE_DEVICES takes them); null: all visible."""
-    executor: Literal["local", "ray"] = "local"
-    """Where trials run: child processes here, or Ray actors on a cluster."""
-    ray_address: str | None = None
+    executor: Literal["local", "ray"] = setting("local", flag="--executor", metavar="{local,ray}", resume=True,
+                                                help="where trials run: local processes, or a Ray cluster "
+                                                     "(pip install 'loratune[ray]')")
+    """Where trials run: child processes here, or Ray actors on a cluster. It may change when a study resumes
+    (a study started here can go on on a cluster): where a trial runs does not change what it measures."""
+    ray_address: str | None = setting(None, flag="--ray-address", metavar="ADDR", resume=True,
+                                      help="the Ray cluster to join (default: start Ray on this machine)")
     """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); null starts Ray on this machine."""
-    shared_dir: str | None = None
+    shared_dir: str | None = setting(None, flag="--shared-dir", metavar="PATH", resume=True,
+                                     help="with Ray: a path every node shares, where trials write their files")
     """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
-    reuse_model: bool = True
+    reuse_model: bool = setting(True, flag="--no-reuse-model", resume=True,
+                                help="a fresh process per trial instead of workers that keep the base model loaded")
     """Each worker keeps the base model loaded and runs trial after trial on it with a fresh adapter
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
-    trials_per_worker: int = 50
+    trials_per_worker: int = setting(50, resume=True)
     """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
-    max_failures_in_a_row: int = 3
+    max_failures_in_a_row: int = setting(3, resume=True)
     """Stop the study after this many failed trials in a row."""
-    keep_adapters: Literal["best", "all", "none"] = "best"
+    keep_adapters: Literal["best", "all", "none"] = setting("best", resume=True)
     """Which trial adapters to keep on disk."""
-    retrain_epochs: float = 3
+    retrain_epochs: float = setting(3, resume=True)
     """Epochs written into best_config.yaml for the full retrain."""
-    report: bool = True
+    report: bool = setting(True, flag="--no-report", resume=True,
+                           help="skip OPTIMIZATION_RESULTS.md at the end (`loratune report` writes it any time)")
     """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
-    command: str | None = None
+    command: str | None = setting(None, flag="--command", metavar="CMD",
+                                  help="your own training command instead of loratune's trainer, with {parameter} "
+                                       "placeholders; its last JSON line holds the metrics")
     """External training command with {parameter} placeholders; its last JSON line holds the metrics."""
-    tracking: Literal["none", "mlflow"] = "none"
+    tracking: Literal["none", "mlflow"] = setting("none", flag="--tracking", metavar="{none,mlflow}", resume=True,
+                                                  help="log the study to MLflow (a parent run, a child run per trial)")
     """Log the study to an experiment tracker: ``mlflow`` (``pip install 'loratune[mlflow]'``)."""
-    tracking_uri: str | None = None
+    tracking_uri: str | None = setting(None, flag="--tracking-uri", metavar="URI", resume=True,
+                                       help="the MLflow tracking URI (default: a local store in the output directory)")
     """The MLflow tracking URI (a server such as ``http://mlflow.internal:5000``); null: a local store in the
     output directory (``sqlite:///<output>/mlflow.db``, artifacts in ``mlartifacts/``)."""
-    tracking_experiment: str = "loratune"
+    tracking_experiment: str = setting("loratune", resume=True)
     """The MLflow experiment the study's runs go to."""
-    trial_timeout: float | None = None
+    trial_timeout: float | None = setting(None, flag="--trial-timeout", metavar="SECONDS", resume=True,
+                                          help="a trial still running then is stopped and recorded as failed "
+                                               "(\"timeout\"); the study goes on")
     """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"). Null: no limit."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)

@@ -270,6 +270,17 @@ def outcome_metric(constraint: str) -> str:
     return OUTCOME_CONSTRAINT.match(constraint).group(1)
 
 
+def may_change_on_resume(dotted: str) -> bool:
+    """The resume policy: how a study's trials run may change when it resumes, what they measure may not.
+    Each study field says which it is (``config.setting(resume=...)``); the sections never may."""
+    f = StudyConfig.__dataclass_fields__.get(dotted.split(".")[0])
+    return bool(f is not None and f.metadata.get("resume"))
+
+
+def resumable_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(StudyConfig) if f.metadata.get("resume")]
+
+
 def requested_scores(cfg: StudyConfig, scorer_names: Iterable[str] = (), finetune: bool = True) -> list[str]:
     """The task scores a study computes: ``scoring.scores``, and every score an objective or an outcome
     constraint names (a built-in one, one of ``scoring.scorers``, or one given to the API). The demo data
