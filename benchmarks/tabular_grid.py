@@ -47,7 +47,7 @@ def run_point(rank: int, alpha: int, bs: int, lr: float, seed: int) -> dict:
     cfg.training.batch_size, cfg.training.learning_rate, cfg.training.seed = bs, lr, seed
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output_dir = tmp
-        m = run_training(cfg, overwrite=True)
+        m = run_training(cfg, overwrite=True).to_dict()
     return {"lora_rank": rank, "lora_alpha": alpha, "batch_size": bs, "learning_rate": lr, "seed": seed,
             "val_loss": m["val_loss"], "train_time_s": round(m["train_time_s"], 3),
             "curve": json.dumps([round(p["val_loss"], 6) for p in m["curve"]])}

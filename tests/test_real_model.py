@@ -36,6 +36,6 @@ def test_a_fraction_of_an_epoch_on_smollm2_lowers_its_validation_loss(smollm2, t
     s.validation = s.validation[:12]
     before = evaluate(s, cfg.training.eval_batch_size)
     base.model = detach_adapter(s.model)  # the loss of the untrained adapter measured, the same base trains
-    metrics = run_training(cfg, base=base, data=(s.train, s.validation))
+    metrics = run_training(cfg, base=base, data=(s.train, s.validation)).to_dict()
     assert metrics["steps"] == 5 and metrics["val_loss"] < before - 0.05, (before, metrics["val_loss"])
     assert metrics["trainable_params"] > 0 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

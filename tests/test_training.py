@@ -16,7 +16,7 @@ def config(tmp_path, **training) -> FinetuneConfig:
 
 
 def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_path):
-    metrics = run_training(config(tmp_path, eval_points=10))
+    metrics = run_training(config(tmp_path, eval_points=10)).to_dict()
     curve = metrics["curve"]
     assert len(curve) == 10 and curve[-1]["progress"] == 1.0
     # the points before the last on the fixed subset (a quarter of the 37, at least 8), the last on all
@@ -31,21 +31,21 @@ def test_demo_finetune_learns_and_writes_adapter_and_metrics(tiny_model, tmp_pat
 
 
 def test_same_seed_same_loss_other_seed_other_loss(tiny_model, tmp_path):
-    runs = [run_training(config(tmp_path / str(i), epochs=0.3, seed=seed))["val_loss"]
+    runs = [run_training(config(tmp_path / str(i), epochs=0.3, seed=seed)).val_loss
             for i, seed in enumerate((1, 1, 2))]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 def test_learning_rate_changes_the_loss(tiny_model, tmp_path):
-    low = run_training(config(tmp_path / "a", epochs=0.5, learning_rate=1e-5))["val_loss"]
-    high = run_training(config(tmp_path / "b", epochs=0.5, learning_rate=5e-4))["val_loss"]
+    low = run_training(config(tmp_path / "a", epochs=0.5, learning_rate=1e-5)).val_loss
+    high = run_training(config(tmp_path / "b", epochs=0.5, learning_rate=5e-4)).val_loss
     assert high < low - 0.1
 
 
 def test_stop_request_ends_training_early(tiny_model, tmp_path):
     checks = iter(range(1000))
-    metrics = run_training(config(tmp_path, epochs=0.5), stop_requested=lambda: next(checks) >= 3)
+    metrics = run_training(config(tmp_path, epochs=0.5), stop_requested=lambda: next(checks) >= 3).to_dict()
     assert metrics["state"] == "early_stopped"
     assert metrics["steps"] == 4 < metrics["planned_steps"]
     assert metrics["curve"][-1]["step"] == 4

@@ -34,7 +34,7 @@ from .settings import (
     validate_study,
 )
 from .storage import DirectoryLock, atomic_write_text, check_creatable
-from .trial import failure_message
+from .trial import Evaluation, failure_message
 
 # run_optimization's own argument -> the setting it sets
 _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space": "search_space",
@@ -141,9 +141,9 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     preflight.check_evaluation(cfg, space, evaluate)
     if paths.holds_a_study() and not overwrite:
         raise _already_holds_a_study(paths)
-    evaluation = "callable" if evaluate is not None else "command" if cfg.command else "finetune"
-    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation == "finetune")
-    if evaluation == "finetune":
+    evaluation = Evaluation.of(evaluate, cfg.command)
+    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation is Evaluation.FINETUNE)
+    if evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
                                  cfg.init_trials, cfg.early_stopping)
@@ -243,10 +243,10 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
             raise LoratuneError(f"{named}: cannot change when a study resumes (it would mix trials of two set-ups); "
                                 f"what can: {', '.join(resumable_fields())}")
         override(data, StudyConfig, dotted, value, label, origin)
-    if stored.evaluation == "callable" and evaluate is None:
+    if stored.evaluation is Evaluation.CALLABLE and evaluate is None:
         raise LoratuneError(f"{paths.checkpoint}: this study evaluated a Python function; pass the same evaluate= "
                             "to resume it (resume_optimization)")
-    if stored.evaluation != "callable" and evaluate is not None:
+    if stored.evaluation is not Evaluation.CALLABLE and evaluate is not None:
         raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
     missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
     if missing:
@@ -254,13 +254,14 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
                             "functions; pass the same scorers= to resume it (resume_optimization)")
     if data:
         merged = {**to_dict(stored.config), **data}
-        stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation != "finetune",
+        stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation is not Evaluation.FINETUNE,
                                        stored.scorer_functions)
     cfg = stored.config
-    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=stored.evaluation == "finetune")
+    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"),
+                                            finetune=stored.evaluation is Evaluation.FINETUNE)
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
     preflight.check_evaluation(cfg, space, evaluate)
-    if stored.evaluation == "finetune":
+    if stored.evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
     _check_records_match_ax(stored, optimizer, paths.checkpoint)
@@ -309,7 +310,7 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
     check_output_dir(cfg.output_dir, overwrite)  # before the progress bar draws anything
     try:
         with TrainingProgress(quiet) as on_step:
-            return run_training(cfg, overwrite=overwrite, on_step=on_step)
+            return run_training(cfg, overwrite=overwrite, on_step=on_step).to_dict()
     except (LoratuneError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a run that failed: one line with what to change
@@ -353,7 +354,7 @@ def export_config(study_dir: str | Path, trial: int, path: str | Path) -> Path:
     record = stored.record(trial)
     if record is None:
         raise LoratuneError(f"{study_dir}: no trial {trial} (trials: {', '.join(str(r.index) for r in stored.records)})")
-    if stored.evaluation != "finetune":
+    if stored.evaluation is not Evaluation.FINETUNE:
         raise LoratuneError(f"{study_dir}: this study ran its own evaluation, so it has no training config to export")
     out = Path(path)
     if out.exists():

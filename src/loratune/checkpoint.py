@@ -23,7 +23,7 @@ from .errors import LoratuneError
 from .search_space import SearchSpace, apply, parse_search_space
 from .settings import Origin, build, dump_yaml, validate_study
 from .storage import atomic_write_json, atomic_write_text, read_json
-from .trial import TrialRecord, TrialState
+from .trial import Evaluation, TrialRecord, TrialState
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "loratune-study", 1
 CHECKPOINT_NAME = "optimization_checkpoint.json"
@@ -35,7 +35,6 @@ COMPARISON_NAME = "comparison.json"
 TRIALS_DIR, PLOTS_DIR, COMPARISON_DIR, BEST_MODEL_DIR = "trials", "plots", "comparison", "best_model"
 PREVIOUS_COMPARISON_DIR = "comparison.previous"  # the last comparison, while a new one runs
 TEST_DIR = "test"  # the final test's jobs: the answers on the test split, a retrained adapter
-EVALUATIONS = ("finetune", "command", "callable")
 
 
 @dataclass
@@ -134,7 +133,7 @@ class StoredStudy:
 
     config: StudyConfig
     records: list[TrialRecord]
-    evaluation: str  # "finetune" (loratune's trainer), "command" or "callable"
+    evaluation: Evaluation
     ax: dict | None = None  # Ax's experiment, as Client.save_to_json_file writes it
     elapsed_s: float = 0.0  # wall time of every session so far
     optimizer_s: float = 0.0  # seconds of it spent in Ax
@@ -180,9 +179,10 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     for key, kind in (("config", dict), ("records", list), ("ax", dict)):
         if not isinstance(data.get(key), kind):
             raise LoratuneError(f"{path}: checkpoint is incomplete ('{key}' missing or not a {kind.__name__})")
-    evaluation = data.get("evaluation", "finetune")
-    if evaluation not in EVALUATIONS:
-        raise LoratuneError(f"{path}: unknown evaluation {evaluation!r}")
+    evaluation = data.get("evaluation", Evaluation.FINETUNE.value)
+    if evaluation not in Evaluation._value2member_map_:
+        raise LoratuneError(f"{path}: unknown evaluation {evaluation!r} (known: {', '.join(Evaluation)})")
+    evaluation = Evaluation(evaluation)
     origin = Origin(str(path))
     test, functions = data.get("test"), data.get("scorer_functions") or []
     if test is not None and not isinstance(test, dict):
@@ -191,7 +191,7 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
         raise LoratuneError(f"{path}: scorer_functions must be a list of names, got {functions!r}")
     cfg = build(StudyConfig, data["config"], origin, "config.")
     cfg.trials += additional_trials
-    validate_study(cfg, origin, custom_metrics=evaluation != "finetune", scorer_names=functions)
+    validate_study(cfg, origin, custom_metrics=evaluation is not Evaluation.FINETUNE, scorer_names=functions)
     records = [TrialRecord.from_dict(r, f"{path}: records[{i}]") for i, r in enumerate(data["records"])]
     space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), f"{path}: config.search_space",
                                f"{path}: config.constraints")
@@ -242,7 +242,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
     best = stored.best()
     gain = R.improvement(records, cfg.objectives[0], cfg.minimize[0])
     baseline = R.baseline_record(records)
-    finetune = stored.evaluation == "finetune"
+    finetune = stored.evaluation is Evaluation.FINETUNE
     return {
         "best_loss": best.metrics.get("loss") if best else None,
         "best_params": dict(best.params) if best else None,
@@ -284,7 +284,7 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
     atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)
     best = stored.best()
-    if best and stored.evaluation == "finetune":
+    if best and stored.evaluation is Evaluation.FINETUNE:
         atomic_write_text(paths.best_config, config_yaml(stored, paths, best, paths.best_config))
     return result
 

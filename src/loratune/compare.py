@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import LoratuneError, TrainingFailed
 from .storage import atomic_write_json
+from .trial import Evaluation, TrialState
 
 
 @dataclass
@@ -80,7 +81,7 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
     directory = Path(study_dir)
     paths, stored = checkpoint.load(directory)
     best, base = stored.best(), next((r for r in stored.records if r.baseline), None)
-    if best is None or stored.evaluation != "finetune":
+    if best is None or stored.evaluation is not Evaluation.FINETUNE:
         raise LoratuneError(f"{directory}: no completed fine-tune trial to retrain")
     if base is None:
         raise LoratuneError(f"{directory}: the study has no baseline trial to compare with")
@@ -123,7 +124,7 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
             result = None
             while result is None:
                 result = next((e.result for e in executor.poll(1.0) if e.result is not None), None)
-            if result.state.value != "completed":
+            if result.state is not TrialState.COMPLETED:
                 raise TrainingFailed(f"retraining {name} (trial {runs[name].index}), seed {seed}, failed: {result.reason}; "
                                      f"log in {spec.directory}")
             losses[name].append(result.metrics["loss"])

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import results as R
-from .trial import TrialRecord
+from .trial import TrialRecord, TrialState
 
 
 def clock(seconds: float) -> str:
@@ -128,9 +128,9 @@ class StudyConsole:
         value = record.metrics.get(self.objective)
         shown = f"{self.objective}={value:.4f}" if isinstance(value, int | float) else record.state.value
         shown += "".join(f", {s}={record.metrics[s]:.3f}" for s in self.scores if s in record.metrics)
-        if record.state.value == "early_stopped":
+        if record.state is TrialState.EARLY_STOPPED:
             shown = f"stopped at {record.curve[-1]['progress']:.0%}" if record.curve else "stopped"
-        elif record.state.value != "completed":
+        elif record.state is not TrialState.COMPLETED:
             shown = f"{record.state.value}: {record.reason}"
         mark = R.trial_marks(record, before, self.objective, self.minimize)
         left = self.study_left_s()

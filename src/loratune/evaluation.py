@@ -23,7 +23,7 @@ from .config import to_dict
 from .data import test_source
 from .errors import LoratuneError, first_line
 from .scoring import Scorer, ScoringError, score
-from .trial import TrialRecord, TrialState
+from .trial import Evaluation, TrialRecord, TrialState
 
 TEST_DIR = checkpoint.TEST_DIR
 
@@ -46,7 +46,7 @@ def final_test(stored: StoredStudy, paths: StudyPaths, scorers: list[Scorer], ex
     cfg = stored.config
     source = test_source(cfg.data)
     jobs = test_jobs(stored, paths)
-    if stored.evaluation != "finetune" or source is None or "best" not in jobs:
+    if stored.evaluation is not Evaluation.FINETUNE or source is None or "best" not in jobs:
         return None
     started = time.time()
     own = executor is None
@@ -138,7 +138,7 @@ def _held(validation: dict | None, test: dict | None) -> float | None:
 def evaluate_study(study_dir: str | Path, scorers: list[Scorer]) -> dict:
     """``loratune evaluate DIR``: run a finished study's final test again (or for the first time) and save it."""
     paths, stored = checkpoint.load(study_dir)
-    if stored.evaluation != "finetune":
+    if stored.evaluation is not Evaluation.FINETUNE:
         raise LoratuneError(f"{paths.directory}: this study ran its own evaluation, so it has no adapters to test")
     if test_source(stored.config.data) is None:
         raise LoratuneError(f"{paths.directory}: the study's data has no test split; set data.test_path, data.test_split "

@@ -28,7 +28,7 @@ from .scoring import Scorer, ScoringError, score
 from .search_space import parse_search_space
 from .settings import outcome_metric
 from .tracking import Tracker
-from .trial import TrialRecord, TrialResult, TrialState, check_metrics, failure_message
+from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message
 
 
 class Study:
@@ -59,7 +59,7 @@ class Study:
     def run(self) -> dict:
         """Run until the budget is spent; return the summary. Raises StudyAborted (everything saved) after
         ``max_failures_in_a_row`` failures with trials left to run, or when no trial completed."""
-        executor = self.executor or create_executor(self.cfg, self.evaluate)
+        executor = self.executor or create_executor(self.cfg, self.stored.evaluation, self.evaluate)
         running: dict[int, TrialRecord] = {}
         aborted = None
         try:
@@ -147,7 +147,7 @@ class Study:
 
     def _submit(self, executor: Executor, record: TrialRecord, running: dict) -> None:
         config = None
-        if self.stored.evaluation == "finetune":
+        if self.stored.evaluation is Evaluation.FINETUNE:
             config = to_dict(checkpoint.trial_config(self.cfg, self.space, record.params, self.paths.trial_dir(record.index)))
         record.started_at, record.curve, record.state = checkpoint.now(), [], TrialState.RUNNING
         measure = "inference_time" in self.cfg.objectives + [outcome_metric(c) for c in self.cfg.outcome_constraints]
@@ -261,7 +261,7 @@ class Study:
         the study's own results stand, and ``loratune evaluate`` tries again."""
         from .evaluation import final_test
 
-        if self.stored.evaluation != "finetune" or test_source(self.cfg.data) is None or self.stored.best() is None:
+        if self.stored.evaluation is not Evaluation.FINETUNE or test_source(self.cfg.data) is None or self.stored.best() is None:
             return
         self.console.print("Final test: the best config and the baseline on the test split the search never saw")
         try:
@@ -296,13 +296,13 @@ class Study:
                                f"checkpoint is intact: {self._resume_hint()} once this is fixed") from None
 
     def _resume_hint(self) -> str:
-        if self.stored.evaluation == "callable":
+        if self.stored.evaluation is Evaluation.CALLABLE:
             return f"resume with resume_optimization('{self.paths.checkpoint}', evaluate=<the same function>)"
         return f"resume with: loratune resume {self.paths.directory}"
 
     def _abort_message(self, brief: bool = False) -> str:
         last = next((r for r in reversed(self.records) if r.state.is_failure), None)
-        where = "" if self.stored.evaluation == "callable" else f"; logs in {self.paths.directory / 'trials'}"
+        where = "" if self.stored.evaluation is Evaluation.CALLABLE else f"; logs in {self.paths.directory / 'trials'}"
         what = f"last failure: {last.reason}" if last else "no trial ran to its end"
         if brief:
             return what + where

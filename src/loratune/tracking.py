@@ -140,7 +140,7 @@ class MlflowTracker(Tracker):
                 self.client.delete_run(self.children.pop(index))
             run = self.client.create_run(self.experiment_id, run_name=f"trial {index}", start_time=started, tags={
                 "mlflow.parentRunId": self.parent, "loratune.trial": str(index), "loratune.baseline": str(baseline),
-                "loratune.state": "running"})
+                "loratune.state": TrialState.RUNNING.value})
             self.children[index] = run.info.run_id
             _log_params(self.client, run.info.run_id, {k: str(v) for k, v in params.items()})
 

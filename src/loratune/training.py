@@ -24,6 +24,7 @@ from .data import Example, collate, length_grouped_batches, load_examples, paddi
 from .errors import LoratuneError
 from .model import Base, attach_adapter, detach_adapter, load_base
 from .storage import atomic_write_json, check_creatable
+from .trial import TrialState
 
 
 @dataclass
@@ -47,6 +48,45 @@ class FitResult:
     eval_time_s: float
     padding_fraction: float
     stopped_early: bool = False
+
+
+@dataclass
+class TrainingMetrics:
+    """What one fine-tune measured: ``run_training``'s result, and its ``metrics.json``. Losses are mean
+    cross-entropy per answer token (nats); times in seconds; memory in GiB."""
+
+    state: TrialState  # completed, or early_stopped when asked to stop
+    val_loss: float  # on the whole validation set, at the last point of the curve
+    train_loss: float  # since the curve's previous point
+    steps: int  # optimizer steps taken
+    planned_steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    train_time_s: float  # optimizer steps only
+    eval_time_s: float  # the validation curve
+    inference_measure_s: float
+    load_time_s: float  # the base model (0 on a base loaded before)
+    data_time_s: float
+    wall_time_s: float
+    peak_memory_gb: float  # peak GPU memory of this run on CUDA, else the process's peak resident memory
+    padding_fraction: float
+    trainable_params: int
+    n_train: int
+    n_validation: int
+    device: str
+    precision: str
+    curve: list[dict]  # CurvePoint's fields
+    config: dict  # the training config as run
+    inference_time: float | None = None  # ms per generated token, when measured
+    answers: list[dict] | None = None  # {prediction, reference} of the validation prompts answered
+    generation_s: float | None = None  # seconds the answers took
+    test: dict | None = None  # score_examples on the test split, when asked
+
+    def to_dict(self) -> dict:
+        """As ``metrics.json`` holds it, and ``finetune()`` returns it: fields left unmeasured are left out."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["state"] = self.state.value
+        return out
 
 
 # Called after each validation point; returning True stops training there.
@@ -397,35 +437,16 @@ def run_training(cfg: FinetuneConfig, *, overwrite: bool = False, on_eval: EvalC
     finally:
         if base is not None:
             base.model = detach_adapter(s.model)
-    metrics = {
-        "state": "early_stopped" if result.stopped_early else "completed",
-        "val_loss": result.val_loss,
-        "train_loss": result.train_loss,
-        "steps": result.steps,
-        "planned_steps": result.planned_steps,
-        "tokens_seen": result.tokens_seen,
-        "tokens_per_s": result.tokens_seen / max(result.train_time_s, 1e-9),
-        "train_time_s": result.train_time_s,
-        "eval_time_s": result.eval_time_s,
-        "inference_measure_s": inference_s,
-        "load_time_s": s.times["load_s"] if base is None else 0.0,
-        "data_time_s": s.times["data_s"],
-        "wall_time_s": time.perf_counter() - wall,
-        "peak_memory_gb": peak_memory_gb(s.device),
-        "padding_fraction": result.padding_fraction,
-        "trainable_params": s.trainable_params,
-        "n_train": len(s.train),
-        "n_validation": len(s.validation),
-        "device": s.device,
-        "precision": s.precision,
-        "curve": [asdict(p) for p in result.curve],
-        "config": to_dict(cfg),
-    }
-    if inference_ms is not None:
-        metrics["inference_time"] = inference_ms
-    if answered:
-        metrics["answers"], metrics["generation_s"] = answered, generation_s
-    if tested is not None:
-        metrics["test"] = tested
-    atomic_write_json(Path(cfg.output_dir) / "metrics.json", metrics)
+    metrics = TrainingMetrics(
+        state=TrialState.EARLY_STOPPED if result.stopped_early else TrialState.COMPLETED,
+        val_loss=result.val_loss, train_loss=result.train_loss, steps=result.steps, planned_steps=result.planned_steps,
+        tokens_seen=result.tokens_seen, tokens_per_s=result.tokens_seen / max(result.train_time_s, 1e-9),
+        train_time_s=result.train_time_s, eval_time_s=result.eval_time_s, inference_measure_s=inference_s,
+        load_time_s=s.times["load_s"] if base is None else 0.0, data_time_s=s.times["data_s"],
+        wall_time_s=time.perf_counter() - wall, peak_memory_gb=peak_memory_gb(s.device),
+        padding_fraction=result.padding_fraction, trainable_params=s.trainable_params, n_train=len(s.train),
+        n_validation=len(s.validation), device=s.device, precision=s.precision,
+        curve=[asdict(p) for p in result.curve], config=to_dict(cfg), inference_time=inference_ms,
+        answers=answered or None, generation_s=generation_s if answered else None, test=tested)
+    atomic_write_json(Path(cfg.output_dir) / "metrics.json", metrics.to_dict())
     return metrics

@@ -26,6 +26,18 @@ class TrialState(enum.StrEnum):
         return self in (TrialState.FAILED, TrialState.OUT_OF_MEMORY)
 
 
+class Evaluation(enum.StrEnum):
+    """How a study's trials are evaluated."""
+
+    FINETUNE = "finetune"  # loratune's own fine-tune (a worker process, locally or on Ray)
+    COMMAND = "command"  # a user's training command, its metrics in its last JSON line
+    CALLABLE = "callable"  # a Python function given to run_optimization(evaluate=...)
+
+    @classmethod
+    def of(cls, evaluate: Any, command: str | None) -> Evaluation:
+        return cls.CALLABLE if evaluate is not None else cls.COMMAND if command else cls.FINETUNE
+
+
 @dataclass
 class TrialResult:
     """How one trial ended, as its process (or thread) reports it."""

@@ -41,16 +41,16 @@ from .trial_dir import (  # noqa: E402
 STEP_INTERVAL_S = 1.0  # step events are written at most this often
 
 
-def metrics_from_training(m: dict) -> dict[str, float]:
-    """The names the optimizer knows (``loss`` is the validation loss)."""
+def metrics_from_training(m) -> dict[str, float]:
+    """A fine-tune's ``TrainingMetrics`` under the names the optimizer knows (``loss`` is the validation loss)."""
     out = {
-        "loss": m["val_loss"], "train_loss": m["train_loss"], "train_time": m["train_time_s"],
-        "peak_memory_gb": m["peak_memory_gb"], "trainable_params": float(m["trainable_params"]),
-        "tokens_per_s": m["tokens_per_s"], "padding_fraction": m["padding_fraction"],
+        "loss": m.val_loss, "train_loss": m.train_loss, "train_time": m.train_time_s,
+        "peak_memory_gb": m.peak_memory_gb, "trainable_params": float(m.trainable_params),
+        "tokens_per_s": m.tokens_per_s, "padding_fraction": m.padding_fraction,
     }
     for name in ("inference_time", "generation_s"):
-        if name in m:
-            out[name] = m[name]
+        if getattr(m, name) is not None:
+            out[name] = getattr(m, name)
     return out
 
 
@@ -125,19 +125,18 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         return result_from_exception(exc)
     finally:
         progress.close()
-    state = TrialState.EARLY_STOPPED if m["state"] == "early_stopped" else TrialState.COMPLETED
     memory = _memory_after_trial()
-    timings = {"load_s": load_s if cache is not None else m["load_time_s"], "data_s": m["data_time_s"],
-               "train_s": m["train_time_s"], "eval_s": m["eval_time_s"], "inference_s": m["inference_measure_s"],
+    timings = {"load_s": load_s if cache is not None else m.load_time_s, "data_s": m.data_time_s,
+               "train_s": m.train_time_s, "eval_s": m.eval_time_s, "inference_s": m.inference_measure_s,
                "trial_s": time.time() - started}
     if process_start is not None:
         timings["startup_s"] = started - process_start
-    extra = {k: m[k] for k in ("steps", "planned_steps", "tokens_seen", "device", "precision")}
-    extra["gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if "answers" in m:  # scored in the study's process, by its scorers
-        extra["answers"] = m["answers"]
-    return TrialResult(state, metrics_from_training(m), m["curve"],
-                       reason="early-stopped" if state is TrialState.EARLY_STOPPED else None,
+    extra = {"steps": m.steps, "planned_steps": m.planned_steps, "tokens_seen": m.tokens_seen, "device": m.device,
+             "precision": m.precision, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if m.answers is not None:  # scored in the study's process, by its scorers
+        extra["answers"] = m.answers
+    return TrialResult(m.state, metrics_from_training(m), m.curve,
+                       reason="early-stopped" if m.state is TrialState.EARLY_STOPPED else None,
                        extra={**extra, "timings": timings, "memory_after": memory})
 
 
@@ -158,7 +157,7 @@ def _test_job(cfg, spec: dict, base, data, started: float) -> TrialResult:
     else:
         trained = training.run_training(cfg, overwrite=True, base=base, data=data, test=examples, test_answers=answer,
                                         max_new_tokens=spec.get("max_new_tokens"))
-        scored = {**trained["test"], "validation_loss": trained["val_loss"]}
+        scored = {**trained.test, "validation_loss": trained.val_loss}
     metrics = {"loss": scored["loss"], **{k: scored[k] for k in ("generation_s", "validation_loss") if k in scored}}
     return TrialResult(TrialState.COMPLETED, metrics, extra={
         "answers": scored.get("answers", []), "examples": scored["examples"], "source": source,
