@@ -4,13 +4,9 @@ import pytest
 from conftest import write_jsonl
 
 from loratune.config import DataConfig
-from loratune.data import (
-    IGNORE,
-    length_grouped_batches,
-    load_examples,
-    padding_fraction,
-    tokenize_rows,
-)
+from loratune.data import load_examples
+from loratune.data.batching import length_grouped_batches, padding_fraction
+from loratune.data.chat import IGNORE, tokenize_rows
 from loratune.demo import dataset
 from loratune.errors import LoratuneError
 

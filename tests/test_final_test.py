@@ -65,14 +65,15 @@ def test_the_three_splits_are_disjoint_and_a_test_size_leaves_the_validation_row
 def test_a_trial_never_reads_the_test_split(tokenizer, tmp_path, monkeypatch, test):
     """What every trial calls to get its data: it neither opens a test file or split nor tokenizes a held-out row."""
     from loratune import data
+    from loratune.data import chat
 
     rows = [{"prompt": f"Scene {i}.", "completion": f"Plan {i}."} for i in range(20)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"prompt": "Secret.", "completion": "Never."}) + "\n"))
     opened, tokenized = [], []
-    real_rows, real_tokenize = data.load_rows, data.tokenize_row
+    real_rows, real_tokenize = data.load_rows, chat.tokenize_row
     monkeypatch.setattr(data, "load_rows", lambda *a, **k: opened.append((a[0], k.get("split"))) or real_rows(*a, **k))
-    monkeypatch.setattr(data, "tokenize_row", lambda tok, row, *a: tokenized.append(row["prompt"]) or real_tokenize(tok, row, *a))
+    monkeypatch.setattr(chat, "tokenize_row", lambda tok, row, *a: tokenized.append(row["prompt"]) or real_tokenize(tok, row, *a))
     settings = {k: (str(tmp_path / "t.jsonl") if v == "TEST" else v) for k, v in test.items()}
     cfg = DataConfig(path=str(tmp_path / "d.jsonl"), validation_size=0.2, **settings)
     load_examples(tokenizer, cfg, seed=0)

@@ -87,7 +87,7 @@ def test_gradient_accumulation_auto_keeps_the_effective_batch():
 def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
     import torch
 
-    from loratune.data import collate
+    from loratune.data.batching import collate
     from loratune.training import _can_score_only_responses, response_loss, setup
 
     s = setup(config(tmp_path))

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import EVAL_POINTS, FinetuneConfig, to_dict
-from .data import Example, collate, length_grouped_batches, load_examples, padding_fraction, sorted_batches
+from .data import load_examples
+from .data.batching import collate, length_grouped_batches, padding_fraction, sorted_batches
+from .data.chat import IGNORE, Example
 from .errors import LoratuneError
 from .model import Base, attach_adapter, detach_adapter, load_base
 from .storage import atomic_write_json, check_creatable
@@ -141,7 +143,7 @@ def evaluate(s: Setup, batch_size: int, examples: list[Example] | None = None) -
     with torch.no_grad(), _autocast(s):
         for idx in sorted_batches([len(e) for e in examples], batch_size):
             batch = {k: v.to(s.device) for k, v in collate([examples[i] for i in idx], s.tokenizer.pad_token_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
             # with n_items=1 both return the summed token loss
             total += float(response_loss(s.model, batch, 1) if scored_only else s.model(**batch, num_items_in_batch=1).loss)
             count += n
@@ -184,54 +186,24 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None, on_s
     """Train the adapter; evaluate at the planned points; stop when ``on_eval`` says so, or right
     after the next optimizer step once ``stop_requested()`` turns true."""
     import torch
-    from transformers import get_scheduler
 
     t = cfg.training
     accumulation, steps, eval_at = plan(cfg, len(s.train))
     subset = curve_subset(cfg, s.validation)
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    # the fused kernel updates every LoRA tensor in one call (as Trainer's default adamw_torch_fused
-    # does): measured 1.08x -> 1.17x of Trainer's throughput on the demo (benchmarks/trainer_throughput.py)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                  fused=s.device in ("cuda", "cpu") or None)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * steps),
-                              num_training_steps=steps)
-    scaler = torch.amp.GradScaler(s.device, enabled=s.precision == "fp16")
+    params, optimizer, scheduler, scaler = _setup_optimizer(s, cfg, steps)
     lengths = [len(e) for e in s.train]
     torch.manual_seed(t.seed)
-
-    def micro_batches():
-        epoch = 0
-        while True:
-            yield from length_grouped_batches(lengths, t.batch_size, seed=t.seed + epoch)
-            epoch += 1
-
     scored_only = _can_score_only_responses(s.model)
-    feed, used = micro_batches(), []
+    feed, used = _micro_batches(lengths, t.batch_size, t.seed), []
     curve, step, tokens, window_loss, window_tokens = [], 0, 0, 0.0, 0
     stopped, start, eval_time = False, time.perf_counter(), 0.0
     s.model.train()
     while step < steps and not stopped:
         group = [next(feed) for _ in range(accumulation)]
         used += group
-        batches = [collate([s.train[i] for i in idx], s.tokenizer.pad_token_id) for idx in group]
-        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        for batch in batches:
-            batch = {k: v.to(s.device) for k, v in batch.items()}
-            with _autocast(s):
-                loss = response_loss(s.model, batch, max(n_items, 1)) if scored_only else \
-                    s.model(**batch, num_items_in_batch=max(n_items, 1)).loss
-            scaler.scale(loss).backward()
-            window_loss += float(loss.detach()) * n_items
-            tokens += int(batch["attention_mask"].sum())
-        window_tokens += n_items
-        if t.max_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_items, seen = _accumulate(s, [[s.train[i] for i in idx] for idx in group], scaler, scored_only)
+        window_loss, window_tokens, tokens = window_loss + loss_sum, window_tokens + n_items, tokens + seen
+        _optimizer_step(optimizer, scheduler, scaler, params, t.max_grad_norm)
         step += 1
         if on_step:
             on_step(step, steps, time.perf_counter() - start - eval_time, window_loss / max(window_tokens, 1))
@@ -243,21 +215,72 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None, on_s
             examples = s.validation if final else subset
             point = CurvePoint(step, step / steps, evaluate(s, t.eval_batch_size, examples),
                                window_loss / max(window_tokens, 1), len(examples))
-            eval_time += time.perf_counter() - eval_start
             curve.append(point)
             window_loss, window_tokens = 0.0, 0
             if not math.isfinite(point.val_loss):
                 raise FloatingPointError(f"validation loss is {point.val_loss} at step {step}")
             stopped = stopped or (bool(on_eval and on_eval(point)) and step < steps)
             if stopped and not final:  # the loss a stopped trial is judged by is on the whole set too
-                eval_start = time.perf_counter()
                 point.val_loss, point.subset = evaluate(s, t.eval_batch_size), len(s.validation)
-                eval_time += time.perf_counter() - eval_start
+            eval_time += time.perf_counter() - eval_start
     return FitResult(
         train_loss=curve[-1].train_loss, val_loss=curve[-1].val_loss, curve=curve, steps=step, planned_steps=steps,
         tokens_seen=tokens, train_time_s=time.perf_counter() - start - eval_time, eval_time_s=eval_time,
         padding_fraction=padding_fraction(used, lengths), stopped_early=stopped,
     )
+
+
+def _setup_optimizer(s: Setup, cfg: FinetuneConfig, steps: int):
+    """(the adapter's parameters, AdamW over them, the learning-rate schedule, the gradient scaler of fp16)."""
+    import torch
+    from transformers import get_scheduler
+
+    t = cfg.training
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    # the fused kernel updates every LoRA tensor in one call, as Trainer's default adamw_torch_fused does
+    # (docs/BENCHMARKS.md, "Trainer throughput")
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                  fused=s.device in ("cuda", "cpu") or None)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * steps),
+                              num_training_steps=steps)
+    return params, optimizer, scheduler, torch.amp.GradScaler(s.device, enabled=s.precision == "fp16")
+
+
+def _micro_batches(lengths: list[int], batch_size: int, seed: int):
+    """Micro-batches (lists of example indices) without end: each epoch grouped by length from its own seed."""
+    epoch = 0
+    while True:
+        yield from length_grouped_batches(lengths, batch_size, seed=seed + epoch)
+        epoch += 1
+
+
+def _accumulate(s: Setup, groups: list[list[Example]], scaler, scored_only: bool) -> tuple[float, int, int]:
+    """Forward and backward passes over one optimizer step's micro-batches, the loss weighted by answer tokens
+    across them. Returns (the summed loss of their answer tokens, answer tokens, tokens seen)."""
+    batches = [collate(examples, s.tokenizer.pad_token_id) for examples in groups]
+    n_items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(s.device) for k, v in batch.items()}
+        with _autocast(s):
+            loss = response_loss(s.model, batch, max(n_items, 1)) if scored_only else \
+                s.model(**batch, num_items_in_batch=max(n_items, 1)).loss
+        scaler.scale(loss).backward()
+        loss_sum += float(loss.detach()) * n_items
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, n_items, tokens
+
+
+def _optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm: float) -> None:
+    import torch
+
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _can_score_only_responses(model) -> bool:
@@ -273,16 +296,16 @@ def _can_score_only_responses(model) -> bool:
 def response_loss(model, batch: dict, n_items: int):
     """The causal-LM loss over the response tokens, computing logits only where a token is scored.
 
-    Prompt and padding positions (label -100) never reach the vocabulary projection: the same loss
+    Prompt and padding positions (label IGNORE, -100) never reach the vocabulary projection: the same loss
     as ``model(**batch).loss`` with far less work and memory where the vocabulary is large.
     """
     import torch
 
     targets = batch["labels"][:, 1:]
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    keep[:, :-1] = targets != -100  # position t predicts token t + 1
+    keep[:, :-1] = targets != IGNORE  # position t predicts token t + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[targets != -100],
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[targets != IGNORE],
                                              reduction="sum") / n_items
 
 
@@ -341,7 +364,7 @@ def generate_answers(s: Setup, examples: list[Example], max_new_tokens: int | No
     plus a quarter, plus 8), decoded without special tokens and stripped."""
     import torch
 
-    from .data import end_of_turn_ids
+    from .data.chat import end_of_turn_ids
 
     stop = end_of_turn_ids(s.tokenizer)
     if max_new_tokens is None:

@@ -24,23 +24,43 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[str, str],
            importance: dict[str, float] | None, analysis_errors: list[str], comparison: dict | None,
            stale_comparison: str | None = None) -> str:
-    obj = data.objective
-    names = list(summary.get("search_space") or {})
-    lines = [REPORT_TITLE, ""]
+    """OPTIMIZATION_RESULTS.md, section after section."""
+    lines = [REPORT_TITLE, ""] + _overview(data, summary) + _settings(summary) + _result(data, summary, comparison)
+    lines += _trials(data, summary, images) + _insights(data, images) + _importance(importance, analysis_errors, images)
+    lines += _early_stopping(data, images) + _pareto(data, summary, images)
+    if comparison:
+        lines += _comparison(comparison)
+    elif stale_comparison:
+        lines += ["## Best versus baseline, fully retrained", "",
+                  f"Not shown: {stale_comparison}. `loratune compare DIR` retrains this study's best config.", ""]
+    if html:
+        lines += ["## Interactive plots (Ax)", ""] + [f"- [{name.replace('_', ' ')}]({path})" for name, path in html.items()] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _overview(data: ReportData, summary: dict) -> list[str]:
+    objectives = summary.get("objectives", [data.objective])
     state = f"{len(data.records)} trials" + (f", {data.running} still running or interrupted" if data.running else "")
-    lines += [f"Study of {state}: {summary.get('evaluation', 'finetune')} evaluation, objective"
-              f"{'s' if len(summary.get('objectives', [])) > 1 else ''} "
-              f"{', '.join(('minimize ' if m else 'maximize ') + o for o, m in zip(summary.get('objectives', [obj]), summary.get('minimize', [True]), strict=False))}, "
-              f"seed {summary.get('seed')}, {summary.get('wall_time_s', 0) / 60:.1f} min of wall time"
-              + (f", {summary['optimizer_time_s']:.0f} s of it in Ax ({min(summary['optimizer_time_s'] / max(summary.get('wall_time_s') or 1, 1e-9), 1.0):.0%})"
-                 if summary.get("optimizer_time_s") is not None else "") + ".", ""]
-    lines += ["## Settings", "", "Search space:", ""]
+    aims = ", ".join(("minimize " if m else "maximize ") + o
+                     for o, m in zip(objectives, summary.get("minimize", [True]), strict=False))
+    wall, ax_s = summary.get("wall_time_s", 0), summary.get("optimizer_time_s")
+    in_ax = f", {ax_s:.0f} s of it in Ax ({min(ax_s / max(wall or 1, 1e-9), 1.0):.0%})" if ax_s is not None else ""
+    return [f"Study of {state}: {summary.get('evaluation', 'finetune')} evaluation, objective"
+            f"{'s' if len(objectives) > 1 else ''} {aims}, seed {summary.get('seed')}, {wall / 60:.1f} min of wall "
+            f"time{in_ax}.", ""]
+
+
+def _settings(summary: dict) -> list[str]:
+    lines = ["## Settings", "", "Search space:", ""]
     lines += [f"- `{k}`: {v}" for k, v in (summary.get("search_space") or {}).items()]
     if summary.get("constraints"):
         lines += ["", "Constraints: " + ", ".join(f"`{c}`" for c in summary["constraints"])]
-    lines += ["", "States: " + ", ".join(f"{k} {v}" for k, v in (summary.get("states") or {}).items() if v), ""]
+    return lines + ["", "States: " + ", ".join(f"{k} {v}" for k, v in (summary.get("states") or {}).items() if v), ""]
 
-    lines += ["## Result", ""]
+
+def _result(data: ReportData, summary: dict, comparison: dict | None) -> list[str]:
+    obj = data.objective
+    lines = ["## Result", ""]
     if data.best is None:
         lines += ["No trial has completed yet, so there is no best configuration.", ""]
     else:
@@ -52,11 +72,13 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
             lines += [f"Baseline (#{data.baseline.index}, {R.format_params(data.baseline.params)}): {obj} "
                       f"{imp.baseline:.4f}. Improvement: {imp.absolute:+.4f} absolute, {abs(imp.relative):.1%} {word}."]
         lines += [""]
-    lines += _test_section(summary.get("test"))
-    lines += _recommendation(data, summary, comparison)
+    return lines + _test_section(summary.get("test")) + _recommendation(data, summary, comparison)
 
-    lines += ["## Every trial", "", "★ best, ◆ baseline. Effective scale is alpha/rank"
-              + (" (alpha/sqrt(rank) with rsLoRA)" if data.rslora else "") + ".", ""]
+
+def _trials(data: ReportData, summary: dict, images: dict[str, str]) -> list[str]:
+    obj, names = data.objective, list(summary.get("search_space") or {})
+    lines = ["## Every trial", "", "★ best, ◆ baseline. Effective scale is alpha/rank"
+             + (" (alpha/sqrt(rank) with rsLoRA)" if data.rslora else "") + ".", ""]
     rows = []
     for r in sorted(data.records, key=lambda r: r.index):
         mark = ("★ " if data.best and r.index == data.best.index else "") + ("◆ " if r.baseline else "")
@@ -69,8 +91,12 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
     lines += _table(["#", *names, "scale", obj, "state", "time (s)"], rows) + [""]
     if images.get("trace"):
         lines += [f"![Optimization trace: {obj} of each trial and the best so far]({images['trace']})", ""]
+    return lines
 
-    lines += ["## Key insights", ""]
+
+def _insights(data: ReportData, images: dict[str, str]) -> list[str]:
+    obj = data.objective
+    lines = ["## Key insights", ""]
     if not data.insights:
         lines += ["Too few completed trials to say anything yet.", ""]
     for ins in data.insights:
@@ -81,21 +107,26 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
         if key.startswith("contour_"):
             x, y = key.removeprefix("contour_").split("__")
             lines += [f"![{obj} over {x} and {y}]({img})", ""]
+    return lines
 
-    lines += ["## Parameter importance", ""]
+
+def _importance(importance: dict[str, float] | None, analysis_errors: list[str], images: dict[str, str]) -> list[str]:
+    lines = ["## Parameter importance", ""]
     if importance:
         lines += ["Total Sobol sensitivity of Ax's model of the objective (share of its variance each parameter "
                   "explains, interactions included):", ""]
         lines += _table(["parameter", "importance"], sorted(importance.items(), key=lambda kv: -kv[1])) + [""]
         if images.get("importance"):
             lines += [f"![Parameter importance]({images['importance']})", ""]
-    else:
-        reasons = [e.removeprefix("sensitivity: ") for e in analysis_errors if e.startswith("sensitivity")]
-        lines += ["Ax's sensitivity analysis is not available for this study"
-                  + (f": {'; '.join(reasons)}." if reasons else "."), ""]
+        return lines
+    reasons = [e.removeprefix("sensitivity: ") for e in analysis_errors if e.startswith("sensitivity")]
+    return lines + ["Ax's sensitivity analysis is not available for this study"
+                    + (f": {'; '.join(reasons)}." if reasons else "."), ""]
 
+
+def _early_stopping(data: ReportData, images: dict[str, str]) -> list[str]:
     es = data.early_stopping
-    lines += ["## Early stopping", ""]
+    lines = ["## Early stopping", ""]
     if es["stopped"]:
         lines += [f"{es['stopped']} trial{'s' * (es['stopped'] != 1)} stopped early, saving {es['trials_saved']:.2f} "
                   f"trials' worth of training ({es['share_saved']:.0%} of the training the finished trials would have "
@@ -109,25 +140,21 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
         lines += [f"![Learning curves; early-stopped trials dashed]({images['curves']})", ""]
     if images.get("parallel"):
         lines += [f"![Parallel coordinates of the completed trials]({images['parallel']})", ""]
+    return lines
 
-    if data.pareto:
-        objs = summary.get("objectives", [obj])
-        lines += ["## Pareto front", "", "No other trial is better on every objective than these. best_config.yaml "
-                  "takes the knee: the point nearest the ideal corner once each objective is scaled to [0, 1] over "
-                  "the front; `loratune export DIR --trial N` writes the config of any other.", ""]
-        lines += _table(["#", *names, *objs], [[r.index, *[r.params.get(n) for n in names],
-                                                *[r.metrics.get(o) for o in objs]] for r in data.pareto]) + [""]
-        if images.get("pareto"):
-            lines += [f"![Pareto front]({images['pareto']})", ""]
 
-    if comparison:
-        lines += _comparison(comparison)
-    elif stale_comparison:
-        lines += ["## Best versus baseline, fully retrained", "",
-                  f"Not shown: {stale_comparison}. `loratune compare DIR` retrains this study's best config.", ""]
-    if html:
-        lines += ["## Interactive plots (Ax)", ""] + [f"- [{name.replace('_', ' ')}]({path})" for name, path in html.items()] + [""]
-    return "\n".join(lines) + "\n"
+def _pareto(data: ReportData, summary: dict, images: dict[str, str]) -> list[str]:
+    if not data.pareto:
+        return []
+    names, objs = list(summary.get("search_space") or {}), summary.get("objectives", [data.objective])
+    lines = ["## Pareto front", "", "No other trial is better on every objective than these. best_config.yaml "
+             "takes the knee: the point nearest the ideal corner once each objective is scaled to [0, 1] over "
+             "the front; `loratune export DIR --trial N` writes the config of any other.", ""]
+    lines += _table(["#", *names, *objs], [[r.index, *[r.params.get(n) for n in names],
+                                            *[r.metrics.get(o) for o in objs]] for r in data.pareto]) + [""]
+    if images.get("pareto"):
+        lines += [f"![Pareto front]({images['pareto']})", ""]
+    return lines
 
 
 def _test_section(test: dict | None) -> list[str]:
