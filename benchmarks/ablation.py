@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict] = {
 
 def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> list[tuple[dict, float]]:
     from loratune.config import FinetuneConfig, default_search_space
-    from loratune.optimizer import Optimizer
+    from loratune.optimizer import Optimizer, seam
     from loratune.search_space import SearchSpace, _encode_for_products, parse_constraint, parse_search_space
 
     v = VARIANTS[variant]
@@ -79,7 +79,7 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
                 from ax.adapter.transforms.standardize_y import StandardizeY
                 from ax.adapter.transforms.winsorize import Winsorize
 
-                for node in self.client._generation_strategy._nodes:
+                for node in seam.generation_nodes(self.client):
                     if node.name == "MBM":
                         node.generator_specs[0].generator_kwargs["transforms"] = [
                             *MBM_X_trans, Derelativize, Winsorize, PowerTransformY, StandardizeY]

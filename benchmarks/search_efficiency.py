@@ -176,7 +176,7 @@ def run_ax(problem: Problem, trials: int, seed: int, baseline: bool = False) -> 
     """A plain Ax ``Client`` with its defaults, the parameters written as an Ax user would."""
     from ax import ChoiceParameterConfig, Client, RangeParameterConfig
 
-    from loratune.optimizer import _quiet_ax
+    from loratune.optimizer import quiet_ax as _quiet_ax
 
     _quiet_ax()
     params = []

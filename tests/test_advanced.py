@@ -9,7 +9,7 @@ from loratune import EarlyStoppingCallback, run_optimization
 from loratune.checkpoint import load as load_checkpoint
 from loratune.config import EarlyStoppingConfig, StudyConfig
 from loratune.errors import LoratuneError
-from loratune.optimizer import Optimizer
+from loratune.optimizer import Optimizer, seam
 from loratune.results import pareto_front
 from loratune.trial import TrialRecord, TrialState
 
@@ -114,8 +114,8 @@ def test_product_constraint_never_runs_a_violating_trial(tmp_path):
     results = optimize(tmp_path, 7, evaluate=evaluate, constraints=["lora_rank * batch_size <= 32"], config=cfg)
     assert len(seen) == len(results["trials"]) == 7
     stored = load_checkpoint(tmp_path / "study")[1]
-    experiment = Optimizer.restore(stored.ax, stored.space, 0).client._experiment
-    assert [experiment.trials[i].generator_runs[0]._generation_node_name for i in (5, 6)] == ["MBM", "MBM"]
+    experiment = seam.experiment(Optimizer.restore(stored.ax, stored.space, 0).client)
+    assert [seam.node_name(experiment.trials[i].generator_runs[0]) for i in (5, 6)] == ["MBM", "MBM"]
     assert all(p["lora_rank"] * p["batch_size"] <= 32 for p in seen)
     assert {p["lora_rank"] for p in seen} <= {8, 16, 32}
 

@@ -121,7 +121,6 @@ def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsy
     import dataclasses
 
     import ax_optimization
-
     from loratune.cli import build_parser, study_flags
     from loratune.config import StudyConfig
     from loratune.settings import may_change_on_resume

@@ -9,7 +9,7 @@ from loratune.checkpoint import load as load_checkpoint
 from loratune.checkpoint import save as save_checkpoint
 from loratune.config import StudyConfig
 from loratune.errors import LoratuneError, StudyAborted
-from loratune.optimizer import Optimizer
+from loratune.optimizer import Optimizer, seam
 from loratune.trial import TrialState
 
 SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
@@ -229,8 +229,8 @@ def test_a_config_file_that_writes_alpha_runs(tmp_path):
 
 
 def _node_names(opt: Optimizer) -> list[str]:
-    trials = opt.client._experiment.trials
-    return [trials[i].generator_runs[0]._generation_node_name for i in sorted(trials)]
+    trials = seam.experiment(opt.client).trials
+    return [seam.node_name(trials[i].generator_runs[0]) for i in sorted(trials)]
 
 
 def test_the_baseline_comes_on_top_of_the_initial_design_and_bayesian_optimization_follows():
@@ -268,7 +268,7 @@ def test_the_acquisition_search_is_axs_own_with_or_without_constraints():
 
 def _as_ax_writes_it(opt: Optimizer) -> dict:
     """Ax's own encoding of the client, less the strategy's copy of the experiment (as the snapshot leaves it)."""
-    snapshot = opt.client._to_json_snapshot()
+    snapshot = seam.to_json_snapshot(opt.client)
     snapshot["generation_strategy"]["experiment"] = None
     return json.loads(json.dumps(snapshot, sort_keys=True))
 
@@ -314,5 +314,36 @@ def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
 
     for snapshot in (second, json.loads(json.dumps(second))):  # from memory and as read from the file
         restored = Optimizer.restore(snapshot, space, seed=0)
-        assert len(restored.client._experiment.trials) == len(opt.client._experiment.trials)
+        assert len(seam.experiment(restored.client).trials) == len(seam.experiment(opt.client).trials)
         assert restored.ask(1)
+
+
+def test_a_users_listener_hears_the_study_and_one_that_raises_is_dropped_not_the_study(tmp_path, capsys):
+    from loratune import StudyListener, run_optimization
+
+    heard = []
+
+    class Recorder(StudyListener):
+        def study_started(self, stored, paths):
+            heard.append("study_started")
+
+        def trial_started(self, record):
+            heard.append(f"started {record.index}")
+
+        def trial_ended(self, record, records):
+            heard.append(f"ended {record.index} {record.state.value} of {len(records)}")
+
+        def study_ended(self, paths, result, report):
+            heard.append(f"study_ended {len(result['trials'])}")
+
+    class Broken:
+        def trial_ended(self, record, records):
+            raise ValueError("my dashboard is down")
+
+    results = run_optimization(num_trials=3, output_dir=tmp_path, evaluate=fake_loss, search_space=SPACE, report=False,
+                               listeners=[Broken(), Recorder()])
+    assert len(results["trials"]) == 3
+    assert heard == ["study_started", "started 0", "ended 0 completed of 1", "started 1", "ended 1 completed of 2",
+                     "started 2", "ended 2 completed of 3", "study_ended 3"]
+    out = capsys.readouterr().out
+    assert out.count("listener Broken.trial_ended raised ValueError: my dashboard is down") == 1

@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 _HOMES = {
     "run_optimization": "api", "resume_optimization": "api", "finetune": "api", "export_config": "api", "evaluate": "api",
-    "EarlyStoppingCallback": "early_stopping", "LoratuneError": "errors",
+    "EarlyStoppingCallback": "early_stopping", "LoratuneError": "errors", "StudyListener": "listeners",
 }
 __all__ = list(_HOMES)
 

@@ -62,6 +62,7 @@ def run_optimization(
     workers: int | None = None,
     outcome_constraints: list[str] | None = None,
     scorers: dict[str, Callable] | None = None,
+    listeners: list | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     report: bool | None = None,
@@ -75,7 +76,8 @@ def run_optimization(
     study field can be passed by name (``executor="ray"``, ``trial_timeout=600``), and a section as a
     mapping (``training={"epochs": 2}``); every value is checked as the same value in YAML would be.
     ``scorers``: task scores of generated answers as functions, ``{name: fn(prediction, reference)}``,
-    usable as objectives like ``scoring.scorers`` in YAML. Raises ``LoratuneError`` on bad input, before
+    usable as objectives like ``scoring.scorers`` in YAML. ``listeners``: objects that hear the study's
+    events (``listeners.StudyListener``: trial ended, ...). Raises ``LoratuneError`` on bad input, before
     anything is written or started.
 
     >>> from ax_optimization import run_optimization
@@ -100,7 +102,8 @@ def run_optimization(
         if name not in StudyConfig.__dataclass_fields__:
             raise LoratuneError(f"run_optimization: unknown argument '{name}'")
         overrides.append((name, value, name))
-    return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet, scorers=scorers)
+    return optimize(config, overrides, output_dir, evaluate=evaluate, overwrite=overwrite, quiet=quiet, scorers=scorers,
+                    listeners=listeners)
 
 
 def _path_argument(value: Any, name: str) -> Path:
@@ -127,7 +130,7 @@ def _early_stopping_overrides(rule: Any) -> list[Override]:
 
 def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Override], output: str | Path, *,
              evaluate: Callable | None = None, overwrite: bool = False, quiet: bool = False,
-             scorers: dict[str, Callable] | None = None) -> dict:
+             scorers: dict[str, Callable] | None = None, listeners: list | None = None) -> dict:
     """A new study: settings, every check, then the output directory, then the trials."""
     started = time.time()
     if config is not None and not isinstance(config, str | Path | StudyConfig):
@@ -153,7 +156,20 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
                 raise _already_holds_a_study(paths)
             paths.clear()
         stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}))
-        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list)
+        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, _checked_listeners(listeners))
+
+
+def _checked_listeners(listeners: Any) -> list:
+    """Listeners of the user's: objects with one or more of a ``StudyListener``'s methods."""
+    from .listeners import EVENTS
+
+    if listeners is None:
+        return []
+    if not isinstance(listeners, list | tuple) or not all(any(callable(getattr(x, e, None)) for e in EVENTS)
+                                                           for x in listeners):
+        raise LoratuneError(f"listeners: expected a list of objects with a StudyListener's methods ({', '.join(EVENTS)}), "
+                            f"got {listeners!r}")
+    return list(listeners)
 
 
 def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
@@ -162,7 +178,7 @@ def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
 
 
 def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate: Callable | None, quiet: bool,
-         started: float, scorers: list) -> dict:
+         started: float, scorers: list, listeners: list | None = None) -> dict:
     """The loop, the final test, then the report (also after an aborted study: what ran is worth reading),
     then the summary."""
     from .study import Study
@@ -170,18 +186,19 @@ def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate:
     cfg = stored.config
     console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers, [s.name for s in scorers])
     tracker = _tracker(cfg, paths, console)
-    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers)
+    study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers,
+                  listeners=listeners)
     try:
         result = study.run()
     except StudyAborted:
         report = _write_report(paths, cfg.report, console)
-        tracker.study_ended(paths, checkpoint.summary(stored, paths), report)
+        study.listeners.study_ended(paths, checkpoint.summary(stored, paths), report)
         raise
     except BaseException:
-        tracker.study_ended(paths, checkpoint.summary(stored, paths), None)
+        study.listeners.study_ended(paths, checkpoint.summary(stored, paths), None)
         raise
     report = _write_report(paths, cfg.report, console)
-    tracker.study_ended(paths, result, report)
+    study.listeners.study_ended(paths, result, report)
     console.summary(stored.records, study.space.names, cfg.objectives, {**result, "results_file": str(paths.results)},
                     str(report) if report else None)
     return result
@@ -214,6 +231,7 @@ def resume_optimization(
     *,
     evaluate: Callable | None = None,
     scorers: dict[str, Callable] | None = None,
+    listeners: list | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> dict:
@@ -226,11 +244,12 @@ def resume_optimization(
     ...                               additional_trials=10)  # doctest: +SKIP
     """
     return resume(_path_argument(checkpoint, "checkpoint"), additional_trials, [(k, v, k) for k, v in settings.items()],
-                  evaluate=evaluate, quiet=_flag_argument(quiet, "quiet"), scorers=scorers)
+                  evaluate=evaluate, quiet=_flag_argument(quiet, "quiet"), scorers=scorers, listeners=listeners)
 
 
 def resume(path: str | Path, additional_trials: int, overrides: Iterable[Override], *,
-           evaluate: Callable | None = None, quiet: bool = False, scorers: dict[str, Callable] | None = None) -> dict:
+           evaluate: Callable | None = None, quiet: bool = False, scorers: dict[str, Callable] | None = None,
+           listeners: list | None = None) -> dict:
     started = time.time()
     if not isinstance(additional_trials, int) or isinstance(additional_trials, bool) or additional_trials < 0:
         raise LoratuneError(f"additional_trials: must be a non-negative integer, got {additional_trials!r}")
@@ -266,7 +285,7 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
     _check_records_match_ax(stored, optimizer, paths.checkpoint)
     with DirectoryLock(paths.directory):
-        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list)
+        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, _checked_listeners(listeners))
 
 
 def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:

@@ -180,7 +180,7 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
         if not isinstance(data.get(key), kind):
             raise LoratuneError(f"{path}: checkpoint is incomplete ('{key}' missing or not a {kind.__name__})")
     evaluation = data.get("evaluation", Evaluation.FINETUNE.value)
-    if evaluation not in Evaluation._value2member_map_:
+    if evaluation not in {e.value for e in Evaluation}:
         raise LoratuneError(f"{path}: unknown evaluation {evaluation!r} (known: {', '.join(Evaluation)})")
     evaluation = Evaluation(evaluation)
     origin = Origin(str(path))

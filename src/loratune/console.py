@@ -120,6 +120,27 @@ class StudyConsole:
             self.print(f"  trial #{record.index}: {step}, {point.get('progress', 0):.0%} of training, "
                        f"val {self.objective} {value:.4f}")
 
+    # -- as a listener of the study (listeners.py) --------------------------------------------
+
+    def trial_started(self, record: TrialRecord) -> None:
+        self.started(record)
+
+    def trial_progress(self, record: TrialRecord, tick: dict | None = None, point: dict | None = None) -> None:
+        if tick is not None:
+            self.tick(record, tick)
+        if point is not None:
+            self.point(record, point)
+
+    def trial_ended(self, record: TrialRecord, records: list[TrialRecord]) -> None:
+        self.ended(record, [r for r in records if r is not record and r.finished],
+                   [r.duration_s for r in records if r.duration_s])
+
+    def study_started(self, stored, paths) -> None:
+        pass
+
+    def study_ended(self, paths, result: dict, report) -> None:
+        pass  # the summary comes from the command, which knows where it wrote what
+
     def ended(self, record: TrialRecord, before: list[TrialRecord], durations: list[float]) -> None:
         """The trial's line, as Module 4.5 writes it: ``Trial 2/20: rank=32, ... → loss=0.5834 ✓ IMPROVED``."""
         self.running.pop(record.index, None)

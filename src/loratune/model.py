@@ -33,9 +33,9 @@ def import_libraries(quantized: bool = False) -> None:
     """Import torch, transformers and peft now (seconds in a fresh process; nothing once imported).
 
     Without quantization bitsandbytes is kept out of the process: peft imports it whenever it is
-    installed, which cost a worker 1.3 s of start-up (imports 5.4 s instead of 4.2 s, median of 7) and
-    put a note about an optional ``kernels`` package in every trial's log (docs/BENCHMARKS.md,
-    "Worker start-up with bitsandbytes installed")."""
+    installed, which costs every worker's start-up a second or so and put a note about an optional
+    ``kernels`` package in every trial's log (docs/BENCHMARKS.md, "Worker start-up with bitsandbytes
+    installed")."""
     if quantized:
         _quiet_bitsandbytes()
     elif "bitsandbytes" not in sys.modules:

@@ -9,7 +9,6 @@ so a study killed at any moment resumes without losing or repeating a finished t
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -23,6 +22,7 @@ from .data import test_source
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError, StudyAborted
 from .executors import Event, Executor, TrialSpec, create_executor
+from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
 from .scoring import Scorer, ScoringError, score
 from .search_space import parse_search_space
@@ -34,10 +34,12 @@ from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metri
 class Study:
     def __init__(self, stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, console: StudyConsole, *,
                  evaluate: Callable | None = None, started: float | None = None, tracker: Tracker | None = None,
-                 executor: Executor | None = None, scorers: list[Scorer] | None = None):
+                 executor: Executor | None = None, scorers: list[Scorer] | None = None, listeners: list | None = None):
         self.stored, self.paths, self.opt, self.console, self.evaluate = stored, paths, optimizer, console, evaluate
         self.scorers = scorers or []  # task scores of each trial's answers (scoring.py)
         self.tracker = tracker or Tracker()
+        self.listeners = Listeners([console, self.tracker, AdapterPruning(stored.config, paths.directory)], listeners,
+                                   warn=lambda text: console.print(f"[yellow]warning[/]: {text}"))
         self.executor = executor  # None: the one the settings ask for (benchmarks give their own)
         self.cfg = stored.config
         self.space = parse_search_space(self.cfg.search_space, self.cfg.constraints, self.cfg.base())
@@ -66,7 +68,7 @@ class Study:
             with self.console:
                 if self.opt.note:
                     self.console.print(f"[yellow]note[/]: {self.opt.note}")
-                self.tracker.study_started(self.stored, self.paths)
+                self.listeners.study_started(self.stored, self.paths)
                 self._start_interrupted(executor, running)
                 self._fill(executor, running)  # saves before it starts a trial
                 changed = False
@@ -123,7 +125,8 @@ class Study:
     def _fill(self, executor: Executor, running: dict) -> bool:
         """Keep every slot busy, one suggestion at a time: each trial starts as soon as its own point is
         chosen (Ax knows the running ones), where a batch would keep every slot waiting for the whole
-        batch (8 at once cost 7-9 times one; docs/BENCHMARKS.md, "Optimizer cost at scale"). True when new trials started."""
+        batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). True when new trials
+        started."""
         started = False
         while min(executor.slots - len(running), self.cfg.trials - self.stored.finished() - len(running)) > 0:
             new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
@@ -156,8 +159,7 @@ class Study:
                                   answer, self.cfg.scoring.max_new_tokens))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
-        self.console.started(record)
-        self.tracker.trial_started(record)
+        self.listeners.trial_started(record)
 
     def _enforce_timeout(self, executor: Executor, running: dict) -> None:
         limit = self.cfg.trial_timeout
@@ -175,7 +177,7 @@ class Study:
         if record is None:
             return False
         if event.tick is not None:
-            self.console.tick(record, event.tick)
+            self.listeners.trial_progress(record, tick=event.tick)
         if event.point is not None:
             self._on_point(record, event.point, executor)
         if event.result is None:
@@ -186,8 +188,7 @@ class Study:
 
     def _on_point(self, record: TrialRecord, point: dict, executor: Executor) -> None:
         record.curve.append(_with_loss(point))
-        self.console.point(record, point)
-        self.tracker.trial_point(record, point)
+        self.listeners.trial_progress(record, point=point)
         if record.baseline:  # the reference every trial is measured against always runs to the end
             return
         objective = self.cfg.objectives[0]
@@ -207,7 +208,6 @@ class Study:
             checked = check_metrics(result.metrics, self.cfg.objectives)
             result = dataclasses.replace(result, state=checked.state, metrics=checked.metrics,
                                          reason=checked.reason or result.reason)
-        before = [r for r in self.records if r is not record and r.finished]
         record.state, record.metrics, record.reason = result.state, result.metrics, result.reason
         record.ended_at, record.extra = checkpoint.now(), result.extra or {}
         record.duration_s = (datetime.fromisoformat(record.ended_at) - datetime.fromisoformat(record.started_at)).total_seconds()
@@ -218,9 +218,7 @@ class Study:
             record.training_saved = round(1.0 - reached, 6)  # share of this trial's training not spent
         self._tell_ax(record)
         self.failures_in_a_row = self.failures_in_a_row + 1 if result.state.is_failure else 0
-        self._prune_adapters()
-        self.console.ended(record, before, [r.duration_s for r in self.records if r.duration_s])
-        self.tracker.trial_ended(record)
+        self.listeners.trial_ended(record, self.records)
 
     def _scored(self, result: TrialResult) -> TrialResult:
         """A completed trial's answers scored by the study's scorers, the scores among its metrics (the
@@ -272,18 +270,6 @@ class Study:
             self.console.print(f"[yellow]warning[/]: {reason}; `loratune evaluate {self.paths.directory}` tries again")
 
     # -- outputs ------------------------------------------------------------------------------
-
-    def _prune_adapters(self) -> None:
-        """With ``keep_adapters: best``, the Pareto front's adapters stay, and the baseline's where a final
-        test will score it."""
-        if self.cfg.keep_adapters != "best":
-            return
-        keep = {r.index for r in R.pareto_front(self.records, self.cfg.objectives, self.cfg.minimize)}
-        if test_source(self.cfg.data) is not None:
-            keep |= {r.index for r in self.records if r.baseline}
-        for r in self.records:
-            if r.finished and r.index not in keep:
-                shutil.rmtree(self.paths.directory / r.directory / "adapter", ignore_errors=True)
 
     def save(self) -> dict:
         self.stored.elapsed_s = self.elapsed_before + (time.time() - self.session_start)

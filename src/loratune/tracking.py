@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from .config import to_dict
 from .errors import LoratuneError, first_line
+from .listeners import StudyListener
 from .trial import TrialRecord, TrialState
 
 STATUS = {TrialState.COMPLETED: "FINISHED", TrialState.EARLY_STOPPED: "KILLED", TrialState.FAILED: "FAILED",
@@ -44,14 +45,8 @@ def check_available() -> None:
         raise LoratuneError("tracking: mlflow needs MLflow: pip install 'loratune[mlflow]'") from None
 
 
-class Tracker:
-    """No tracking: every hook does nothing."""
-
-    def study_started(self, stored, paths) -> None: ...
-    def trial_started(self, record: TrialRecord) -> None: ...
-    def trial_point(self, record: TrialRecord, point: dict) -> None: ...
-    def trial_ended(self, record: TrialRecord) -> None: ...
-    def study_ended(self, paths, result: dict, report: Path | None) -> None: ...
+class Tracker(StudyListener):
+    """No tracking: a listener that hears nothing."""
 
 
 class MlflowTracker(Tracker):
@@ -146,7 +141,11 @@ class MlflowTracker(Tracker):
 
         self._later(start)
 
-    def trial_point(self, record: TrialRecord, point: dict) -> None:
+    def trial_progress(self, record: TrialRecord, tick: dict | None = None, point: dict | None = None) -> None:
+        if point is not None:
+            self._point(record, point)
+
+    def _point(self, record: TrialRecord, point: dict) -> None:
         index, step = record.index, int(point.get("step") or 0)
         self.logged_steps[index] = max(step, self.logged_steps.get(index, -1))
         values = {k: float(v) for k, v in point.items()
@@ -160,11 +159,11 @@ class MlflowTracker(Tracker):
 
         self._later(log)
 
-    def trial_ended(self, record: TrialRecord) -> None:
+    def trial_ended(self, record: TrialRecord, records: list[TrialRecord] | None = None) -> None:
         # the points the trial reported only in its result (where a stopped trial ended, on the whole set)
         for point in record.curve:
             if int(point.get("step") or 0) > self.logged_steps.get(record.index, -1):
-                self.trial_point(record, point)
+                self._point(record, point)
         index, state, reason = record.index, record.state, record.reason
         metrics = {k: float(v) for k, v in record.metrics.items()}
 

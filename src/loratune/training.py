@@ -157,9 +157,8 @@ MIN_SUBSET = 8
 def curve_subset(cfg: FinetuneConfig, validation: list[Example]) -> list[Example]:
     """The fixed validation examples of the curve's intermediate points: ``training.eval_subset`` of
     them (a share, at least ``MIN_SUBSET``, or a count above 1), drawn once from the seed; the last point
-    uses all of them. Measured on SmolLM2-135M-Instruct, one evaluation of the 37 demo validation examples
-    costs about 6.6 s, 7% of an epoch of training: ten of them were 39% of a trial, against 13% for
-    this curve (docs/BENCHMARKS.md, "Trial runner")."""
+    uses all of them: a curve on the whole set costs a real model a large share of each trial
+    (docs/BENCHMARKS.md, "Trial runner")."""
     share = cfg.training.eval_subset
     n = round(share * len(validation)) if share <= 1 else int(share)
     n = max(min(MIN_SUBSET, len(validation)), min(len(validation), n))

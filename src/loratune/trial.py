@@ -110,7 +110,7 @@ class TrialRecord:
             raise LoratuneError(f"{where}: index must be a non-negative integer, got {index!r}")
         if not isinstance(params, dict):
             raise LoratuneError(f"{where}: params must be a mapping, got {params!r}")
-        if state not in TrialState._value2member_map_:
+        if state not in {s.value for s in TrialState}:
             raise LoratuneError(f"{where}: unknown state {state!r} (known: {', '.join(s.value for s in TrialState)})")
         checks = {"metrics": dict, "curve": list, "extra": dict, "baseline": bool, "restarts": int, "reason": str,
                   "directory": str, "started_at": str, "ended_at": str}

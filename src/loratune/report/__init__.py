@@ -70,7 +70,8 @@ def _comparison(directory: Path, summary: dict) -> tuple[dict | None, str | None
 
 
 def _ax_outputs(directory: Path, objectives: list[str], pairs):
-    from ..optimizer import Optimizer, analyses
+    from ..optimizer import Optimizer
+    from ..optimizer.analyses import analyses
 
     try:
         _, stored = checkpoint.load(directory)

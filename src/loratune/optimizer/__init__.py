@@ -1,7 +1,8 @@
-"""The only module that imports Ax: a thin layer over ``ax.Client`` in loratune's terms.
+"""The only package that imports Ax: a thin layer over ``ax.Client`` in loratune's terms.
 
 It speaks user parameter values (decoded from Ax's encoding, see search_space.py) and metric names,
 and keeps what Ax does not persist (the random seed, the early-stopping strategy) reapplied on load.
+Ax's private names live in ``seam``; its state's JSON in ``snapshot``; its analyses in ``analyses``.
 """
 
 from __future__ import annotations
@@ -10,21 +11,20 @@ import functools
 import json
 import logging
 import math
-import subprocess
-import sys
 import time
 import warnings
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from .errors import LoratuneError, first_line
-from .processes import die_with_parent
-from .search_space import Param, SearchSpace
+from ..errors import LoratuneError, first_line
+from ..search_space import Param, SearchSpace
+from . import seam
+from .kernel import bounded_fused_kernel
+from .snapshot import Snapshots
 
 PROGRESSION_SCALE = 1000  # Ax progressions are integers: per-mille of a trial's training
 
 
-def _quiet_ax() -> None:
+def quiet_ax() -> None:
     """Ax logs every trial at INFO through its own handler; our loop prints what matters."""
     previous = logging.root.manager.disable
     logging.disable(logging.INFO)  # Ax's import logs "Ax SQL storage initialized" at INFO before we can turn it down
@@ -38,46 +38,6 @@ def _quiet_ax() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(ax|botorch|gpytorch|linear_operator)(\.|$)")
-
-
-FUSED_KERNEL_BUILD_TIMEOUT_S = 300
-
-
-def _bounded_fused_kernel() -> str | None:
-    """BoTorch's multi-objective acquisition (qLogNEHVI) compiles a fused C++ kernel on first use with
-    torch's JIT extension loader, which waits forever on the ``lock`` file a killed compile leaves
-    behind. Never let it wait: a lock present means the pure-Python path (the same numbers, slower);
-    a first build runs in a child process with a time limit. Returns a note for the user, or None."""
-    import botorch.acquisition.multi_objective.logei as logei
-
-    if logei._load_attempted:
-        return None
-    from torch.utils.cpp_extension import _get_build_directory
-
-    build = Path(_get_build_directory("logei_fused_ext", verbose=False))
-    lock = build / "lock"
-    if lock.exists():
-        logei._load_attempted = True  # BoTorch then uses its pure-Python implementation
-        return (f"BoTorch's fused multi-objective kernel is locked by {lock} (left by an interrupted build?); using "
-                "the slower pure-Python version. Delete that file if no other process is building the kernel.")
-    if not (build / "logei_fused_ext.so").exists():
-        code = ("import sys, botorch.acquisition.multi_objective.logei as m; m._try_load_fused_kernel(); "
-                "sys.exit(0 if m._C is not None else 1)")
-        started = time.time()
-        try:
-            subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, timeout=FUSED_KERNEL_BUILD_TIMEOUT_S,
-                           preexec_fn=die_with_parent())
-        except subprocess.TimeoutExpired:
-            if lock.exists() and lock.stat().st_mtime >= started - 1:  # ours: the build we just ended made it
-                lock.unlink(missing_ok=True)
-            logei._load_attempted = True
-            return (f"building BoTorch's fused multi-objective kernel took over {FUSED_KERNEL_BUILD_TIMEOUT_S} s; "
-                    "using the slower pure-Python version")
-        if not (build / "logei_fused_ext.so").exists():  # no compiler here: BoTorch's own fallback, quietly
-            logei._load_attempted = True
-            return None
-    logei._try_load_fused_kernel()  # built: loads at once
-    return None
 
 
 def ax_parameter(p: Param) -> Any:
@@ -119,10 +79,8 @@ def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
 
 
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
-# only. loratune keeps Ax's settings, with or without constraints: under the product constraint the
-# lighter one makes a suggestion 40% cheaper (2.1 s against 3.4 s at 50 trials), but both meet the
-# 6 s goal, and over 20 seeds on two LoRA-shaped surfaces its median regret was higher in 5 of 6
-# checkpoints, mostly by noise-sized margins (docs/BENCHMARKS.md, "Against the current default").
+# only. loratune keeps Ax's settings, with or without constraints: the lighter one is cheaper but its
+# regret was no better (docs/BENCHMARKS.md, "Against the current default", for the figures).
 LIGHTER_ACQUISITION_SEARCH = {"raw_samples": 512, "num_restarts": 10}
 
 
@@ -142,14 +100,6 @@ def _timed(method):
     return wrapper
 
 
-class _EncodedTrial(NamedTuple):
-    """A trial in a final state as ``Optimizer.snapshot`` encoded it, and what the encoding was made from."""
-    trial: Any
-    rows: list  # its data rows (Ax's DataRow objects) at the time
-    trial_json: dict
-    data_json: Any
-
-
 class Optimizer:
     """Ask Ax for trials, tell it results, save and load its state."""
 
@@ -158,9 +108,7 @@ class Optimizer:
         self.exhausted = False
         self.note: str | None = None  # something the user should hear about the optimizer (shown once)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
-        self._encoded_trials: dict[int, _EncodedTrial] = {}  # by trial index: what snapshot() reuses
-        # id(generator run) -> (the run, its JSON); holding the run keeps its id from being reused
-        self._encoded_runs: dict[int, tuple[Any, Any]] = {}
+        self._snapshots = Snapshots()
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
@@ -168,7 +116,7 @@ class Optimizer:
         """A configured Ax client; Ax's own checks of the space and the objectives become one error line.
         ``early_stopping`` (an EarlyStoppingConfig) sets Ax's percentile rule when it has a percentile."""
         start = time.perf_counter()
-        _quiet_ax()
+        quiet_ax()
         from ax import Client
 
         client = Client(random_seed=seed)
@@ -183,7 +131,7 @@ class Optimizer:
         opt._configure_generation(init_trials)
         opt._set_early_stopping(early_stopping)
         if len(objectives) > 1:
-            opt.note = _bounded_fused_kernel()
+            opt.note = bounded_fused_kernel()
         opt.busy_s = time.perf_counter() - start
         return opt
 
@@ -210,7 +158,7 @@ class Optimizer:
 
     def _model_specs(self) -> list:
         """The generator specs of Bayesian optimization (BoTorch) in the generation strategy."""
-        return [spec for node in self.client._generation_strategy._nodes  # no public accessor in Ax 1.3.1
+        return [spec for node in seam.generation_nodes(self.client)
                 for spec in node.generator_specs if spec.generator_enum.name == "BOTORCH_MODULAR"]
 
     # -- asking and telling ---------------------------------------------------------------
@@ -233,7 +181,7 @@ class Optimizer:
 
     def trial_parameters(self) -> dict[int, dict]:
         """Every trial Ax knows, as {index: user parameters}."""
-        return {i: self.space.decode(dict(t.arm.parameters)) for i, t in self.client._experiment.trials.items()}
+        return {i: self.space.decode(dict(t.arm.parameters)) for i, t in seam.experiment(self.client).trials.items()}
 
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
@@ -284,69 +232,8 @@ class Optimizer:
 
     @_timed
     def snapshot(self) -> dict:
-        """Ax's experiment and generation strategy as JSON: what ``Client.save_to_json_file`` writes, less
-        the generation strategy's own copy of the experiment (``Client`` decodes the strategy with the
-        experiment it decoded first and never reads that copy).
-
-        Ax encodes every trial, its data and its generator run again at each save, which grows with the
-        study (0.47 s a save on average over a 100-trial study, a third of its time in Ax). Here a trial
-        in a terminal state (``TrialStatus.is_terminal``: Ax's Client moves none back) keeps its
-        encoding while its data rows are the same objects (Ax replaces a row it updates), and a
-        generator run keeps its encoding once its arms are named. The result equals Ax's own encoding
-        (tested); it shares those parts with other snapshots, so it is read, never changed in place."""
-        from ax.storage.json_store.encoder import object_to_json
-        from ax.storage.json_store.encoders import experiment_to_dict, generation_strategy_to_dict
-        from ax.storage.json_store.registry import CORE_ENCODER_REGISTRY
-
-        experiment, strategy = self.client._experiment, self.client._maybe_generation_strategy
-        if CORE_ENCODER_REGISTRY.get(type(experiment)) is not experiment_to_dict or strategy is None or \
-                CORE_ENCODER_REGISTRY.get(type(strategy)) is not generation_strategy_to_dict:
-            # not the experiment and strategy loratune makes (nor a custom encoder registry, which
-            # loratune never sets): Ax's own encoding, all of it
-            snapshot = self.client._to_json_snapshot()
-            if isinstance(snapshot.get("generation_strategy"), dict):
-                snapshot["generation_strategy"]["experiment"] = None
-            return snapshot
-
-        def encoded_run(run: Any) -> Any:
-            kept = self._encoded_runs.get(id(run))
-            if kept is not None and kept[0] is run:
-                return kept[1]
-            encoded = object_to_json(run)
-            if all(arm.has_name for arm in run.arms):  # named when its trial was made; fixed from then on
-                self._encoded_runs[id(run)] = (run, encoded)
-            return encoded
-
-        fields = experiment_to_dict(experiment)  # one level deep: trials and data are still Ax objects
-        data_by_trial = fields["data_by_trial"]
-        rows: dict[int, list] = {}
-        for row in experiment.data._data_rows:
-            rows.setdefault(row.trial_index, []).append(row)
-        trials, data = {}, {}
-        for index, trial in fields["trials"].items():
-            kept, its_rows = self._encoded_trials.get(index), rows.get(index, [])
-            if kept is not None and kept.trial is trial and len(kept.rows) == len(its_rows) and \
-                    all(a is b for a, b in zip(kept.rows, its_rows, strict=True)):
-                trials[index], data_json = kept.trial_json, kept.data_json
-            else:
-                trial_fields = CORE_ENCODER_REGISTRY[type(trial)](trial)
-                trials[index] = {key: encoded_run(value) if key == "generator_run" and value is not None
-                                 else object_to_json(value) for key, value in trial_fields.items()}
-                data_json = object_to_json(data_by_trial[index]) if index in data_by_trial else None
-                if trial.status.is_terminal:
-                    self._encoded_trials[index] = _EncodedTrial(trial, its_rows, trials[index], data_json)
-            if data_json is not None:
-                data[index] = data_json
-        encoded = {"trials": trials, "data_by_trial": data}
-        experiment_json = {key: encoded[key] if key in encoded else object_to_json(value)
-                           for key, value in fields.items()}
-
-        parts = generation_strategy_to_dict(strategy)
-        parts["experiment"] = None
-        strategy_json = {key: [encoded_run(run) for run in value] if key == "generator_runs"
-                         else object_to_json(value) for key, value in parts.items()}
-        return {"_type": type(self.client).__name__, "experiment": experiment_json,
-                "generation_strategy": strategy_json}
+        """Ax's experiment and generation strategy as JSON, equal to Ax's own encoding (``snapshot.Snapshots``)."""
+        return self._snapshots.encode(self.client)
 
     @classmethod
     def restore(cls, snapshot: dict, space: SearchSpace, seed: int | None, early_stopping: Any = None) -> Optimizer:
@@ -355,72 +242,17 @@ class Optimizer:
         started with (one checkpointed while loratune gave constrained spaces the lighter search
         resumes with it)."""
         start = time.perf_counter()
-        _quiet_ax()
-        from ax import Client
-
+        quiet_ax()
         try:  # what load_from_json_file reads; Ax's decoder consumes its input, and a snapshot in memory
             # holds one generator run's JSON in two places (its trial and the strategy's list)
-            client = Client._from_json_snapshot(json.loads(json.dumps(snapshot)))
+            client = seam.from_json_snapshot(json.loads(json.dumps(snapshot)))
         except Exception as exc:
             raise LoratuneError(f"checkpoint: the Ax experiment in it cannot be loaded ({first_line(exc, 160)})") from None
-        client._random_seed = seed  # not persisted by Ax 1.3.1; new candidates draw from it
+        seam.set_random_seed(client, seed)  # not persisted by Ax 1.3.1; new candidates draw from it
         opt = cls(client, space, seed)
         opt._set_early_stopping(early_stopping)
-        if client._experiment.optimization_config.is_moo_problem:
-            opt.note = _bounded_fused_kernel()
+        if seam.experiment(client).optimization_config.is_moo_problem:
+            opt.note = bounded_fused_kernel()
         opt.busy_s = time.perf_counter() - start
         return opt
 
-
-def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, float] | None, list[str]]:
-    """Ax's interactive plots (name -> plotly figure), parameter importance (Sobol sensitivity of
-    the model, |total index| per parameter) and the reasons of the analyses that could not run.
-
-    Ax computes these from the experiment and the fitted model; ``Client.compute_analyses`` hides
-    their errors, so each analysis is computed directly and its failure reported.
-    """
-    _quiet_ax()
-    from ax.analysis.plotly.parallel_coordinates import ParallelCoordinatesPlot
-    from ax.analysis.plotly.progression import ProgressionPlot
-    from ax.analysis.plotly.scatter import ScatterPlot
-    from ax.analysis.plotly.sensitivity import SensitivityAnalysisPlot
-    from ax.analysis.plotly.surface.contour import ContourPlot
-    from ax.analysis.plotly.utility_progression import UtilityProgressionAnalysis
-
-    objective = objectives[0]
-    experiment, strategy = opt.client._experiment, opt.client._generation_strategy  # no public accessor in 1.3.1
-    wanted: dict[str, Any] = {
-        "trace": UtilityProgressionAnalysis(),
-        "parallel_coordinates": ParallelCoordinatesPlot(metric_name=objective),
-        "learning_curves": ProgressionPlot(metric_name=objective),
-        "sensitivity": SensitivityAnalysisPlot(metric_name=objective),
-    }
-    names = {p.ax_name: p.name for p in opt.space.params}
-    for x, y in contour_pairs:
-        ax_x = next((a for a, n in names.items() if n == x), None)
-        ax_y = next((a for a, n in names.items() if n == y), None)
-        if ax_x and ax_y:
-            wanted[f"contour_{x}_{y}"] = ContourPlot(x_parameter_name=ax_x, y_parameter_name=ax_y, metric_name=objective)
-    if len(objectives) > 1:
-        wanted["pareto_front"] = ScatterPlot(x_metric_name=objectives[0], y_metric_name=objectives[1],
-                                             show_pareto_frontier=True)
-    from ax.adapter.torch import TorchAdapter
-
-    # Ax fits its model of the objective once Bayesian optimization starts; before, the model-based
-    # analyses fail with an error about adapter classes, which says nothing to a user
-    no_model = not isinstance(strategy.adapter, TorchAdapter)
-    figures, importance, errors = {}, None, []
-    for name, analysis in wanted.items():
-        try:
-            card = analysis.compute(experiment=experiment, generation_strategy=strategy)
-            figures[name] = card.get_figure()
-            if name == "sensitivity":
-                importance = {names.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
-        except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
-            model_based = name == "sensitivity" or name.startswith("contour_")
-            errors.append(f"{name}: {NO_MODEL_YET if no_model and model_based else first_line(exc, 160)}")
-    return figures, importance, errors
-
-
-NO_MODEL_YET = ("it needs Ax's model of the objective, fitted once Bayesian optimization starts (after the "
-                "baseline and the initial design); this study ended before")

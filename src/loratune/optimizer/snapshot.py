@@ -1,0 +1,89 @@
+"""Ax's state as JSON, encoded incrementally: what ``Client.save_to_json_file`` writes, with the encoding of
+every trial in a final state kept from one save to the next instead of made again each time."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import seam
+
+
+class _EncodedTrial(NamedTuple):
+    """A trial in a final state as the snapshot encoded it, and what the encoding was made from."""
+    trial: Any
+    rows: list  # its data rows (Ax's DataRow objects) at the time
+    trial_json: dict
+    data_json: Any
+
+
+class Snapshots:
+    """Encodes one client's state again and again, reusing what has not changed."""
+
+    def __init__(self):
+        self._trials: dict[int, _EncodedTrial] = {}  # by trial index
+        # id(generator run) -> (the run, its JSON); holding the run keeps its id from being reused
+        self._runs: dict[int, tuple[Any, Any]] = {}
+
+    def encode(self, client: Any) -> dict:
+        """Ax's experiment and generation strategy as JSON: what ``Client.save_to_json_file`` writes, less
+        the generation strategy's own copy of the experiment (``Client`` decodes the strategy with the
+        experiment it decoded first and never reads that copy).
+
+        Ax encodes every trial, its data and its generator run again at each save, which grows with the
+        study (docs/BENCHMARKS.md, "Optimizer cost at scale"). Here a trial in a terminal state
+        (``TrialStatus.is_terminal``: Ax's Client moves none back) keeps its encoding while its data rows
+        are the same objects (Ax replaces a row it updates), and a generator run keeps its encoding once its
+        arms are named. The result equals Ax's own encoding (tested); it shares those parts with other
+        snapshots, so it is read, never changed in place."""
+        from ax.storage.json_store.encoder import object_to_json
+        from ax.storage.json_store.encoders import experiment_to_dict, generation_strategy_to_dict
+        from ax.storage.json_store.registry import CORE_ENCODER_REGISTRY
+
+        experiment, strategy = seam.experiment(client), seam.generation_strategy(client, maybe=True)
+        if CORE_ENCODER_REGISTRY.get(type(experiment)) is not experiment_to_dict or strategy is None or \
+                CORE_ENCODER_REGISTRY.get(type(strategy)) is not generation_strategy_to_dict:
+            # not the experiment and strategy loratune makes (nor a custom encoder registry, which
+            # loratune never sets): Ax's own encoding, all of it
+            snapshot = seam.to_json_snapshot(client)
+            if isinstance(snapshot.get("generation_strategy"), dict):
+                snapshot["generation_strategy"]["experiment"] = None
+            return snapshot
+
+        def encoded_run(run: Any) -> Any:
+            kept = self._runs.get(id(run))
+            if kept is not None and kept[0] is run:
+                return kept[1]
+            encoded = object_to_json(run)
+            if all(arm.has_name for arm in run.arms):  # named when its trial was made; fixed from then on
+                self._runs[id(run)] = (run, encoded)
+            return encoded
+
+        fields = experiment_to_dict(experiment)  # one level deep: trials and data are still Ax objects
+        data_by_trial = fields["data_by_trial"]
+        rows: dict[int, list] = {}
+        for row in seam.data_rows(experiment.data):
+            rows.setdefault(row.trial_index, []).append(row)
+        trials, data = {}, {}
+        for index, trial in fields["trials"].items():
+            kept, its_rows = self._trials.get(index), rows.get(index, [])
+            if kept is not None and kept.trial is trial and len(kept.rows) == len(its_rows) and \
+                    all(a is b for a, b in zip(kept.rows, its_rows, strict=True)):
+                trials[index], data_json = kept.trial_json, kept.data_json
+            else:
+                trial_fields = CORE_ENCODER_REGISTRY[type(trial)](trial)
+                trials[index] = {key: encoded_run(value) if key == "generator_run" and value is not None
+                                 else object_to_json(value) for key, value in trial_fields.items()}
+                data_json = object_to_json(data_by_trial[index]) if index in data_by_trial else None
+                if trial.status.is_terminal:
+                    self._trials[index] = _EncodedTrial(trial, its_rows, trials[index], data_json)
+            if data_json is not None:
+                data[index] = data_json
+        encoded = {"trials": trials, "data_by_trial": data}
+        experiment_json = {key: encoded[key] if key in encoded else object_to_json(value)
+                           for key, value in fields.items()}
+
+        parts = generation_strategy_to_dict(strategy)
+        parts["experiment"] = None
+        strategy_json = {key: [encoded_run(run) for run in value] if key == "generator_runs"
+                         else object_to_json(value) for key, value in parts.items()}
+        return {"_type": type(client).__name__, "experiment": experiment_json, "generation_strategy": strategy_json}
