@@ -87,10 +87,10 @@ def test_where_a_stopped_trial_ended_reaches_mlflow(tmp_path):
     record = TrialRecord(1, {"lora_rank": 8})
     tracker.trial_started(record)
     streamed = {"step": 4, "progress": 0.1, "val_loss": 1.3, "loss": 1.3}
-    tracker.trial_point(record, streamed)
+    tracker.trial_progress(record, point=streamed)
     record.curve = [streamed, {"step": 9, "progress": 0.24, "val_loss": 1.2, "loss": 1.2}]
     record.state, record.metrics = TrialState.EARLY_STOPPED, {"loss": 1.2}
-    tracker.trial_ended(record)
+    tracker.trial_ended(record, [record])
     tracker.close()
     client, _, children = runs(default_uri(tmp_path))
     history = client.get_metric_history(children[0].info.run_id, "val_loss")
