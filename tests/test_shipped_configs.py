@@ -68,3 +68,22 @@ def test_every_shipped_config_runs_by_its_own_command(config, tiny_model, tmp_pa
     else:
         metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
         assert metrics["val_loss"] > 0 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_git_ignores_every_file_a_study_writes_into_configs():
+    """`make demo` writes its study into configs/: none of it may be committed by accident."""
+    import shutil
+    import subprocess
+
+    from loratune.checkpoint import StudyPaths
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = StudyPaths.from_output(ROOT / "configs" / "optimization_results.json")
+    written = [*paths.written_by_a_study(), paths.directory / "best_model", paths.directory / ".loratune.lock"]
+    names = [str(p.relative_to(ROOT)) for p in written]
+    # a folder's pattern ("/configs/trials/") matches a path inside it, a file's the path itself
+    candidates = [*names, *(n + "/x" for n in names)]
+    ignored = set(subprocess.run(["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.split())
+    assert [n for n in names if n not in ignored and n + "/x" not in ignored] == []
