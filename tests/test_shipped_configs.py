@@ -21,7 +21,7 @@ def cpu_overrides(config: Path) -> list[str]:
     """--set arguments for what the config needs that this machine lacks, and a short training."""
     data = read_yaml(config)
     model, dataset = data.get("model") or {}, data.get("data") or {}
-    sets = ["training.epochs=0.25", "training.eval_points=2"]
+    sets = ["training.epochs=0.1", "training.eval_points=2"]
     if not str(model.get("name", "builtin:")).startswith("builtin:"):
         sets.append("model.name=builtin:tiny-qwen2")
     if model.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:

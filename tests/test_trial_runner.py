@@ -22,7 +22,7 @@ TRIALS = [
 
 def trial_config(i: int, directory: Path) -> dict:
     cfg = FinetuneConfig(output_dir=str(directory))
-    cfg.training.epochs, cfg.training.eval_points = 0.25, 2
+    cfg.training.epochs, cfg.training.eval_points = 0.1, 2
     for section, values in TRIALS[i].items():
         setattr(cfg, section, replace(getattr(cfg, section), **values))
     return to_dict(cfg)

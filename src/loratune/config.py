@@ -199,7 +199,9 @@ class ScoringConfig:
 class StudyConfig:
     trials: int = setting(20, flag="--trials", metavar="N", help="trials in all, the baseline included")
     """Trials to run in all, the baseline included."""
-    seed: int | None = setting(0, flag="--seed", metavar="N", help="makes the run reproducible (search and training)")
+    seed: int | None = setting(0, flag="--seed", metavar="N",
+                               help="seed of the search and of every trial: the same seed gives the same trials and "
+                                    "losses on one machine with one worker (README: How a study searches)")
     """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
     search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping
