@@ -1,6 +1,6 @@
 """The seam between loratune and the insides of Ax and BoTorch: every private name of theirs that loratune
 uses, each behind a function here, and nowhere else (the architecture test checks it). Ax 1.3.1 has no
-public accessor for these. ``PINNED`` lists them; tests/test_ax_seam.py checks each against the installed
+public accessor for these. ``PINNED`` lists them; tests/unit/test_optimizer.py checks each against the installed
 Ax and BoTorch, so that an upgrade that moves one fails there, naming it, not in a user's resumed study.
 """
 

@@ -9,7 +9,7 @@ from loratune.checkpoint import load as load_checkpoint
 from loratune.checkpoint import save as save_checkpoint
 from loratune.config import StudyConfig
 from loratune.errors import LoratuneError, StudyAborted
-from loratune.optimizer import Optimizer, seam
+from loratune.optimizer import Optimizer
 from loratune.trial import TrialState
 
 SPACE = {"lora_rank": [8, 16, 32, 64], "lora_alpha": [16, 32, 64, 128], "learning_rate": [1e-5, 5e-4],
@@ -226,96 +226,6 @@ def test_a_config_file_that_writes_alpha_runs(tmp_path):
     results = optimize(tmp_path, trials=2, config=str(config))
     assert [t["state"] for t in results["trials"]] == ["completed", "completed"]
     assert results["trials"][0]["params"]["lora_alpha"] == 32 and type(results["trials"][0]["params"]["lora_alpha"]) is int
-
-
-def _node_names(opt: Optimizer) -> list[str]:
-    trials = seam.experiment(opt.client).trials
-    return [seam.node_name(trials[i].generator_runs[0]) for i in sorted(trials)]
-
-
-def test_the_baseline_comes_on_top_of_the_initial_design_and_bayesian_optimization_follows():
-    from loratune.search_space import parse_search_space
-
-    space = parse_search_space(SPACE, [], StudyConfig().base())
-    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
-    index = opt.attach({"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}, baseline=True)
-    opt.complete(index, {"loss": 1.0})
-    for _ in range(6):
-        (index, params), = opt.ask(1).items()
-        opt.complete(index, {"loss": fake_loss(params)})
-    # the baseline is not one of the 5 points of the design (the centre of the space, then 4 Sobol points)
-    assert _node_names(opt)[1:] == ["CenterOfSearchSpace"] + ["Sobol"] * 4 + ["MBM"]
-
-
-def _acquisition_search(opt: Optimizer) -> list[dict]:
-    return [spec.generator_gen_kwargs.get("model_gen_options", {}).get("optimizer_kwargs") for spec in opt._model_specs()]
-
-
-def test_the_acquisition_search_is_axs_own_with_or_without_constraints():
-    from loratune.optimizer import LIGHTER_ACQUISITION_SEARCH
-    from loratune.search_space import parse_search_space
-
-    free = parse_search_space(SPACE, [], StudyConfig().base())
-    assert _acquisition_search(Optimizer.create(free, ["loss"], [True], [], seed=0)) == [None]
-    constrained = parse_search_space(SPACE, ["lora_rank * batch_size <= 128"], StudyConfig().base())
-    opt = Optimizer.create(constrained, ["loss"], [True], [], seed=0)
-    assert _acquisition_search(opt) == [None]
-    assert _acquisition_search(Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)) == [None]
-    opt.use_lighter_acquisition_search()  # what the benchmarks compare it with: saved with the strategy
-    restored = Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)
-    assert _acquisition_search(restored) == [LIGHTER_ACQUISITION_SEARCH]
-
-
-def _as_ax_writes_it(opt: Optimizer) -> dict:
-    """Ax's own encoding of the client, less the strategy's copy of the experiment (as the snapshot leaves it)."""
-    snapshot = seam.to_json_snapshot(opt.client)
-    snapshot["generation_strategy"]["experiment"] = None
-    return json.loads(json.dumps(snapshot, sort_keys=True))
-
-
-def test_the_snapshot_reuses_finished_trials_and_equals_axs_own_encoding():
-    from loratune.search_space import parse_search_space
-
-    space = parse_search_space(SPACE, ["lora_rank * batch_size <= 128"], StudyConfig().base())
-    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
-    opt.complete(opt.attach({"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1},
-                            baseline=True), {"loss": 1.0})
-    for end in ("completed", "running", "completed", "early_stopped", "failed", "abandoned"):  # trials 1-6
-        (index, params), = opt.ask(1).items()
-        if end != "failed":
-            opt.progress(index, {"loss": fake_loss(params) + 0.1}, 500)
-        if end == "completed":
-            opt.complete(index, {"loss": fake_loss(params)})
-        elif end == "early_stopped":
-            opt.early_stopped(index)
-        elif end == "failed":
-            opt.failed(index, "out of memory")
-        elif end == "abandoned":
-            opt.abandoned(index)
-    running = 2
-    first = opt.snapshot()
-    assert json.loads(json.dumps(first, sort_keys=True)) == _as_ax_writes_it(opt)
-
-    opt.progress(running, {"loss": 0.6}, 800)  # a trial before the finished ones gains a point, then stops
-    opt.early_stopped(running)
-    opt.progress(3, {"loss": 0.3}, 500)  # a finished trial's point is replaced (Ax accepts it): same row count
-    (index, params), = opt.ask(1).items()
-    opt.complete(index, {"loss": fake_loss(params)})
-    second = opt.snapshot()
-    assert json.loads(json.dumps(second, sort_keys=True)) == _as_ax_writes_it(opt)
-    trials, data = second["experiment"]["trials"], second["experiment"]["data_by_trial"]
-    was = first["experiment"]
-    # finished trials are encoded once; the one that was running and the one whose data changed again
-    assert trials[1] is was["trials"][1] and data[1] is was["data_by_trial"][1]
-    assert trials[4] is was["trials"][4] and data[4] is was["data_by_trial"][4]
-    assert trials[running] is not was["trials"][running] and data[running] is not was["data_by_trial"][running]
-    assert data[3] is not was["data_by_trial"][3]
-    assert trials[running]["status"] == {"__type": "TrialStatus", "name": "EARLY_STOPPED"}
-
-    for snapshot in (second, json.loads(json.dumps(second))):  # from memory and as read from the file
-        restored = Optimizer.restore(snapshot, space, seed=0)
-        assert len(seam.experiment(restored.client).trials) == len(seam.experiment(opt.client).trials)
-        assert restored.ask(1)
 
 
 def test_a_users_listener_hears_the_study_and_one_that_raises_is_dropped_not_the_study(tmp_path, capsys):

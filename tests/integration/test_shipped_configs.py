@@ -71,19 +71,23 @@ def test_every_shipped_config_runs_by_its_own_command(config, tiny_model, tmp_pa
 
 
 def test_git_ignores_every_file_a_study_writes_into_configs():
-    """`make demo` writes its study into configs/: none of it may be committed by accident."""
+    """`make demo` writes its study into configs/: none of it may be committed, by accident or otherwise."""
     import shutil
     import subprocess
 
-    from loratune.checkpoint import StudyPaths
+    from loratune.checkpoint import BEST_MODEL_DIR, StudyPaths
 
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     paths = StudyPaths.from_output(ROOT / "configs" / "optimization_results.json")
-    written = [*paths.written_by_a_study(), paths.directory / "best_model", paths.directory / ".loratune.lock"]
+    written = [*paths.written_by_a_study(), paths.directory / BEST_MODEL_DIR, paths.directory / ".loratune.lock"]
     names = [str(p.relative_to(ROOT)) for p in written]
+    tracked = subprocess.run(["git", "ls-files", "--", *names], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.returncode == 0, tracked.stderr
+    assert tracked.stdout.split() == []  # nothing of a study's in the index
     # a folder's pattern ("/configs/trials/") matches a path inside it, a file's the path itself
     candidates = [*names, *(n + "/x" for n in names)]
-    ignored = set(subprocess.run(["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.split())
+    check = subprocess.run(["git", "check-ignore", "--no-index", *candidates], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode in (0, 1), check.stderr  # 1: none ignored; anything else: git could not answer
+    ignored = set(check.stdout.split())
     assert [n for n in names if n not in ignored and n + "/x" not in ignored] == []

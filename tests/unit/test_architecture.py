@@ -4,7 +4,7 @@ its own room."""
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loratune"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "loratune"
 
 
 def module_name(path: Path) -> str:
@@ -103,7 +103,7 @@ def private_names(path: Path) -> set[str]:
 
 
 def test_only_the_seam_names_the_private_insides_of_ax_botorch_and_torch():
-    """An Ax upgrade that moves one fails tests/test_ax_seam.py, naming it, not a user's resumed study."""
+    """An Ax upgrade that moves one fails tests/unit/test_optimizer.py, naming it, not a user's resumed study."""
     for path in PACKAGE.rglob("*.py"):
         if module_name(path) != "loratune.optimizer.seam":
             assert not private_names(path), f"{module_name(path)} reaches into {private_names(path)}: use optimizer/seam.py"

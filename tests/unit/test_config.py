@@ -6,7 +6,7 @@ from loratune.config import FinetuneConfig, StudyConfig
 from loratune.errors import LoratuneError
 from loratune.settings import load_finetune_config, load_study_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text: str) -> Path:

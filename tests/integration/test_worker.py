@@ -28,19 +28,20 @@ def trial_config(i: int, directory: Path) -> dict:
     return to_dict(cfg)
 
 
-def run_all(executor: LocalExecutor, order: list[int], root: Path) -> dict[int, dict]:
-    """Run the trials one after another; {trial: (validation loss, curve, timings)}."""
-    out = {}
+def run_all(executor: LocalExecutor, order: list[int], root: Path) -> list:
+    """Run the trials one after another, in this order (a trial may come again); their results in order."""
+    out = []
     try:
-        for i in order:
-            d = root / str(i)
+        for n, i in enumerate(order):
+            d = root / f"{n}-{i}"
             executor.submit(TrialSpec(i, {}, d, trial_config(i, d)))
-            deadline = time.monotonic() + 300
-            while i not in out and time.monotonic() < deadline:
+            deadline, result = time.monotonic() + 300, None
+            while result is None and time.monotonic() < deadline:
                 for event in executor.poll(0.5):
                     if event.result is not None:
                         assert event.result.state.value == "completed", event.result.reason
-                        out[i] = event.result
+                        result = event.result
+            out.append(result)
     finally:
         executor.shutdown()
     return out
@@ -49,16 +50,17 @@ def run_all(executor: LocalExecutor, order: list[int], root: Path) -> dict[int, 
 @pytest.mark.slow
 def test_a_reused_worker_trains_exactly_as_a_fresh_process(tiny_model, tmp_path):
     fresh = run_all(LocalExecutor(reuse_model=False), [0, 1, 2, 3], tmp_path / "fresh")
-    reused = run_all(LocalExecutor(reuse_model=True), [0, 1, 2, 3], tmp_path / "reused")
-    backwards = run_all(LocalExecutor(reuse_model=True), [3, 2, 1, 0], tmp_path / "backwards")
+    # one worker, the trials forwards then backwards: nothing of a trial stays behind for the next
+    reused = run_all(LocalExecutor(reuse_model=True), [0, 1, 2, 3, 3, 2, 1, 0], tmp_path / "reused")
+    backwards = dict(zip([3, 2, 1, 0], reused[4:], strict=True))
     for i in range(len(TRIALS)):  # bit for bit, at every point of the curve
         assert fresh[i].metrics["loss"] == reused[i].metrics["loss"] == backwards[i].metrics["loss"], i
         assert fresh[i].curve == reused[i].curve == backwards[i].curve, i
         assert fresh[i].metrics["trainable_params"] == reused[i].metrics["trainable_params"]
     # one model load for the reused worker, against one per trial
-    assert [reused[i].extra["timings"]["load_s"] > 0 for i in range(4)] == [True, False, False, False]
-    assert all(fresh[i].extra["timings"]["load_s"] > 0 for i in range(4))
+    assert [r.extra["timings"]["load_s"] > 0 for r in reused] == [True] + [False] * 7
+    assert all(r.extra["timings"]["load_s"] > 0 for r in fresh)
     # importing torch, transformers and peft (well over 0.1 s): every fresh process pays it, a reused worker once
-    assert ["startup_s" in reused[i].extra["timings"] for i in range(4)] == [True, False, False, False]
-    assert all(fresh[i].extra["timings"]["startup_s"] > 0.1 for i in range(4))
-    assert {r.metrics["trainable_params"] for r in fresh.values()} == {r.metrics["trainable_params"] for r in backwards.values()}
+    assert ["startup_s" in r.extra["timings"] for r in reused] == [True] + [False] * 7
+    assert all(r.extra["timings"]["startup_s"] > 0.1 for r in fresh)
+    assert {r.metrics["trainable_params"] for r in fresh} == {r.metrics["trainable_params"] for r in backwards.values()}
