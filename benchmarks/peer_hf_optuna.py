@@ -18,7 +18,9 @@ script first checks that figure against the definition computed token by token.
 loratune runs as its users run it: ``ax_optimization.py --trials N --seed S`` (its baseline as trial 0,
 task scores and the final test on the test split, the report and its plots: work the peer does not do).
 The two run alternately, each in a process of its own; wall time, the peak of the whole process tree's
-resident memory (sampled every 0.1 s) and the best validation loss are printed, then a Markdown table.
+resident memory (sampled every 0.1 s; summed RSS counts the shared libraries once per process, which
+weighs against loratune's two processes) and the best validation loss are printed, then a Markdown
+table. The peer's time includes the check of its loss definition (one evaluation, one pass per row).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _peer_parts(path: str, epochs: float, seed: int, out: Path):
     cfg = FinetuneConfig()
     cfg.model.name = path
     tokenizer = load_tokenizer(cfg)
-    train, validation = load_examples(tokenizer, cfg.data, cfg.training.seed)
+    train, validation = load_examples(tokenizer, cfg.data, seed)  # a trial's rows: drawn from the study's seed
 
     def rows(examples):
         return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)}
@@ -87,7 +89,8 @@ def _peer_parts(path: str, epochs: float, seed: int, out: Path):
             per_device_eval_batch_size=len(validation),  # one batch: the mean over every answer token
             warmup_steps=0.1, weight_decay=0.01, lr_scheduler_type="linear", seed=seed, save_strategy="no",
             eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0), **overrides})
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()), **overrides})
 
     data = {"train_dataset": rows(train), "eval_dataset": rows(validation),
             "data_collator": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)}
@@ -112,12 +115,12 @@ def peer(path: str, trials: int, epochs: float, seed: int, out: Path) -> dict:
 def peer_train(path: str, params: dict, epochs: float, seed: int, out: Path) -> float:
     """One config trained and scored the peer's way: its validation loss."""
     from optuna.trial import FixedTrial
-    from transformers import Trainer, set_seed
+    from transformers import Trainer
 
     model_init, hp_space, arguments, data, _ = _peer_parts(path, epochs, seed, out)
     trial = FixedTrial(params)
-    set_seed(seed)  # as Trainer seeds before model_init in its search
-    trainer = Trainer(model=model_init(trial), args=arguments(**hp_space(trial)), **data)
+    # train() seeds, then builds the model, as in the search
+    trainer = Trainer(model_init=lambda: model_init(trial), args=arguments(**hp_space(trial)), **data)
     trainer.train()
     return trainer.evaluate()["eval_loss"]
 
@@ -147,8 +150,8 @@ def _check_loss_definition(trainer, validation) -> None:
     total, count = 0.0, 0
     with torch.no_grad():
         for e in validation:
-            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
-            labels = torch.tensor(e.labels[1:])
+            logits = model(input_ids=torch.tensor([e.input_ids], device=model.device)).logits[0, :-1]
+            labels = torch.tensor(e.labels[1:], device=model.device)
             total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
             count += int((labels != -100).sum())
     assert abs(reported - total / count) < 1e-4, (reported, total / count)
@@ -168,9 +171,15 @@ def measured(command: list[str]) -> dict:
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
+            except psutil.Error:  # the root has ended
+                break
+            total = 0
+            for p in tree:  # a child that ends meanwhile counts as nothing, not the whole sample
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak = max(peak, total)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
