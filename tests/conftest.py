@@ -15,6 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_fused_kernel_build():
+    """Multi-objective studies in the tests' own process use BoTorch's pure-Python qLogNEHVI (the same
+    numbers): building its fused C++ kernel costs a fresh environment about half a minute once, which
+    every CI run would pay. The rule that a build never blocks a study is tested in
+    test_advanced.py with its own extensions directory."""
+    from loratune.optimizer import seam
+
+    seam.give_up_kernel(seam.fused_kernel())
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The offline demo model, built once (cached under ~/.cache/loratune or $LORATUNE_CACHE)."""
