@@ -19,11 +19,11 @@ demo: $(VENV)/.installed
 	$(PY) ax_optimization.py --trials 20 --output configs/optimization_results.json --overwrite
 	$(PY) finetune_lora.py --config configs/best_config.yaml --overwrite
 
-test: $(VENV)/.installed
-	$(PY) -m pytest
+test: $(VENV)/.installed  # two pytest workers, a file each at a time (tests/conftest.py gives each trial one thread)
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: $(VENV)/.installed  # a quick loop: the suite without its end-to-end runs (marked slow)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 docs: $(VENV)/.installed  # the README's config reference, from the config dataclasses
 	$(PY) docs/config_reference.py --write README.md

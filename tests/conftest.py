@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# The suite runs on two pytest workers (make test): a trial, or a study's own torch, with one thread
+# each, so that two tests never oversubscribe the cores (OpenMP threads beside a busy core spin at
+# every barrier, ten times slower). Set before torch is imported; trials inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
 import io
