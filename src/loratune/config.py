@@ -127,6 +127,18 @@ class TrainingConfig:
     """Mixed precision; ``auto``: bf16 where the GPU supports it, fp16 with loss scaling otherwise, fp32 on CPU.
     bf16 and fp16 asked for by name run on CPU too (torch's autocast)."""
 
+    def plan(self, n_train: int) -> tuple[int, int, list[int]]:
+        """For ``n_train`` training examples: (gradient accumulation, optimizer steps, the steps after which
+        the validation curve takes a point)."""
+        import math
+
+        accumulation = max(1, self.effective_batch_size // self.batch_size) if self.gradient_accumulation == "auto" \
+            else self.gradient_accumulation
+        micro_batches = math.ceil(self.epochs * math.ceil(n_train / self.batch_size))
+        steps = max(1, math.ceil(micro_batches / accumulation))
+        n = self.eval_points or EVAL_POINTS
+        return accumulation, steps, sorted({max(1, round(steps * k / n)) for k in range(1, n + 1)})
+
 
 @dataclass
 class FinetuneConfig:

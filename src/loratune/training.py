@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import EVAL_POINTS, FinetuneConfig, to_dict
+from .config import FinetuneConfig, to_dict
 from .data import load_examples
 from .data.batching import collate, length_grouped_batches, padding_fraction, sorted_batches
 from .data.chat import IGNORE, Example
@@ -169,17 +169,6 @@ def curve_subset(cfg: FinetuneConfig, validation: list[Example]) -> list[Example
     return [validation[i] for i in sorted(order[:n])]
 
 
-def plan(cfg: FinetuneConfig, n_train: int) -> tuple[int, int, list[int]]:
-    """(gradient accumulation, optimizer steps, steps after which to evaluate)."""
-    t = cfg.training
-    accumulation = max(1, t.effective_batch_size // t.batch_size) if t.gradient_accumulation == "auto" else t.gradient_accumulation
-    micro_batches = math.ceil(t.epochs * math.ceil(n_train / t.batch_size))
-    steps = max(1, math.ceil(micro_batches / accumulation))
-    n = t.eval_points or EVAL_POINTS
-    points = sorted({max(1, round(steps * k / n)) for k in range(1, n + 1)})
-    return accumulation, steps, points
-
-
 def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None, on_step: StepCallback | None = None,
         stop_requested: Callable[[], bool] | None = None) -> FitResult:
     """Train the adapter; evaluate at the planned points; stop when ``on_eval`` says so, or right
@@ -187,7 +176,7 @@ def fit(s: Setup, cfg: FinetuneConfig, on_eval: EvalCallback | None = None, on_s
     import torch
 
     t = cfg.training
-    accumulation, steps, eval_at = plan(cfg, len(s.train))
+    accumulation, steps, eval_at = cfg.training.plan(len(s.train))
     subset = curve_subset(cfg, s.validation)
     params, optimizer, scheduler, scaler = _setup_optimizer(s, cfg, steps)
     lengths = [len(e) for e in s.train]

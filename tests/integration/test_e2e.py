@@ -7,7 +7,6 @@ import yaml
 from conftest import ROOT, cli, run_cli
 
 from loratune.settings import load_finetune_config
-from loratune.training import plan
 
 
 @pytest.mark.slow
@@ -46,7 +45,7 @@ def test_module_commands_end_to_end(tiny_model, tmp_path):
     retrain = run_cli(str(ROOT / "finetune_lora.py"), "--config", str(best_config), "--quiet")
     assert retrain.returncode == 0, retrain.stderr
     metrics = json.loads((out / "best_model" / "metrics.json").read_text())
-    assert metrics["steps"] == plan(load_finetune_config(best_config), 148)[1] == 111  # 3 epochs of 148 at 4 per step
+    assert metrics["steps"] == load_finetune_config(best_config).training.plan(148)[1] == 111  # 3 epochs of 148 at 4 per step
     assert metrics["val_loss"] < best["metrics"]["loss"]  # three epochs beat one
     assert (out / "best_model" / "adapter" / "adapter_model.safetensors").exists()
 

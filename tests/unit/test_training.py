@@ -4,7 +4,7 @@ import pytest
 
 from loratune.config import FinetuneConfig
 from loratune.errors import LoratuneError
-from loratune.training import plan, run_training
+from loratune.training import run_training
 
 
 def config(tmp_path, **training) -> FinetuneConfig:
@@ -77,11 +77,11 @@ def test_gradient_accumulation_auto_keeps_the_effective_batch():
     cfg = FinetuneConfig()
     for bs, accumulation in ((1, 4), (2, 2), (4, 1), (8, 1)):
         cfg.training.batch_size = bs
-        assert plan(cfg, 148)[0] == accumulation
+        assert cfg.training.plan(148)[0] == accumulation
     cfg.training.gradient_accumulation, cfg.training.batch_size = 3, 1
-    assert plan(cfg, 148)[:2] == (3, 50)
+    assert cfg.training.plan(148)[:2] == (3, 50)
     cfg.training.epochs, cfg.training.gradient_accumulation = 0.5, "auto"
-    assert plan(cfg, 148)[1] == 19
+    assert cfg.training.plan(148)[1] == 19
 
 
 def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
