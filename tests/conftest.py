@@ -97,3 +97,16 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, wait_for
 
 from loratune.processes import TrialLock
 
@@ -42,16 +41,6 @@ def alive(pid: int) -> bool:
         return True
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start_study(tmp_path, *args) -> subprocess.Popen:
     # like a user's terminal: the study is the only process we kill, its trials are left to it
     return subprocess.Popen([sys.executable, "-m", "loratune.cli", "optimize", "--output", str(tmp_path / "study"),
@@ -64,12 +53,12 @@ def test_kill_9_of_the_study_alone_ends_its_command_trial_and_the_trials_childre
     script.write_text(TRAIN)
     command = f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}"
     study = start_study(tmp_path, "--trials", "2", "--command", command)
-    trial_pids = [int(p) for p in wait_for(lambda: pids.exists() and pids.read_text().split(), 60, "the trial")]
-    wait_for((tmp_path / "study" / "optimization_checkpoint.json").exists, 60, "the first checkpoint")
+    trial_pids = [int(p) for p in wait_for(lambda: pids.exists() and pids.read_text().split(), "the trial", 60)]
+    wait_for((tmp_path / "study" / "optimization_checkpoint.json").exists, "the first checkpoint", 60)
     lock_holder = int((tmp_path / "study" / "trials" / "0" / ".lock").read_text())
     study.send_signal(signal.SIGKILL)
     study.wait()
-    wait_for(lambda: not any(alive(p) for p in [*trial_pids, lock_holder]), 10, "the trial's processes to end")
+    wait_for(lambda: not any(alive(p) for p in [*trial_pids, lock_holder]), "the trial's processes to end", 10)
 
     resumed = run_cli("-m", "loratune.cli", "resume", str(tmp_path / "study"), "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -84,11 +73,11 @@ def test_kill_9_of_the_study_alone_ends_its_fine_tune_worker(tiny_model, tmp_pat
     config.write_text("trials: 2\ntraining: {epochs: 20}\n")
     study = start_study(tmp_path, "--config", str(config))
     lock = tmp_path / "study" / "trials" / "0" / ".lock"
-    worker = int(wait_for(lambda: lock.exists() and lock.read_text().strip(), 120, "the baseline's worker"))
+    worker = int(wait_for(lambda: lock.exists() and lock.read_text().strip(), "the baseline's worker", 120))
     assert alive(worker)
     study.send_signal(signal.SIGKILL)
     study.wait()
-    wait_for(lambda: not alive(worker), 10, "the worker to end")
+    wait_for(lambda: not alive(worker), "the worker to end", 10)
 
 
 def test_a_rerun_first_ends_an_older_process_still_on_the_trial(tmp_path):
@@ -111,7 +100,7 @@ def test_an_exception_in_the_loop_stops_the_running_trials(tmp_path, monkeypatch
     script.write_text(TRAIN)
 
     def broken(self, timeout):
-        wait_for(lambda: pids.exists() and pids.read_text().split(), 60, "the trial")
+        wait_for(lambda: pids.exists() and pids.read_text().split(), "the trial", 60)
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(LocalExecutor, "poll", broken)
@@ -119,7 +108,7 @@ def test_an_exception_in_the_loop_stops_the_running_trials(tmp_path, monkeypatch
         run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False,
                          command=f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}")
     trial_pids = [int(p) for p in pids.read_text().split()]
-    wait_for(lambda: not any(alive(p) for p in trial_pids), 10, "the trial's processes to end")
+    wait_for(lambda: not any(alive(p) for p in trial_pids), "the trial's processes to end", 10)
 
 
 def test_a_trial_past_its_time_limit_is_stopped_with_its_children_and_the_study_goes_on(tmp_path):
@@ -134,7 +123,7 @@ def test_a_trial_past_its_time_limit_is_stopped_with_its_children_and_the_study_
     assert states[64] == ("failed", "timeout: still running after 3 s (trial_timeout)")
     assert states[16][0] == "completed" and len(results["trials"]) == 3
     every_pid = [int(p) for p in pids.read_text().split()]
-    wait_for(lambda: not any(alive(p) for p in every_pid), 10, "the timed-out trial's processes to end")
+    wait_for(lambda: not any(alive(p) for p in every_pid), "the timed-out trial's processes to end", 10)
 
 
 @pytest.mark.slow
@@ -154,17 +143,17 @@ def test_a_cancelled_fine_tune_frees_its_worker_and_the_next_trial_runs(tiny_mod
         executor.submit(spec(0, 30))
         worker = executor.running[0].runner.pid
         lock = tmp_path / "0" / ".lock"
-        wait_for(lambda: (tmp_path / "0" / "progress.jsonl").exists(), 120, "the trial to train")
+        wait_for(lambda: (tmp_path / "0" / "progress.jsonl").exists(), "the trial to train", 120)
         executor.cancel(0, "timeout: still running after 25 s (trial_timeout)")
         events = []
-        wait_for(lambda: events.extend(executor.poll(0.2)) or any(e.result for e in events), 30, "the cancelled result")
+        wait_for(lambda: events.extend(executor.poll(0.2)) or any(e.result for e in events), "the cancelled result", 30)
         result = next(e.result for e in events if e.result)
         assert result.state.value == "failed" and result.reason.startswith("timeout")
-        wait_for(lambda: not alive(worker), 10, "the worker to end")
+        wait_for(lambda: not alive(worker), "the worker to end", 10)
         assert TrialLock.clear(lock.parent) is None
         executor.submit(spec(1, 0.1))
         events = []
-        wait_for(lambda: events.extend(executor.poll(0.5)) or any(e.result for e in events), 120, "the next trial")
+        wait_for(lambda: events.extend(executor.poll(0.5)) or any(e.result for e in events), "the next trial", 120)
         result = next(e.result for e in events if e.result)
         assert result.state.value == "completed" and result.extra["timings"]["load_s"] > 0  # a fresh worker
     finally:

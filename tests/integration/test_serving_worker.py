@@ -13,10 +13,10 @@ import signal
 import struct
 import sys
 import termios
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from loratune.executors.base import TrialSpec
 from loratune.executors.local import LocalExecutor
@@ -48,16 +48,6 @@ def bytes_waiting_on_stdin(pid: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
     finally:
         os.close(fd)
-
-
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Trials:
