@@ -12,8 +12,11 @@ search space (tabular and the surfaces) the baseline (rank 16, alpha 32, lr 2e-4
 attached as Ax's baseline, then one trial is asked and completed at a time; ``--no-baseline`` leaves
 it out. **ax**: a plain ``ax.Client`` with its defaults, the parameters written as an Ax user would
 (ordered int choices, log-scale learning rate); **ax_baseline**: the same with the baseline attached
-first, as loratune does. Every method gets ``--trials`` evaluations per repetition, the baseline
-included where there is one; repetition r seeds every method with r. Regret after k trials is the
+first, as loratune does. **loratune_ahead**: loratune's search with each point asked for while the
+trial before it still runs (pending in Ax), as a study that overlaps the suggestion with training
+would; measured and not adopted (docs/BENCHMARKS.md, "Choosing the next point while a trial
+trains"; not among the default methods). Every method gets ``--trials`` evaluations per repetition,
+the baseline included where there is one; repetition r seeds every method with r. Regret after k trials is the
 true value of the best point observed so far minus the optimum (on the tabular benchmark an
 observation is one random seed's fine-tune and the true value the mean over seeds; a surface named
 ``lora_scale:0.002`` adds Gaussian observation noise of sd 0.002). "Within 1%" means
@@ -139,7 +142,10 @@ def _hartmann6_mixed_optimum() -> float:
 # Methods: each returns the list of observed (params, value) in order
 
 
-def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False) -> list[tuple[dict, float]]:
+    """loratune's ``Optimizer`` as a study with one worker uses it. ``ahead``: each suggestion is asked for
+    while the trial before it still runs (pending in Ax), as a study that overlaps the suggestion with
+    training would; otherwise after it completed."""
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
@@ -149,18 +155,26 @@ def run_loratune(problem: Problem, trials: int, seed: int) -> list[tuple[dict, f
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
     opt = Optimizer.create(space, ["value"], [True], [], seed=seed)
-    rng, history = random.Random(seed), []
+    rng, history, running = random.Random(seed), [], []  # running: (index, params) in the order they started
     if problem.baseline is not None:  # as a study: the current config is trial 0, attached as Ax's baseline
-        index = opt.attach(problem.baseline, baseline=True)
-        value = problem.objective(problem.baseline, rng)
-        opt.complete(index, {"value": value})
-        history.append((problem.baseline, value))
+        running.append((opt.attach(problem.baseline, baseline=True), problem.baseline))
     while len(history) < trials:
-        for index, params in opt.ask(1).items():
-            value = problem.objective(params, rng)
-            opt.complete(index, {"value": value})
-            history.append((params, value))
+        if not running or (ahead and len(history) + len(running) < trials and len(running) < 2):
+            asked = list(opt.ask(1).items())
+            running += asked
+            if asked and ahead and len(running) < 2:
+                continue  # the trial just asked for starts; the next one is asked for while it runs
+        if not running:  # Ax proposes nothing more
+            break
+        index, params = running.pop(0)
+        value = problem.objective(params, rng)
+        opt.complete(index, {"value": value})
+        history.append((params, value))
     return history
+
+
+def run_loratune_ahead(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    return run_loratune(problem, trials, seed, ahead=True)
 
 
 def _loratune_param(spec: tuple):
@@ -267,7 +281,7 @@ def _evenly_spaced(values: list) -> bool:
     return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
 
 
-RUNNERS = {"loratune": run_loratune, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
+RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
            "grid": run_grid, "optuna_tpe": run_optuna_tpe}
 
 

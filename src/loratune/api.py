@@ -148,15 +148,34 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation is Evaluation.FINETUNE)
     if evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
-    optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
-                                 cfg.init_trials, cfg.early_stopping)
-    with DirectoryLock(paths.directory):
-        if paths.holds_a_study():
-            if not overwrite:
-                raise _already_holds_a_study(paths)
-            paths.clear()
-        stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}))
-        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, _checked_listeners(listeners))
+    listeners = _checked_listeners(listeners)
+    executor = _prestarted(cfg, evaluation)
+    try:
+        optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
+                                     cfg.init_trials, cfg.early_stopping)
+        with DirectoryLock(paths.directory):
+            if paths.holds_a_study():
+                if not overwrite:
+                    raise _already_holds_a_study(paths)
+                paths.clear()
+            stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}))
+            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor)
+    finally:  # the study shuts it down too; here for every way out before the study took it
+        if executor is not None:
+            executor.shutdown()
+
+
+def _prestarted(cfg: StudyConfig, evaluation: Evaluation):
+    """For loratune's own fine-tunes in kept workers on this machine: the executor, its workers started
+    now, so that their imports (about 4 s, docs/BENCHMARKS.md) overlap Ax's set-up. None otherwise (the
+    study creates its executor)."""
+    if evaluation is not Evaluation.FINETUNE or cfg.executor != "local" or not cfg.reuse_model:
+        return None
+    from .executors import create_executor
+
+    executor = create_executor(cfg, evaluation)
+    executor.prestart(to_dict(cfg.base()))
+    return executor
 
 
 def _checked_listeners(listeners: Any) -> list:
@@ -178,7 +197,7 @@ def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
 
 
 def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate: Callable | None, quiet: bool,
-         started: float, scorers: list, listeners: list | None = None) -> dict:
+         started: float, scorers: list, listeners: list | None = None, executor=None) -> dict:
     """The loop, the final test, then the report (also after an aborted study: what ran is worth reading),
     then the summary."""
     from .study import Study
@@ -187,7 +206,7 @@ def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate:
     console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers, [s.name for s in scorers])
     tracker = _tracker(cfg, paths, console)
     study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers,
-                  listeners=listeners)
+                  listeners=listeners, executor=executor)
     try:
         result = study.run()
     except StudyAborted:
@@ -282,10 +301,16 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     preflight.check_evaluation(cfg, space, evaluate)
     if stored.evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
-    optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
-    _check_records_match_ax(stored, optimizer, paths.checkpoint)
-    with DirectoryLock(paths.directory):
-        return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, _checked_listeners(listeners))
+    listeners = _checked_listeners(listeners)
+    executor = _prestarted(cfg, stored.evaluation)
+    try:
+        optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
+        _check_records_match_ax(stored, optimizer, paths.checkpoint)
+        with DirectoryLock(paths.directory):
+            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor)
+    finally:  # the study shuts it down too; here for every way out before the study took it
+        if executor is not None:
+            executor.shutdown()
 
 
 def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:

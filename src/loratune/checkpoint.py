@@ -238,7 +238,9 @@ def load_results(directory: str | Path) -> dict:
 
 def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
     """What ``run_optimization`` returns and ``optimization_results.json`` holds."""
-    cfg, records = stored.config, stored.records
+    cfg = stored.config
+    # a queued trial (known to Ax, not started: it runs first when the study resumes) is in the checkpoint only
+    records = [r for r in stored.records if r.state is not TrialState.QUEUED]
     best = stored.best()
     gain = R.improvement(records, cfg.objectives[0], cfg.minimize[0])
     baseline = R.baseline_record(records)
@@ -263,7 +265,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "study_id": stored.study_id,
         "n_trials": stored.finished(),
         "early_stopping": R.early_stopping_savings(records),
-        "states": {s.value: sum(r.state is s for r in records) for s in TrialState},
+        "states": {s.value: sum(r.state is s for r in records) for s in TrialState if s is not TrialState.QUEUED},
         "wall_time_s": stored.elapsed_s,
         "optimizer_time_s": stored.optimizer_s,
         "best_config": str(paths.best_config) if best and finetune else None,
@@ -279,7 +281,7 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "saved_at": now(), "study_id": stored.study_id,
         "config": to_dict(stored.config), "results_file": paths.results.name, "evaluation": stored.evaluation,
         "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s, "test": stored.test,
-        "scorer_functions": stored.scorer_functions, "records": result["trials"], "ax": stored.ax,
+        "scorer_functions": stored.scorer_functions, "records": [r.to_dict() for r in stored.records], "ax": stored.ax,
     }
     atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)

@@ -32,7 +32,7 @@ class StudyListener:
         validation curve (``point``: step, progress, val_loss, train_loss, subset)."""
 
     def trial_ended(self, record: TrialRecord, records: list[TrialRecord]) -> None:
-        """A trial ended (``record.state``); ``records``: every trial of the study so far."""
+        """A trial ended (``record.state``); ``records``: every trial of the study started so far."""
 
     def study_ended(self, paths: Any, result: dict, report: Path | None) -> None:
         """After its final test and report: ``result`` is what ``run_optimization`` returns."""

@@ -50,6 +50,7 @@ class Study:
         self.session_start = started or time.time()  # this session's clock starts when the caller began
         self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s  # earlier sessions
         self.started_at: dict[int, float] = {}  # trial index -> monotonic start, for trial_timeout
+        self.queue: list[TrialRecord] = []  # trials to run before Ax is asked for more, in order
         console.elapsed = lambda: self.elapsed_before + time.time() - self.session_start
 
     @property
@@ -70,14 +71,13 @@ class Study:
                     self.console.print(f"[yellow]note[/]: {self.opt.note}")
                 self.listeners.study_started(self.stored, self.paths)
                 self._start_interrupted(executor, running)
-                self._fill(executor, running)  # saves before it starts a trial
                 changed = False
                 while running:
                     for event in executor.poll(0.5):
                         changed = self._handle(event, executor, running) or changed
                     self._enforce_timeout(executor, running)
                     if aborted is None and self.failures_in_a_row >= self.cfg.max_failures_in_a_row \
-                            and self.stored.finished() + len(running) < self.cfg.trials:
+                            and self.stored.finished() + len(running) + len(self.queue) < self.cfg.trials:
                         aborted = self._abort_message()
                     started = aborted is None and self._fill(executor, running)
                     if changed and not started:  # one atomic save per round; _fill saved before starting a trial
@@ -100,15 +100,17 @@ class Study:
         return self.save()
 
     def _start_interrupted(self, executor: Executor, running: dict) -> None:
-        """Trials that were running when an earlier session died run again; a new study starts with
-        its baseline. The checkpoint says so before any of them starts."""
-        interrupted = [r for r in self.records if r.state is TrialState.RUNNING]
+        """Trials that were running or queued when an earlier session died run again, first; a new study
+        starts with its baseline. The checkpoint says so before any of them starts."""
+        interrupted = [r for r in self.records if r.state in (TrialState.RUNNING, TrialState.QUEUED)]
         for record in interrupted:
-            record.restarts += 1
+            record.restarts += record.state is TrialState.RUNNING
         baseline = self._baseline() if not self.records else None
+        self.queue = [*interrupted, *([baseline] if baseline else [])]
+        for record in self.queue:
+            record.state = TrialState.QUEUED
         self.save()
-        for record in [*interrupted, *([baseline] if baseline else [])]:
-            self._submit(executor, record, running)
+        self._fill(executor, running)
 
     def _baseline(self) -> TrialRecord | None:
         """Trial 0 is the current config, when it lies in the search space."""
@@ -125,22 +127,37 @@ class Study:
     def _fill(self, executor: Executor, running: dict) -> bool:
         """Keep every slot busy, one suggestion at a time: each trial starts as soon as its own point is
         chosen (Ax knows the running ones), where a batch would keep every slot waiting for the whole
-        batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). True when new trials
-        started."""
+        batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). Queued
+        trials (the baseline, trials of an interrupted session) start first. A point is chosen once a slot
+        is free, with every finished trial's result known: choosing it while the trial before it still ran
+        was measured worse ("Choosing the next point while a trial trains"). Saves before a trial starts;
+        True when one did."""
         started = False
-        while min(executor.slots - len(running), self.cfg.trials - self.stored.finished() - len(running)) > 0:
-            new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
-            if not new:
+        while len(running) < executor.slots and (self.queue or self._unproposed(running) > 0):
+            if not self.queue and not self._propose():
                 break
-            self.save()  # the checkpoint knows a trial before it starts
-            for record in new:
-                self._submit(executor, record, running)
+            record = self.queue.pop(0)
+            record.state = TrialState.RUNNING  # on disk before it starts: a kill from here on runs it again
+            self.save()
+            self._submit(executor, record, running)
             started = True
-        if not started and not running and self.stored.finished() < self.cfg.trials:
+        if not started and not running and not self.queue and self.stored.finished() < self.cfg.trials:
             why = "every point of the search space has been tried" if self.opt.exhausted else \
                 "it waits for completed trials that will not come"
             self.console.print(f"Ax proposes no further trials: {why}")
         return started
+
+    def _unproposed(self, running: dict) -> int:
+        """Trials of the budget that Ax has not proposed yet."""
+        return self.cfg.trials - self.stored.finished() - len(running) - len(self.queue)
+
+    def _propose(self) -> bool:
+        """Ask Ax for one more trial and queue it; False when it proposes none."""
+        new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
+        for record in new:
+            record.state = TrialState.QUEUED
+        self.queue += new
+        return bool(new)
 
     def _new_record(self, index: int, params: dict, baseline: bool = False) -> TrialRecord:
         directory = self.paths.trial_dir(index).relative_to(self.paths.directory)
@@ -218,7 +235,7 @@ class Study:
             record.training_saved = round(1.0 - reached, 6)  # share of this trial's training not spent
         self._tell_ax(record)
         self.failures_in_a_row = self.failures_in_a_row + 1 if result.state.is_failure else 0
-        self.listeners.trial_ended(record, self.records)
+        self.listeners.trial_ended(record, [r for r in self.records if r.state is not TrialState.QUEUED])
 
     def _scored(self, result: TrialResult) -> TrialResult:
         """A completed trial's answers scored by the study's scorers, the scores among its metrics (the

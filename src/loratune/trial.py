@@ -15,6 +15,7 @@ from .errors import LoratuneError, first_line
 
 
 class TrialState(enum.StrEnum):
+    QUEUED = "queued"  # known to Ax, waiting for a free slot (the baseline, an interrupted session's trials)
     RUNNING = "running"
     COMPLETED = "completed"
     EARLY_STOPPED = "early_stopped"
@@ -80,7 +81,7 @@ class TrialRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state is not TrialState.RUNNING
+        return self.state not in (TrialState.QUEUED, TrialState.RUNNING)
 
     def objective_values(self, objectives: list[str]) -> list[float] | None:
         """The objective values of a completed trial with all of them finite, else None."""

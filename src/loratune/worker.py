@@ -3,9 +3,9 @@
 ``python -m loratune.worker TRIAL_DIR`` runs one trial and exits (``reuse_model: false``).
 ``python -m loratune.worker --serve`` keeps the base model (and the tokenized data) loaded and runs
 the trials whose directories arrive on its stdin, one after another, each with a fresh adapter, until
-stdin closes. When it is replaced (after a failed trial, after
-``trials_per_worker`` trials, for another base model) is decided by whoever runs it
-(``executors/serving.py``). The files it shares with them are described in ``trial_dir.py``.
+stdin closes; with ``--preload`` it imports its libraries before the first trial arrives. When it is
+replaced (after a failed trial, after ``trials_per_worker`` trials, for another base model) is decided
+by whoever runs it (``executors/serving.py``). The files it shares with them are described in ``trial_dir.py``.
 """
 
 from __future__ import annotations
@@ -216,8 +216,10 @@ def _redirect_output(log: IO) -> None:
     os.dup2(log.fileno(), 2)
 
 
-def serve() -> None:
-    """Run trials as their directories arrive on stdin (one per line), keeping the base model loaded."""
+def serve(preload: bool = False, quantized: bool = False) -> None:
+    """Run trials as their directories arrive on stdin (one per line), keeping the base model loaded.
+    ``preload``: import torch, transformers and peft before the first trial arrives (a worker started
+    while the study sets up); a failure there is left for the first trial to meet and report."""
     commands: queue.Queue[str | None] = queue.Queue()
     busy = threading.Event()
 
@@ -229,21 +231,33 @@ def serve() -> None:
         commands.put(None)
 
     threading.Thread(target=read_stdin, name="loratune-commands", daemon=True).start()
+    process_start = PROCESS_START
+    if preload:
+        from .model import import_libraries
+
+        try:
+            import_libraries(quantized)
+        except BaseException:  # noqa: BLE001 - the first trial imports again and reports it in its own log
+            pass
+        imported = time.time()
     cache, first = Cache(), True
     while (command := commands.get()) is not None:
+        if first and preload:  # the first trial's start-up: the imports, not the wait for it
+            process_start += time.time() - imported
         busy.set()
-        _run_in(Path(command), cache, PROCESS_START if first else None)  # the first pays for the imports
+        _run_in(Path(command), cache, process_start if first else None)  # the first pays for the imports
         first = False
         busy.clear()
 
 
 def main() -> None:
     watch_parent()  # where the parent-death signal is not available
-    if sys.argv[1:] == ["--serve"]:
-        serve()
+    args = sys.argv[1:]
+    if args[:1] == ["--serve"] and set(args[1:]) <= {"--preload", "--quantized"}:
+        serve(preload="--preload" in args, quantized="--quantized" in args)
         return
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m loratune.worker TRIAL_DIR | --serve")
+    if len(args) != 1 or args[0].startswith("--"):
+        sys.exit("usage: python -m loratune.worker TRIAL_DIR | --serve [--preload [--quantized]]")
     _run_in(Path(sys.argv[1]), None, PROCESS_START)
 
 

@@ -158,3 +158,28 @@ def test_a_cancelled_fine_tune_frees_its_worker_and_the_next_trial_runs(tiny_mod
         assert result.state.value == "completed" and result.extra["timings"]["load_s"] > 0  # a fresh worker
     finally:
         executor.shutdown()
+
+
+def test_a_study_refused_after_its_worker_started_early_leaves_no_worker(tiny_model, tmp_path, monkeypatch):
+    """The kept worker starts while Ax sets up (api._prestarted); a study that ends before its loop does
+    not leave it behind in the caller's process."""
+    from loratune import run_optimization
+    from loratune.errors import LoratuneError
+    from loratune.executors.serving import ServingWorker
+
+    started = []
+    prestart = ServingWorker.prestart
+
+    def remember(self, key, quantized):
+        prestart(self, key, quantized)
+        started.append(self.pid)
+
+    def refused(*args, **kwargs):
+        raise LoratuneError("search space: Ax rejected it")
+
+    monkeypatch.setattr(ServingWorker, "prestart", remember)
+    monkeypatch.setattr("loratune.api.Optimizer.create", refused)
+    with pytest.raises(LoratuneError, match="Ax rejected it"):
+        run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False)
+    assert started and all(started)
+    wait_for(lambda: not any(alive(p) for p in started), "the early worker to end", 10)

@@ -232,6 +232,52 @@ def test_turnover_and_a_base_switch_start_fresh_workers_between_trials(make, kin
     assert len(set(pids)) == 4
 
 
+BASE_A = {"model": {"name": "base-a"}, "training": {}}  # the config Trials.submit gives a trial on base-a
+
+
+def prestarted(t: Trials) -> int:
+    """Start the executor's kept worker before any trial (as a study does while Ax sets up); its pid."""
+    t.executor.prestart(BASE_A)
+    return t.executor._slots[0].runner.pid
+
+
+def test_a_worker_started_before_the_study_takes_its_first_trial(make):
+    t = make("local", reuse=True)
+    early = prestarted(t)
+    t.submit(0)
+    assert t.result(0).state is TrialState.COMPLETED and pid_of(t.results[0]) == early
+    t.submit(1, model="base-b")  # another base model: a fresh worker
+    assert t.result(1).state is TrialState.COMPLETED and pid_of(t.results[1]) != early
+    t.executor.shutdown()
+    wait_for(lambda: not alive(early), "the early worker to end")
+
+
+@pytest.mark.parametrize("when", ["before the hand-over", "after the hand-over"])
+def test_a_worker_started_early_that_dies_before_its_first_trial_hands_it_to_a_fresh_one(make, when):
+    t = make("local", reuse=True)
+    early = prestarted(t)
+    if when == "before the hand-over":
+        os.kill(early, signal.SIGKILL)
+        wait_for(lambda: not alive(early), "the early worker to die")
+        t.submit(0)
+    else:
+        freeze(early)  # it cannot take the trial it is handed
+        try:
+            t.submit(0)
+            wait_for(lambda: bytes_waiting_on_stdin(early), "the hand-over")
+        finally:
+            os.kill(early, signal.SIGKILL)
+    result = t.result(0)
+    assert result.state is TrialState.COMPLETED, result.reason
+    assert pid_of(result) != early
+
+
+def test_a_worker_started_early_is_not_kept_without_reuse(make):
+    t = make("local", reuse=False)
+    t.executor.prestart(BASE_A)
+    assert t.executor._slots[0].runner.pid is None  # a fresh process per trial: nothing to start early
+
+
 def test_a_ray_actor_that_dies_between_trials_is_replaced_and_one_dying_mid_trial_fails_it(make):
     t = make("ray", reuse=True)
     pid_file = t.submit(0)

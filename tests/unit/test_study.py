@@ -85,7 +85,7 @@ def test_repeated_failures_stop_the_study_with_everything_saved(tmp_path):
     assert [t["state"] for t in saved["trials"]] == ["failed"] * 3
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def test_resume_with_more_trials_equals_an_uninterrupted_run(tmp_path):
     whole = optimize(tmp_path / "whole", trials=8)
     part = optimize(tmp_path / "part", trials=5)
     resumed = resume_optimization(tmp_path / "part" / "study" / "optimization_checkpoint.json", additional_trials=3,
@@ -98,6 +98,32 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
             assert value == pytest.approx(w["params"][name], rel=1e-2)
     assert resumed["best_loss"] == pytest.approx(whole["best_loss"], rel=1e-3)
     assert resumed["optimizer_time_s"] > part["optimizer_time_s"]  # the sessions' Ax time adds up
+
+
+TRAIN = ("import json, sys\n"
+         "print(json.dumps({'loss': 0.5 + abs(float(sys.argv[1]) - 3e-4) * 1000 + int(sys.argv[2]) / 1000}))\n")
+
+
+def test_more_interrupted_trials_than_workers_wait_their_turn(tmp_path):
+    """Two trials were running when a 2-worker study died; it resumes with one worker: they run one after
+    the other, queued in the checkpoint until each starts (each once handed to a slot that was not free)."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    command = f"{sys.executable} {script} {{learning_rate}} {{lora_rank}}"
+    space = {"learning_rate": [1e-4, 5e-4], "lora_rank": [8, 16]}
+    run_optimization(num_trials=2, output_dir=tmp_path / "study", command=command, search_space=space, quiet=True,
+                     report=False, workers=2)
+    checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
+    data = json.loads(checkpoint.read_text())
+    opt = Optimizer.restore(data["ax"], load_checkpoint(checkpoint)[1].space, 0)
+    for index, params in opt.ask(2).items():  # what a kill -9 with both slots busy leaves
+        data["records"].append({**data["records"][-1], "index": index, "params": params, "state": "running",
+                                "metrics": {}, "baseline": False, "restarts": 0})
+    data["ax"] = opt.snapshot()
+    checkpoint.write_text(json.dumps(data))
+    results = resume_optimization(checkpoint, quiet=True, workers=1)
+    assert [t["state"] for t in results["trials"]] == ["completed"] * 4
+    assert [t["restarts"] for t in results["trials"]] == [0, 0, 1, 1]
 
 
 def test_a_trial_running_at_a_crash_is_run_again(tmp_path):

@@ -70,6 +70,13 @@ class LocalExecutor:
         self._slots = [_Slot(runner(s)) for s in sets]
         self.running: dict[int, _Slot] = {}
 
+    def prestart(self, config: dict) -> None:
+        """Start the slots' kept workers for trials of this training config now (see ``ServingWorker.prestart``)."""
+        quantized = (config.get("model") or {}).get("quantization", "none") != "none"
+        for slot in self._slots:
+            if isinstance(slot.runner, ServingWorker):
+                slot.runner.prestart(base_key(config), quantized)
+
     def submit(self, spec: TrialSpec) -> None:
         key = base_key(spec.config or {})
         free = [s for s in self._slots if s.spec is None]

@@ -69,10 +69,25 @@ class ServingWorker:
         """Hand over the trial in ``trial_dir`` (its ``trial.json`` written): to the kept process when
         the rules allow, else to a fresh one."""
         self.trial, self.cancelled, self._oom_kills = trial_dir, None, oom_kill_count()
+        if self.holds(key) and self.trials == 0:  # its first trial, on a worker started before it
+            with open(trial_dir / LOG_FILE, "a") as log:  # before the worker writes there: which command
+                log.write(f"$ {shlex.join(self.process.args)}\n")
         if self.holds(key) and self._send(trial_dir):
             self.fresh, self.trials = False, self.trials + 1
         else:
             self._start_fresh(key)
+
+    def prestart(self, key: str, quantized: bool) -> None:
+        """Start a kept worker now, before it has a trial, so that its imports overlap the study's set-up;
+        the first trial with this base goes to it. Its output until then is dropped: one that dies before
+        taking its trial hands it to a fresh worker, which writes into the trial's log."""
+        if not self.reuse or self.process is not None:
+            return
+        argv = [*self.command, "--serve", "--preload", *(["--quantized"] if quantized else [])]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+                                        text=True, stdin=subprocess.PIPE, start_new_session=True,
+                                        preexec_fn=die_with_parent())
+        self.key, self.trials = key, 0
 
     def _send(self, trial_dir: Path) -> bool:
         try:
