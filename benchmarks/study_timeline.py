@@ -1,6 +1,6 @@
 """Where a study's wall time and memory go: the demo study as users run it, cut into its phases.
 
-    python benchmarks/study_timeline.py [--trials 20] [--seed 0] [--repeats 2] [--set FIELD=VALUE ...]
+    python benchmarks/study_timeline.py [--trials 20] [--seed 0] [--repeats 2] [--config YAML] [--set FIELD=VALUE ...]
 
 Runs ``ax_optimization.py --trials N --seed S`` in a child process tree, samples every process's
 resident memory each 0.1 s (the study's own process apart from its workers), and reads the trials'
@@ -9,8 +9,9 @@ trials' own time, the time between one trial's end and the next one's start (the
 suggestion, the checkpoint, a worker's turnover: time no trial trains), the end (the final test and
 the report, after the last trial), the optimizer's own seconds, and the peak memory of the study's
 process, of its workers and of the whole tree. ``--set reuse_model=false`` and the like compare
-settings run for run (alternated, so that a change of the machine's load hits both). To compare
-commits, run it from a worktree of the older one with ``PYTHONPATH=<worktree>/src``.
+settings run for run (alternated, so that a change of the machine's load hits both); ``--config``
+runs another study than the demo's default (both variants). Runs that ran the same trials (parameters,
+state, steps trained) are said to. To compare commits, run it from a worktree of the older one with ``PYTHONPATH=<worktree>/src``.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def sampled(command: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - start, "launched": launched, "tree_at_s": peaks["tree_at_s"], **mib}
 
 
-def timeline(trials: int, seed: int, sets: list[str], tmp: Path) -> dict:
+def timeline(trials: int, seed: int, sets: list[str], tmp: Path, config: str | None = None) -> dict:
     out = tmp / "study"
     command = [sys.executable, str(ROOT / "ax_optimization.py"), "--trials", str(trials), "--seed", str(seed),
-               "--output", str(out), "--overwrite", *(arg for s in sets for arg in ("--set", s))]
+               "--output", str(out), "--overwrite", *(["--config", config] if config else []),
+               *(arg for s in sets for arg in ("--set", s))]
     m = sampled(command)
     results = json.loads((out / "optimization_results.json").read_text())
     runs = sorted(((_unix(t["started_at"]), _unix(t["ended_at"])) for t in results["trials"]), key=lambda r: r[0])
@@ -81,7 +83,8 @@ def timeline(trials: int, seed: int, sets: list[str], tmp: Path) -> dict:
     return {**m, "setup_s": first_start - m["launched"], "first_end_s": runs[0][1] - m["launched"], "trials_s": sum(end - s for s, end in runs),
             "between_s": idle, "end_s": m["launched"] + m["wall_s"] - last_end,
             "optimizer_s": results["optimizer_time_s"], "best_loss": results["best_loss"],
-            "points": [t["params"] for t in results["trials"]]}
+            "points": [(t["params"], t["state"], t["extra"].get("steps")) for t in results["trials"]],
+            "stopped": sum(t["state"] == "early_stopped" for t in results["trials"])}
 
 
 def _unix(iso: str) -> float:
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--config", help="a study config (YAML) for both variants; default: the demo's")
     parser.add_argument("--set", action="append", default=[], dest="sets",
                         help="a study setting for a second variant, run alternately with the defaults")
     args = parser.parse_args()
@@ -101,13 +105,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for name, sets in variants.items():
-                r = timeline(args.trials, args.seed, sets, Path(tmp))
+                r = timeline(args.trials, args.seed, sets, Path(tmp), args.config)
                 rows[name].append(r)
                 print(f"{name}: wall {r['wall_s']:.1f} s = set-up {r['setup_s']:.1f} + trials {r['trials_s']:.1f} + "
                       f"between trials {r['between_s']:.1f} + end {r['end_s']:.1f} (Ax {r['optimizer_s']:.1f} s; first trial "
                       f"ended at {r['first_end_s']:.1f} s); "
                       f"peak MiB: study {r['study']:.0f}, workers {r['workers']:.0f}, tree {r['tree']:.0f} at "
-                      f"{r['tree_at_s']:.0f} s; best loss {r['best_loss']:.4f}", flush=True)
+                      f"{r['tree_at_s']:.0f} s; best loss {r['best_loss']:.4f}; early-stopped {r['stopped']}", flush=True)
     print("\n| variant | wall s | set-up s | trials s | between trials s | end s | Ax s | peak MiB study / workers / tree | best loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, rs in rows.items():
@@ -117,10 +121,8 @@ def main() -> None:
               f"{cell('end_s')} | {cell('optimizer_s')} | {statistics.median(r['study'] for r in rs):.0f} / "
               f"{statistics.median(r['workers'] for r in rs):.0f} / {statistics.median(r['tree'] for r in rs):.0f} | "
               f"{cell('best_loss', '.4f')} |")
-    if len(rows) == 2:
-        a, b = rows.values()
-        same = all(x["points"] == y["points"] for x, y in zip(a, b, strict=True))
-        print(f"\nthe same trials in both variants: {'yes' if same else 'no'}")
+    every = [r["points"] for rs in rows.values() for r in rs]
+    print(f"\nthe same trials (parameters, state, steps) in every run: {'yes' if all(p == every[0] for p in every) else 'no'}")
 
 
 if __name__ == "__main__":

@@ -213,8 +213,7 @@ class StudyConfig:
     """Trials to run in all, the baseline included."""
     seed: int | None = setting(0, flag="--seed", metavar="N",
                                help="seed of the search and of every trial: the same seed gives the same trials and "
-                                    "losses on one machine with one worker, without early stopping (README: How a "
-                                    "study searches)")
+                                    "losses on one machine with one worker (README: How a study searches)")
     """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
     search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping

@@ -172,8 +172,10 @@ class Study:
         record.started_at, record.curve, record.state = checkpoint.now(), [], TrialState.RUNNING
         measure = "inference_time" in self.cfg.objectives + [outcome_metric(c) for c in self.cfg.outcome_constraints]
         answer = self.cfg.scoring.subset if self.scorers else 0
+        # a trial the study may stop waits for the verdict at each curve point, so that where it stops
+        # depends on its curve alone, never on how fast this loop answers
         executor.submit(TrialSpec(record.index, dict(record.params), self.paths.trial_dir(record.index), config, measure,
-                                  answer, self.cfg.scoring.max_new_tokens))
+                                  answer, self.cfg.scoring.max_new_tokens, await_verdict=self._stoppable(record)))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.listeners.trial_started(record)
@@ -203,10 +205,15 @@ class Study:
         self._on_result(record, event.result)
         return True
 
+    def _stoppable(self, record: TrialRecord) -> bool:
+        """Whether an early-stopping rule may stop the trial (never the baseline: the reference every trial
+        is measured against always runs to the end)."""
+        return not record.baseline and (self.threshold_rule is not None or self.cfg.early_stopping.percentile is not None)
+
     def _on_point(self, record: TrialRecord, point: dict, executor: Executor) -> None:
         record.curve.append(_with_loss(point))
         self.listeners.trial_progress(record, point=point)
-        if record.baseline:  # the reference every trial is measured against always runs to the end
+        if not self._stoppable(record):
             return
         objective = self.cfg.objectives[0]
         baseline = next((r.curve for r in self.records if r.baseline), None)
@@ -215,9 +222,13 @@ class Study:
             progression = max(1, round(point["progress"] * PROGRESSION_SCALE))
             self.opt.progress(record.index, {objective: point[objective]}, progression)
             stop = stop or self.opt.should_stop(record.index)
-        if stop and point.get("progress", 1.0) < 1.0:
+        if point.get("progress", 1.0) >= 1.0:
+            return
+        if stop:
             record.stop_requested_at = point.get("progress")
             executor.stop(record.index)
+        else:
+            executor.go_on(record.index)
 
     def _on_result(self, record: TrialRecord, result: TrialResult) -> None:
         result = self._scored(result)

@@ -8,6 +8,9 @@ a Ray actor read these files without the training libraries.
   the worker taking the trial: a trial whose worker ended before that line never started. Then
   ``{"kind": "eval", ...}`` per validation point and ``{"kind": "step", ...}`` at most once a second;
 - ``STOP``: appears when the study wants the trial stopped early (it stops after its next step);
+- ``verdicts``: for a trial the study may stop early, one ``go`` line per curve point before the last
+  that the study judged and let go on; such a trial waits at each of those points for its line or
+  ``STOP``, so where it stops never depends on how fast the study answers;
 - ``result.json``: how the trial ended, written by the worker on every ending it lives through;
 - ``log.txt``: the process's output during the trial.
 """
@@ -16,9 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
+VERDICTS_FILE = "verdicts"
+VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it
 STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
 
 
@@ -28,6 +34,28 @@ def started(trial_dir: Path) -> bool:
         return (trial_dir / PROGRESS_FILE).stat().st_size > 0
     except FileNotFoundError:
         return False
+
+
+def go_on(trial_dir: Path) -> None:
+    """The study judged the trial's latest curve point and lets it train on."""
+    with open(trial_dir / VERDICTS_FILE, "a") as f:
+        f.write("go\n")
+
+
+def await_verdict(trial_dir: Path, point: int) -> bool:
+    """Wait for the study's verdict on the trial's ``point``-th curve point (from 1): True when it asked
+    the trial to stop, False when it lets it go on. The trial's process dies with the study's, so this
+    never waits on a study that has gone."""
+    stop, verdicts = trial_dir / STOP_FILE, trial_dir / VERDICTS_FILE
+    while True:
+        if stop.exists():
+            return True
+        try:
+            if verdicts.read_bytes().count(b"\n") >= point:
+                return False
+        except FileNotFoundError:
+            pass
+        time.sleep(VERDICT_POLL_S)
 
 
 def worker_env(threads: int, gpus: list[str] | None = None) -> dict[str, str]:

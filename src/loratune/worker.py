@@ -35,6 +35,7 @@ from .trial_dir import (  # noqa: E402
     STARTED,
     STEP,
     STOP_FILE,
+    await_verdict,
     base_key,
 )
 
@@ -84,9 +85,14 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         progress.write(json.dumps(event) + "\n")
         progress.flush()
 
+    judged = [0]  # curve points before the last that the study has been asked to judge
+
     def on_eval(point) -> bool:
         write({"kind": EVAL, **asdict(point)})
-        return False
+        if not spec.get("await_verdict") or point.progress >= 1:
+            return False
+        judged[0] += 1
+        return await_verdict(trial_dir, judged[0])  # stop exactly here when the study says so
 
     def on_step(step: int, steps: int, elapsed: float, train_loss: float) -> None:
         if time.monotonic() - last_step[0] >= STEP_INTERVAL_S or step == steps:

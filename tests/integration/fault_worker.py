@@ -8,7 +8,9 @@ way executors run the worker module. The trial's parameter ``act`` chooses what 
 - ``fail``: reports a failed trial, as a non-finite loss does;
 - ``oom``: reports an out-of-memory trial;
 - ``crash``: the process dies in the middle of the trial (``os._exit(1)``);
-- ``hang``: trains "forever": ends early-stopped when asked to stop, or is killed.
+- ``hang``: trains "forever": ends early-stopped when asked to stop, or is killed;
+- ``curve``: three validation points before the last; a trial that awaits verdicts waits at each for
+  the study's (``trial_dir.await_verdict``) and ends early-stopped at the point it was told to stop.
 
 With ``pid_file`` among the parameters it first writes its pid there, so that a test can kill it or
 freeze it; every result carries the pid that ran the trial.
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from loratune import worker
+from loratune.trial_dir import await_verdict
 from loratune.trial import TrialResult, TrialState
 
 
@@ -30,11 +33,12 @@ def scripted_loss(params: dict) -> float:
 
 
 def scripted_trial(trial_dir: Path, cache=None, process_start=None) -> TrialResult:
-    params = json.loads((trial_dir / "trial.json").read_text())["params"]
+    spec = json.loads((trial_dir / "trial.json").read_text())
+    params = spec["params"]
     if params.get("pid_file"):
         Path(params["pid_file"]).write_text(str(os.getpid()))
     act = params.get("act", "complete")
-    extra = {"pid": os.getpid()}
+    extra, curve = {"pid": os.getpid()}, []
     with open(trial_dir / "progress.jsonl", "a") as progress:
         progress.write(json.dumps({"kind": "step", "step": 1, "steps": 2, "elapsed_s": 0.0, "train_loss": 1.0}) + "\n")
         progress.flush()
@@ -46,6 +50,13 @@ def scripted_trial(trial_dir: Path, cache=None, process_start=None) -> TrialResu
             point = {"step": 1, "progress": 0.5, "val_loss": 2.0, "train_loss": 2.0, "subset": 8}
             progress.write(json.dumps({"kind": "eval", **point}) + "\n")
             return TrialResult(TrialState.EARLY_STOPPED, {"loss": 2.0}, [point], "early-stopped", extra)
+        if act == "curve":
+            for judged, share in enumerate((0.25, 0.5, 0.75), start=1):
+                curve.append({"step": judged, "progress": share, "val_loss": 2.0 - share, "train_loss": 2.0, "subset": 8})
+                progress.write(json.dumps({"kind": "eval", **curve[-1]}) + "\n")
+                progress.flush()
+                if spec.get("await_verdict") and await_verdict(trial_dir, judged):
+                    return TrialResult(TrialState.EARLY_STOPPED, {"loss": curve[-1]["val_loss"]}, curve, "early-stopped", extra)
         if act == "fail":
             return TrialResult(TrialState.FAILED, reason="non-finite loss: validation loss is nan at step 1", extra=extra)
         if act == "oom":
@@ -53,7 +64,7 @@ def scripted_trial(trial_dir: Path, cache=None, process_start=None) -> TrialResu
         loss = float(params.get("loss", scripted_loss(params)))
         point = {"step": 2, "progress": 1.0, "val_loss": loss, "train_loss": loss, "subset": 37}
         progress.write(json.dumps({"kind": "eval", **point}) + "\n")
-        return TrialResult(TrialState.COMPLETED, {"loss": loss}, [point], extra=extra)
+        return TrialResult(TrialState.COMPLETED, {"loss": loss}, [*curve, point], extra=extra)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,37 @@ def test_same_seed_same_study_on_an_idle_and_a_loaded_machine(tiny_model, tmp_pa
             hog.wait()
     assert len(idle) == 3 and all(loss is not None for *_, loss in idle)
     assert loaded == idle
+
+
+def test_a_stopped_trial_ends_at_the_point_judged_however_late_the_verdict(tiny_model, tmp_path):
+    """The study's verdict on a curve point can come late (a slow listener, a loaded machine): a trial
+    the study may stop waits for it, so it stops at the point judged, with that many steps trained, and
+    never later. A listener here holds the verdict until the trial has trained past the point (which
+    waiting makes impossible) or 2 s have passed."""
+    import time
+
+    from loratune import EarlyStoppingCallback, run_optimization
+    from loratune.listeners import StudyListener
+    from loratune.trial_dir import PROGRESS_FILE, RESULT_FILE
+
+    check_at, trials = 0.3, tmp_path / "study" / "trials"
+
+    class SlowVerdicts(StudyListener):
+        def trial_progress(self, record, tick=None, point=None):
+            if point is None or record.baseline or not point["progress"] >= check_at - 1e-9:
+                return
+            trial = trials / str(record.index)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not (trial / RESULT_FILE).exists() and \
+                    (trial / PROGRESS_FILE).read_text().count('"kind": "eval"') <= len(record.curve):
+                time.sleep(0.01)
+
+    results = run_optimization(num_trials=3, output_dir=tmp_path / "study", seed=0, quiet=True, report=False,
+                               init_trials=1, training={"epochs": 0.25}, scoring={"subset": 0},
+                               early_stopping=EarlyStoppingCallback(threshold=0.0, check_at=check_at),
+                               listeners=[SlowVerdicts()])
+    stopped = [t for t in results["trials"] if not t["baseline"]]
+    assert len(stopped) == 2 and all(t["state"] == "early_stopped" for t in stopped)
+    for t in stopped:
+        judged = next(p for p in t["curve"] if p["progress"] >= check_at - 1e-9)
+        assert t["curve"][-1]["step"] == judged["step"] == t["extra"]["steps"]

@@ -56,19 +56,22 @@ class Trials:
     def __init__(self, executor, tmp_path: Path):
         self.executor, self.tmp, self.results = executor, tmp_path, {}
         self.ticks: set[int] = set()
+        self.points: dict[int, list[dict]] = {}
 
-    def submit(self, index: int, act: str = "complete", model: str = "base-a") -> Path:
+    def submit(self, index: int, act: str = "complete", model: str = "base-a", await_verdict: bool = False) -> Path:
         """Start trial ``index``; returns the file where its worker writes its pid."""
         pid_file = self.tmp / f"pid-{index}"
         config = {"model": {"name": model}, "training": {}}
         self.executor.submit(TrialSpec(index, {"act": act, "pid_file": str(pid_file)}, self.tmp / "trials" / str(index),
-                                       config))
+                                       config, await_verdict=await_verdict))
         return pid_file
 
     def _poll(self) -> None:
         for event in self.executor.poll(0.1):
             if event.tick is not None:
                 self.ticks.add(event.index)
+            if event.point is not None:
+                self.points.setdefault(event.index, []).append(event.point)
             if event.result is not None:
                 assert event.index not in self.results, "a trial ended twice"
                 self.results[event.index] = event.result
@@ -76,6 +79,11 @@ class Trials:
     def result(self, index: int) -> TrialResult:
         wait_for(lambda: self._poll() or index in self.results, f"trial {index}'s result")
         return self.results[index]
+
+    def point(self, index: int, n: int) -> dict:
+        """Wait for the trial's ``n``-th validation point (from 1); the point."""
+        wait_for(lambda: self._poll() or len(self.points.get(index, [])) >= n, f"trial {index}'s point {n}")
+        return self.points[index][n - 1]
 
     def training(self, index: int, pid_file: Path) -> int:
         """Wait until the trial is being trained (its first step heard); its worker's pid."""
@@ -218,6 +226,21 @@ def test_an_early_stopped_trial_keeps_its_worker(make, kind):
     assert t.result(0).state is TrialState.EARLY_STOPPED
     t.submit(1)
     assert pid_of(t.result(1)) == worker
+
+
+@pytest.mark.parametrize("kind", EXECUTORS)
+def test_a_trial_awaiting_verdicts_trains_on_when_told_and_stops_at_the_point_judged(make, kind):
+    t = make(kind, reuse=True)
+    t.submit(0, "curve", await_verdict=True)
+    assert t.point(0, 1)["progress"] == 0.25
+    t.executor.go_on(0)
+    assert t.point(0, 2)["progress"] == 0.5
+    t.executor.stop(0)
+    stopped = t.result(0)
+    assert stopped.state is TrialState.EARLY_STOPPED
+    assert [p["progress"] for p in stopped.curve] == [0.25, 0.5]  # not a point further, however late the stop came
+    t.submit(1, "curve")  # one that awaits no verdicts runs through
+    assert [p["progress"] for p in t.result(1).curve] == [0.25, 0.5, 0.75, 1.0]
 
 
 @pytest.mark.parametrize("kind", EXECUTORS)

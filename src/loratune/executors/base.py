@@ -23,12 +23,13 @@ class TrialSpec:
     max_new_tokens: int | None = None  # the longest answer (scoring.max_new_tokens)
     test: bool = False  # a final test job: score the trial's adapter on the test split (retrained without one)
     adapter: str | None = None  # for a test job, the trial's saved adapter
+    await_verdict: bool = False  # the study may stop it early: it waits for the verdict at each curve point
 
     def payload(self) -> dict:
         """What a worker reads from the trial's ``trial.json`` (see worker.py)."""
         return {"index": self.index, "params": self.params, "config": self.config,
                 "measure_inference": self.measure_inference, "answer": self.answer, "max_new_tokens": self.max_new_tokens,
-                "test": self.test, "adapter": self.adapter}
+                "test": self.test, "adapter": self.adapter, "await_verdict": self.await_verdict}
 
 
 @dataclass
@@ -62,7 +63,12 @@ class Executor(Protocol):
         """Events since the last call, waiting up to ``timeout`` seconds for the first one."""
 
     def stop(self, index: int) -> None:
-        """Ask a trial to stop early: it ends at its next optimizer step, as early-stopped."""
+        """Ask a trial to stop early: one that awaits verdicts ends at the curve point just judged, any
+        other at its next optimizer step; it ends as early-stopped."""
+
+    def go_on(self, index: int) -> None:
+        """The verdict on a trial's latest curve point, when it is not to stop: a trial that awaits
+        verdicts trains on (``TrialSpec.await_verdict``)."""
 
     def cancel(self, index: int, reason: str) -> None:
         """End a trial now and free what it holds; it ends as failed with ``reason``."""

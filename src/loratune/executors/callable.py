@@ -82,6 +82,9 @@ class CallableExecutor:
         if index in self._stop:
             self._stop[index].set()
 
+    def go_on(self, index: int) -> None:
+        """Nothing to send: a function's report waits until the loop has handled its point (see ``poll``)."""
+
     def cancel(self, index: int, reason: str) -> None:
         self.stop(index)
         self._events.put(Event(index, result=TrialResult(TrialState.FAILED, reason=reason)))

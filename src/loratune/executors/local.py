@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..processes import TrialLock
 from ..storage import atomic_write_json
-from ..trial_dir import SPEC_FILE, ProgressReader, base_key, worker_env
+from ..trial_dir import SPEC_FILE, VERDICT_POLL_S, ProgressReader, base_key, worker_env
 from .base import Event, TrialSpec, progress_events
 from .command import CommandRunner
 from .serving import WORKER_COMMAND, ServingWorker
@@ -108,11 +108,17 @@ class LocalExecutor:
                     del self.running[index]
             if events or time.monotonic() >= deadline:
                 return events
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            # a trial waiting for a verdict waits on this loop: look again soon
+            interval = VERDICT_POLL_S if any(s.spec.await_verdict for s in self.running.values()) else 0.1
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
     def stop(self, index: int) -> None:
         if index in self.running:
             self.running[index].runner.stop()
+
+    def go_on(self, index: int) -> None:
+        if index in self.running and isinstance(self.running[index].runner, ServingWorker):
+            self.running[index].runner.go_on()
 
     def cancel(self, index: int, reason: str) -> None:
         if index in self.running:

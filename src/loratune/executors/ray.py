@@ -59,7 +59,7 @@ class _SlotActor:
         import ray
 
         from loratune.processes import TrialLock
-        from loratune.trial_dir import SPEC_FILE, ProgressReader, base_key
+        from loratune.trial_dir import EVAL, SPEC_FILE, VERDICT_POLL_S, ProgressReader, base_key
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
         trial_dir = base / str(payload["index"])
@@ -69,18 +69,23 @@ class _SlotActor:
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
         self.worker.start(trial_dir, base_key(config))
-        reader, last_check = ProgressReader(trial_dir), 0.0
+        reader, last_check, points, went_on = ProgressReader(trial_dir), 0.0, 0, 0
         while (result := self.worker.poll()) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
-            if time.monotonic() - last_check > 0.5:
+                points += event.get("kind") == EVAL and event.get("progress", 1) < 1
+            awaiting = payload.get("await_verdict") and went_on < points  # the trial waits on this loop
+            if awaiting or time.monotonic() - last_check > 0.5:
                 last_check = time.monotonic()
-                asked = ray.get(signals.asked.remote(payload["index"]))
+                asked, go = ray.get(signals.asked.remote(payload["index"]))
                 if asked is not None and asked[0] == "cancel":
                     self.worker.cancel(asked[1])
                 elif asked is not None:
                     self.worker.stop()
-            time.sleep(0.1)
+                for _ in range(go - went_on):
+                    self.worker.go_on()
+                went_on = max(went_on, go)
+            time.sleep(VERDICT_POLL_S if awaiting else 0.1)
         for event in reader.read():
             progress.put((payload["index"], event))
         packed = None
@@ -106,17 +111,22 @@ def _remove_orphaned_trial_dirs() -> None:
 
 
 class _Signals:
-    """A Ray actor holding what the driver asks of running trials: stop early, or cancel (with a reason)."""
+    """A Ray actor holding what the driver asks of running trials: stop early, or cancel (with a reason),
+    and how many of a trial's curve points it let go on (for trials that await verdicts)."""
 
     def __init__(self):
         self.asks: dict[int, tuple[str, str]] = {}
+        self.go: dict[int, int] = {}
 
     def ask(self, index: int, what: str, reason: str = "") -> None:
         if self.asks.get(index, ("",))[0] != "cancel":  # a cancel is never taken back by a stop
             self.asks[index] = (what, reason)
 
-    def asked(self, index: int) -> tuple[str, str] | None:
-        return self.asks.get(index)
+    def go_on(self, index: int) -> None:
+        self.go[index] = self.go.get(index, 0) + 1
+
+    def asked(self, index: int) -> tuple[tuple[str, str] | None, int]:
+        return self.asks.get(index), self.go.get(index, 0)
 
 
 @dataclass
@@ -241,6 +251,9 @@ class RayExecutor:
 
     def stop(self, index: int) -> None:
         self.signals.ask.remote(index, "stop")
+
+    def go_on(self, index: int) -> None:
+        self.signals.go_on.remote(index)
 
     def cancel(self, index: int, reason: str) -> None:
         """The actor ends the trial (its worker with it) and sends its files home, log included; an actor

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..processes import die_with_parent, oom_kill_count, signal_group
 from ..trial import TrialResult, TrialState, result_from_exit
-from ..trial_dir import LOG_FILE, RESULT_FILE, STOP_FILE, started
+from ..trial_dir import LOG_FILE, RESULT_FILE, STOP_FILE, go_on, started
 
 WORKER_COMMAND = (sys.executable, "-m", "loratune.worker")  # + ``--serve`` or a trial directory
 
@@ -142,6 +142,11 @@ class ServingWorker:
         """Ask the trial to stop early: it ends after its next optimizer step, as early-stopped."""
         if self.trial is not None:
             (self.trial / STOP_FILE).touch()
+
+    def go_on(self) -> None:
+        """Let a trial that awaits verdicts train on past the curve point just judged."""
+        if self.trial is not None:
+            go_on(self.trial)
 
     def cancel(self, reason: str) -> None:
         """End the trial now, its worker with it (its memory is freed); it ends as failed with ``reason``."""
