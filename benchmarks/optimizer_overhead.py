@@ -3,13 +3,16 @@ running, and what a long study spends in the optimizer and its checkpoint.
 
     python benchmarks/optimizer_overhead.py                  # both parts, ~25 minutes on 2 cores
     python benchmarks/optimizer_overhead.py --part suggest   # the suggestion table only
+    python benchmarks/optimizer_overhead.py --part suggest --counts 50 --parameterization lora --warm-start
 
 Part 1 (suggest): loratune's Optimizer over the default search space, with and without Module 4.5's
 product constraint (lora_rank * batch_size <= 128). At 10, 20, 50 and 100 completed trials (attached
 at random points with an instant stand-in objective, the last one suggested so that Ax's quasi-random
 start hands over to Bayesian optimization), it times:
 one suggestion; one suggestion while 3 and 7 others are pending (a slot frees up while the other
-workers train); and a batch of 4 and of 8 suggestions at once.
+workers train); and a batch of 4 and of 8 suggestions at once. ``--parameterization lora``: the study
+setting; ``--warm-start``: the earlier trials are an earlier study's (``warm_start``), given to the
+optimizer as it is created, rather than attached one by one.
 
 Part 2 (study): a 200-trial study through run_optimization with 4 workers and an instant objective:
 wall time, time in Ax, and the checkpoint's size and writing time at the end.
@@ -47,20 +50,29 @@ def random_point(space, rng: random.Random) -> dict:
 
 
 LIGHTER = False  # --lighter-search: 512 raw samples and 10 restarts for the acquisition search
+PARAMETERIZATION = "raw"  # --parameterization
+WARM_START = False  # --warm-start
 
 
 def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
-    space = parse_search_space(default_search_space(), [CONSTRAINT] if constrained else [], FinetuneConfig())
+    from loratune.warm_start import PriorTrial
+
+    space = parse_search_space(default_search_space(), [CONSTRAINT] if constrained else [], FinetuneConfig(),
+                               parameterization=PARAMETERIZATION)
+    rng = random.Random(seed)
+    points = [random_point(space, rng) for _ in range(n - 1)]
+    losses = [stand_in(p) + rng.gauss(0, 0.002) for p in points]
+    prior = [PriorTrial(p, {"loss": v}, f"earlier#{i}") for i, (p, v) in enumerate(zip(points, losses, strict=True))]
     # Attached trials do not count toward Ax's initial design; with a design of one point (the centre,
-    # suggested last) the next suggestion is Bayesian optimization's.
-    opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=1)
+    # suggested last) the next suggestion is Bayesian optimization's. An earlier study's trials do count:
+    # with them the design is empty and the first suggestion is Bayesian optimization's.
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=n if WARM_START else 1,
+                           prior=prior if WARM_START else None)
     if LIGHTER:
         opt.use_lighter_acquisition_search()
-    rng = random.Random(seed)
-    for _ in range(n - 1):
-        point = random_point(space, rng)
+    for point, loss in zip(points, losses, strict=True) if not WARM_START else ():
         index = opt.attach(point)
-        opt.complete(index, {"loss": stand_in(point) + rng.gauss(0, 0.002)})
+        opt.complete(index, {"loss": loss})
     (index, point), = opt.ask(1).items()
     opt.complete(index, {"loss": stand_in(point)})
     return opt
@@ -142,9 +154,11 @@ def main() -> None:
     parser.add_argument("--lighter-search", action="store_true",
                         help="suggest part: 512 raw samples and 10 restarts for the acquisition search (Ax: 1024 and 20)")
     parser.add_argument("--constrained-only", action="store_true", help="the suggestion table with the constraint only")
+    parser.add_argument("--parameterization", choices=["raw", "lora"], default="raw")
+    parser.add_argument("--warm-start", action="store_true", help="the earlier trials as a warm start's")
     args = parser.parse_args()
-    global LIGHTER
-    LIGHTER = args.lighter_search
+    global LIGHTER, PARAMETERIZATION, WARM_START
+    LIGHTER, PARAMETERIZATION, WARM_START = args.lighter_search, args.parameterization, args.warm_start
     if args.part in ("suggest", "all"):
         suggest([int(c) for c in args.counts.split(",")], args.constrained_only)
     if args.part in ("study", "all"):

@@ -15,7 +15,10 @@ it out. **ax**: a plain ``ax.Client`` with its defaults, the parameters written 
 first, as loratune does. **loratune_ahead**: loratune's search with each point asked for while the
 trial before it still runs (pending in Ax), as a study that overlaps the suggestion with training
 would; measured and not adopted (docs/BENCHMARKS.md, "Choosing the next point while a trial
-trains"; not among the default methods). Every method gets ``--trials`` evaluations per repetition,
+trains"; not among the default methods). **loratune_lora**: loratune with ``parameterization: lora``
+(the learning rate searched as LoRA's effective step). **loratune_warm**: loratune warm-started from an
+earlier study of a related surface (``surfaces.earlier``: best step 1.6x larger, values 0.05 higher,
+noise of sd 0.003; 20 trials of loratune with seed + 1000). Every method gets ``--trials`` evaluations per repetition,
 the baseline included where there is one; repetition r seeds every method with r. Regret after k trials is the
 true value of the best point observed so far minus the optimum (on the tabular benchmark an
 observation is one random seed's fine-tune and the true value the mean over seeds; a surface named
@@ -142,19 +145,22 @@ def _hartmann6_mixed_optimum() -> float:
 # Methods: each returns the list of observed (params, value) in order
 
 
-def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False) -> list[tuple[dict, float]]:
+def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
+                 parameterization: str = "raw", prior: list | None = None) -> list[tuple[dict, float]]:
     """loratune's ``Optimizer`` as a study with one worker uses it. ``ahead``: each suggestion is asked for
     while the trial before it still runs (pending in Ax), as a study that overlaps the suggestion with
-    training would; otherwise after it completed."""
+    training would; otherwise after it completed. ``parameterization``: the study setting; ``prior``: an
+    earlier study's trials (``warm_start.PriorTrial``), as ``warm_start`` gives them."""
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
 
-    if problem.name == "tabular":  # exactly what a study builds from the default search space
-        space = parse_search_space(default_search_space(), [], FinetuneConfig())
+    if problem.name == "tabular" or (parameterization != "raw" and problem.params == surfaces.SPACE):
+        # the default search space: exactly what a study builds from it
+        space = parse_search_space(default_search_space(), [], FinetuneConfig(), parameterization=parameterization)
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
-    opt = Optimizer.create(space, ["value"], [True], [], seed=seed)
+    opt = Optimizer.create(space, ["value"], [True], [], seed=seed, prior=prior)
     rng, history, running = random.Random(seed), [], []  # running: (index, params) in the order they started
     if problem.baseline is not None:  # as a study: the current config is trial 0, attached as Ax's baseline
         running.append((opt.attach(problem.baseline, baseline=True), problem.baseline))
@@ -175,6 +181,25 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False) 
 
 def run_loratune_ahead(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
     return run_loratune(problem, trials, seed, ahead=True)
+
+
+def run_loratune_lora(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    return run_loratune(problem, trials, seed, parameterization="lora")
+
+
+def run_loratune_warm(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    """A warm start from an earlier study of a related job: loratune's 20 trials (seed + 1000) on the
+    surface's ``earlier`` version (best step 1.6x larger, every value 0.05 higher, observation noise of
+    sd 0.003), whose trials the new study gets as ``warm_start`` gives them."""
+    from loratune.warm_start import PriorTrial
+
+    name = problem.name.split(":")[0]
+    related = Problem(f"{name} (earlier)", problem.params, [], problem.optimum + 0.05,
+                      lambda p, rng=None: surfaces.earlier(name)(p) + (rng.gauss(0.0, 0.003) if rng else 0.0),
+                      surfaces.earlier(name), baseline=problem.baseline)
+    earlier = run_loratune(related, 20, seed + 1000)
+    prior = [PriorTrial(params, {"value": value}, f"earlier#{i}") for i, (params, value) in enumerate(earlier)]
+    return run_loratune(problem, trials, seed, prior=prior)
 
 
 def _loratune_param(spec: tuple):
@@ -281,7 +306,7 @@ def _evenly_spaced(values: list) -> bool:
     return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
 
 
-RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
+RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "loratune_lora": run_loratune_lora, "loratune_warm": run_loratune_warm, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
            "grid": run_grid, "optuna_tpe": run_optuna_tpe}
 
 

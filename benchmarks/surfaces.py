@@ -87,8 +87,53 @@ def batch_scaled(p: dict) -> float:
         + 0.008 * (math.log2(p["batch_size"]) - 1) ** 2
 
 
-SURFACES = {"lora_scale": lora_scale, "rslora_asymmetric": rslora_asymmetric, "batch_scaled": batch_scaled}
-OPTIMA = {"lora_scale": 0.60, "rslora_asymmetric": 0.90, "batch_scaled": 0.70}
+def step_rank_drift(p: dict) -> float:
+    """(Written after loratune's defaults were chosen: never used to tune them.) The best effective step
+    falls with the rank (larger adapters want smaller steps: ``K = 8e-5 / sqrt(rank / 16)``), so the
+    scale alone does not line the optimum up; the best batch size is the largest.
+
+    ``f = 0.80 + 0.20 (1 - exp(-x^2 / 1.28)) + 0.005 (log2 rank - 5)^2 + 0.004 (log2 batch_size - 2)^2``
+    with ``x = ln(lr * (alpha / rank) / K)``.
+
+    Optimum 0.80 at rank 32, batch size 4 and ``lr * alpha / rank = 5.66e-5``: (16, 1.13e-4),
+    (32, 5.66e-5), (64, 2.83e-5), (128, 1.41e-5).
+    """
+    x = math.log(p["learning_rate"] * p["lora_alpha"] / p["lora_rank"] / (8e-5 / math.sqrt(p["lora_rank"] / 16)))
+    return 0.80 + 0.20 * (1 - math.exp(-x * x / 1.28)) + 0.005 * (math.log2(p["lora_rank"]) - 5) ** 2 \
+        + 0.004 * (math.log2(p["batch_size"]) - 2) ** 2
+
+
+def wide_plateau(p: dict) -> float:
+    """(Written after loratune's defaults were chosen: never used to tune them.) A flat-bottomed basin in
+    the effective step (any step within a factor of 2 of ``8e-5`` is as good), a penalty on large scales
+    (``alpha / rank`` above 4 trains unstably) that the step does not capture, and the smallest rank and
+    the largest batch size best.
+
+    ``f = 0.50 + 0.04 d^2 + 0.01 max(0, log2(alpha / rank) - 2)^2 + 0.006 (log2 rank - 3)^2 + 0.005 (log2 batch_size - 2)^2``
+    with ``d = max(0, |x| - 0.7)``, ``x = ln(lr * (alpha / rank) / 8e-5)``.
+
+    Optimum 0.50 (a plateau) at rank 8, batch size 4, alpha 16 (lr 2e-5 to 8e-5) or 32 (lr 1e-5 to 4e-5).
+    """
+    x = math.log(p["learning_rate"] * p["lora_alpha"] / p["lora_rank"] / 8e-5)
+    d = max(0.0, abs(x) - 0.7)
+    return 0.50 + 0.04 * d * d + 0.01 * max(0.0, math.log2(p["lora_alpha"] / p["lora_rank"]) - 2) ** 2 \
+        + 0.006 * (math.log2(p["lora_rank"]) - 3) ** 2 + 0.005 * (math.log2(p["batch_size"]) - 2) ** 2
+
+
+def earlier(name: str, step_factor: float = 1.6, offset: float = 0.05):
+    """The surface of an earlier study of a related job (another version of the data): the same shape with
+    its best effective step ``step_factor`` times larger and every value ``offset`` higher; for warm starts."""
+    f = SURFACES[name]
+
+    def related(p: dict) -> float:
+        return f({**p, "learning_rate": p["learning_rate"] / step_factor}) + offset
+
+    return related
+
+
+SURFACES = {"lora_scale": lora_scale, "rslora_asymmetric": rslora_asymmetric, "batch_scaled": batch_scaled,
+            "step_rank_drift": step_rank_drift, "wide_plateau": wide_plateau}
+OPTIMA = {"lora_scale": 0.60, "rslora_asymmetric": 0.90, "batch_scaled": 0.70, "step_rank_drift": 0.80, "wide_plateau": 0.50}
 BEST_POINTS = {
     "lora_scale": [{"lora_rank": 32, "lora_alpha": a, "learning_rate": 5e-5 * 32 / a, "batch_size": 2}
                    for a in (16, 32, 64, 128)],
@@ -96,6 +141,9 @@ BEST_POINTS = {
                           for a in (32, 64, 128)],
     "batch_scaled": [{"lora_rank": 16, "lora_alpha": a, "learning_rate": 2e-4 * math.sqrt(2) * 16 / a, "batch_size": 2}
                      for a in (16, 32, 64, 128)],
+    "step_rank_drift": [{"lora_rank": 32, "lora_alpha": a, "learning_rate": 8e-5 / math.sqrt(2) * 32 / a, "batch_size": 4}
+                        for a in (16, 32, 64, 128)],
+    "wide_plateau": [{"lora_rank": 8, "lora_alpha": a, "learning_rate": 8e-5 * 8 / a, "batch_size": 4} for a in (16, 32)],
 }
 CENTRE = {"lora_rank": 32, "lora_alpha": 64, "learning_rate": math.sqrt(1e-5 * 5e-4), "batch_size": 2}  # Ax's first point
 

@@ -21,7 +21,7 @@ from .console import StudyConsole, TrainingProgress
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError, StudyAborted, TrainingFailed
 from .optimizer import Optimizer
-from .search_space import parse_search_space
+from .search_space import study_space
 from .settings import (
     Origin,
     Override,
@@ -29,12 +29,14 @@ from .settings import (
     load_finetune_config,
     load_study_config,
     may_change_on_resume,
+    outcome_metric,
     override,
     resumable_fields,
     validate_study,
 )
 from .storage import DirectoryLock, atomic_write_text, check_creatable
 from .trial import Evaluation, failure_message
+from .warm_start import load_prior
 
 # run_optimization's own argument -> the setting it sets
 _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space": "search_space",
@@ -139,8 +141,7 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
                                     scorer_names=scorers if isinstance(scorers, dict) else ())
     paths = StudyPaths.from_output(output)
     preflight.check_output(paths, output)
-    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), origin.at("search_space"),
-                               origin.at("constraints"))
+    space = study_space(cfg, origin.at("search_space"), origin.at("constraints"))
     preflight.check_evaluation(cfg, space, evaluate)
     if paths.holds_a_study() and not overwrite:
         raise _already_holds_a_study(paths)
@@ -150,15 +151,19 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     listeners = _checked_listeners(listeners)
     executor = _prestarted(cfg, evaluation)
+    prior = load_prior(cfg, space, [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)],
+                       origin.at("warm_start"))
     try:
         optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
-                                     cfg.init_trials, cfg.early_stopping)
+                                     cfg.init_trials, cfg.early_stopping, prior.trials)
+        optimizer.notes += prior.notes
         with DirectoryLock(paths.directory):
             if paths.holds_a_study():
                 if not overwrite:
                     raise _already_holds_a_study(paths)
                 paths.clear()
-            stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}))
+            stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}),
+                                 warm_start={i: t.source for i, t in enumerate(prior.trials)})
             return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor)
     finally:  # the study shuts it down too; here for every way out before the study took it
         if executor is not None:
@@ -297,7 +302,7 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
     cfg = stored.config
     scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"),
                                             finetune=stored.evaluation is Evaluation.FINETUNE)
-    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base())
+    space = study_space(cfg)
     preflight.check_evaluation(cfg, space, evaluate)
     if stored.evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
@@ -317,6 +322,9 @@ def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Pa
     """A checkpoint's records and its Ax experiment tell of the same trials with the same parameters (a hand
     edit of one and not the other would mix two studies)."""
     known = optimizer.trial_parameters()
+    for index in stored.warm_start:  # earlier studies' trials, which are no record of this one
+        if known.pop(index, None) is None:
+            raise LoratuneError(f"{where}: warm-start trial {index} ({stored.warm_start[index]}) is not in the Ax experiment")
     for i, record in enumerate(stored.records):
         ax = known.pop(record.index, None)
         same = ax is not None and ax.keys() == record.params.keys() and all(

@@ -20,7 +20,7 @@ from typing import Any
 from . import results as R
 from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, FinetuneConfig, StudyConfig, to_dict
 from .errors import LoratuneError
-from .search_space import SearchSpace, apply, parse_search_space
+from .search_space import SearchSpace, apply, study_space
 from .settings import Origin, build, dump_yaml, validate_study
 from .storage import atomic_write_json, atomic_write_text, read_json
 from .trial import Evaluation, TrialRecord, TrialState
@@ -140,10 +140,11 @@ class StoredStudy:
     study_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a comparison to its study
     test: dict | None = None  # the final test of the best trial and the baseline (evaluation.py)
     scorer_functions: list[str] = field(default_factory=list)  # scores given to the API as functions
+    warm_start: dict[int, str] = field(default_factory=dict)  # Ax trial -> the earlier study's trial it is (warm_start.py)
 
     @property
     def space(self) -> SearchSpace:
-        return parse_search_space(self.config.search_space, self.config.constraints, self.config.base())
+        return study_space(self.config)
 
     def best(self) -> TrialRecord | None:
         return R.best_record(self.records, self.config.objectives, self.config.minimize)
@@ -189,12 +190,15 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
         raise LoratuneError(f"{path}: test must be a mapping or null, got {test!r}")
     if not (isinstance(functions, list) and all(isinstance(f, str) for f in functions)):
         raise LoratuneError(f"{path}: scorer_functions must be a list of names, got {functions!r}")
-    cfg = build(StudyConfig, data["config"], origin, "config.")
+    warm = data.get("warm_start_trials") or {}
+    if not (isinstance(warm, dict) and all(k.isdigit() and isinstance(v, str) for k, v in warm.items())):
+        raise LoratuneError(f"{path}: warm_start_trials must map Ax trial indices to sources, got {warm!r}")
+    # a study saved before the LoRA parameterization existed searched its parameters as written
+    cfg = build(StudyConfig, {"parameterization": "raw", **data["config"]}, origin, "config.")
     cfg.trials += additional_trials
     validate_study(cfg, origin, custom_metrics=evaluation is not Evaluation.FINETUNE, scorer_names=functions)
     records = [TrialRecord.from_dict(r, f"{path}: records[{i}]") for i, r in enumerate(data["records"])]
-    space = parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), f"{path}: config.search_space",
-                               f"{path}: config.constraints")
+    space = study_space(cfg, f"{path}: config.search_space", f"{path}: config.constraints")
     seen: set[int] = set()
     for i, r in enumerate(records):
         if r.index in seen:
@@ -208,7 +212,7 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     results_name = Path(str(data.get("results_file") or RESULTS_NAME)).name
     stored = StoredStudy(cfg, records, evaluation, data["ax"], _number(data.get("elapsed_s")),
                          _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]),
-                         test, functions)
+                         test, functions, {int(k): v for k, v in warm.items()})
     return StudyPaths(path.parent, path.parent / results_name), stored
 
 
@@ -261,6 +265,8 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "constraints": cfg.constraints,
         "seed": cfg.seed,
         "rslora": cfg.lora.use_rslora,
+        "parameterization": stored.space.parameterization,  # how Ax searched: "lora" only where it applied
+        "warm_start": {"studies": cfg.warm_start, "trials": len(stored.warm_start)} if cfg.warm_start else None,
         "evaluation": stored.evaluation,
         "study_id": stored.study_id,
         "n_trials": stored.finished(),
@@ -282,6 +288,7 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
         "config": to_dict(stored.config), "results_file": paths.results.name, "evaluation": stored.evaluation,
         "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s, "test": stored.test,
         "scorer_functions": stored.scorer_functions, "records": [r.to_dict() for r in stored.records], "ax": stored.ax,
+        "warm_start_trials": {str(k): v for k, v in stored.warm_start.items()},
     }
     atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)

@@ -233,6 +233,20 @@ class StudyConfig:
     """Trials of the initial design (the centre of the space, then Sobol points) before Bayesian
     optimization starts; the baseline comes on top (when it is the centre, the centre is not run twice).
     null: Ax's default, 5."""
+    parameterization: Literal["lora", "raw"] = setting("raw", flag="--parameterization", metavar="{lora,raw}",
+                                                       help="how Ax sees the learning rate: lora, as LoRA's effective "
+                                                            "step lr x alpha / rank; raw, as written")
+    """``lora``: Ax searches the learning rate as LoRA's effective step, lr x alpha / rank (alpha / sqrt(rank)
+    with rsLoRA), with alpha and rank as base-2 exponents; trials, results and plots keep your parameters, and
+    no learning rate outside its bounds is proposed. ``raw``: every parameter as written. Where the space does
+    not allow ``lora`` (the learning rate is not a range, or alpha and rank are choices that are not consecutive
+    powers of two) the study searches as written and says why."""
+    warm_start: list[str] = setting(default_factory=list, flag="--warm-start", metavar="DIR[,DIR]",
+                                    help="earlier studies whose completed trials Ax learns from before the first "
+                                         "suggestion (same objectives)")
+    """Directories of earlier studies (of the same objectives) whose completed trials the new study's Ax model
+    learns from before its first suggestion; they replace as many points of the initial design, are never run
+    again and are not the new study's trials. A trial outside the new search space is left out, and said."""
     workers: int = setting(1, flag="--workers", metavar="N", resume=True,
                            help="trials at once (each gets its own GPU set where there are GPUs)")
     """Trials running at once."""

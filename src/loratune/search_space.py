@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SECTIONS, FinetuneConfig
+from .config import SECTIONS, FinetuneConfig, StudyConfig
 from .errors import LoratuneError
 from .settings import coerce, section_fields, unknown_field_message, validate
 
@@ -37,10 +37,16 @@ class Param:
     high: float | None = None
     log: bool = False
     integer: bool = False
-    log2_encoded: bool = False  # given to Ax as a base-2 exponent (for product constraints)
+    log2_encoded: bool = False  # given to Ax as a base-2 exponent (for product constraints, LoRA's scale)
+    # the learning rate searched as LoRA's effective step (``SearchSpace.step``): base-2 exponent of
+    # lr x alpha / rank = log2(lr) + step_offset + sum(k * log2(value of parameter)), k per parameter name
+    step_scale: dict[str, float] | None = None
+    step_offset: float = 0.0
 
     @property
     def ax_name(self) -> str:
+        if self.step_scale is not None:
+            return f"log2_effective_{self.name}"
         return f"log2_{self.name}" if self.log2_encoded else self.name
 
     def candidates(self) -> list[Value]:
@@ -78,6 +84,13 @@ class Constraint:
 class SearchSpace:
     params: list[Param]
     constraints: list[Constraint] = field(default_factory=list)
+    parameterization: str = "raw"  # "lora": the learning rate is searched as LoRA's effective step
+    note: str | None = None  # why the LoRA parameterization does not apply, where it was asked for
+
+    @property
+    def step(self) -> Param | None:
+        """The learning rate, where it is searched as LoRA's effective step (see ``lora_parameterization``)."""
+        return next((p for p in self.params if p.step_scale is not None), None)
 
     @property
     def names(self) -> list[str]:
@@ -93,12 +106,22 @@ class SearchSpace:
     def encode(self, values: dict[str, Value]) -> dict[str, Value]:
         """User values -> Ax parameters, each in the type Ax declared for it."""
         values = self.cast(values)
-        return {p.ax_name: _to_exponent(p, values[p.name]) if p.log2_encoded else values[p.name] for p in self.params}
+        encoded = {p.ax_name: _to_exponent(p, values[p.name]) if p.log2_encoded else values[p.name] for p in self.params}
+        if (step := self.step) is not None:
+            encoded[step.ax_name] = math.log2(values[step.name]) + _log2_scale(step, values)
+        return encoded
 
     def decode(self, ax_values: dict[str, Value]) -> dict[str, Value]:
-        """Ax parameters -> user values."""
-        return self.cast({p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
-                          for p in self.params}, "Ax's suggestion")
+        """Ax parameters -> user values. The learning rate of an effective step is the step divided by the
+        scale of the decoded alpha and rank; Ax's constraints keep it inside its bounds, up to rounding,
+        which the clip takes away."""
+        step = self.step
+        values = {p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
+                  for p in self.params if p is not step}
+        if step is not None:  # 12 digits: a learning rate given as 2e-4 comes back as 2e-4, not 2.0000000000000001e-4
+            lr = float(f"{2 ** (float(ax_values[step.ax_name]) - _log2_scale(step, values)):.12g}")
+            values[step.name] = min(max(lr, step.low), step.high)
+        return self.cast({p.name: values[p.name] for p in self.params}, "Ax's suggestion")
 
     def contains(self, values: dict[str, Value]) -> bool:
         for p in self.params:
@@ -119,6 +142,11 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float):
         return float(a) == float(b)
     return type(a) is type(b) and a == b
+
+
+def _log2_scale(step: Param, values: dict[str, Value]) -> float:
+    """log2 of LoRA's update scale (alpha / rank, or alpha / sqrt(rank)) at these values."""
+    return step.step_offset + sum(k * math.log2(values[name]) for name, k in step.step_scale.items())
 
 
 def _to_exponent(p: Param, value: Value) -> float | int:
@@ -246,7 +274,7 @@ def apply(base: FinetuneConfig, values: dict[str, Value], space: SearchSpace, so
 
 
 def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, where: str = "search_space",
-                       constraints_at: str = "constraints") -> SearchSpace:
+                       constraints_at: str = "constraints", parameterization: str = "raw") -> SearchSpace:
     if not isinstance(spec, dict) or not spec:
         raise LoratuneError(f"{where}: expected a mapping of parameter names to ranges or choices")
     params = [parse_param(str(name), s, where) for name, s in spec.items()]
@@ -258,7 +286,71 @@ def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, 
     space = SearchSpace(params, [parse_constraint(c, params, f"{constraints_at}[{i}]") for i, c in enumerate(constraints)])
     _encode_for_products(space)
     check_feasible(space)
+    if parameterization == "lora":
+        lora_parameterization(space, base)
     return space
+
+
+def study_space(cfg: StudyConfig, where: str = "search_space", constraints_at: str = "constraints") -> SearchSpace:
+    """A study's search space as Ax searches it (its ``parameterization``)."""
+    return parse_search_space(cfg.search_space, cfg.constraints, cfg.base(), where, constraints_at, cfg.parameterization)
+
+
+LR, ALPHA, RANK, RSLORA = "training.learning_rate", "lora.alpha", "lora.rank", "lora.use_rslora"
+
+
+def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
+    """Search the learning rate as LoRA's effective step, lr x alpha / rank (lr x alpha / sqrt(rank) with
+    rsLoRA), on a base-2 log axis, with alpha and rank as base-2 exponents: the loss of a LoRA fine-tune
+    moves with the step far more than with the three apart, so this puts the ridge of good points along
+    one of Ax's axes. Two linear constraints keep every suggested learning rate inside its own bounds, so
+    no point outside the user's box is ever proposed. Applies where the learning rate is a range outside
+    any constraint and alpha or rank is searched as a range or a choice of consecutive powers of two (the
+    other may be fixed); otherwise the space stays as written and ``space.note`` says why."""
+    by_target = {p.target: p for p in space.params}
+    lr, alpha, rank = by_target.get(LR), by_target.get(ALPHA), by_target.get(RANK)
+    searched = [p for p in (alpha, rank) if p is not None and p.kind != "fixed"]
+    if lr is None or not searched:
+        return  # nothing of LoRA's scale is searched: nothing to gain, nothing to say
+    in_constraints = {name for c in space.constraints for name in c.terms}
+    rslora = by_target.get(RSLORA)
+    reason = None
+    if lr.kind != "range" or lr.low <= 0:
+        reason = f"{lr.name} is not a positive range"
+    elif lr.name in in_constraints:
+        reason = f"{lr.name} appears in a constraint"
+    elif rslora is not None and rslora.kind != "fixed":
+        reason = f"{rslora.name} is searched (the scale's form changes with it)"
+    else:
+        reason = next((why for p in searched if (why := _exponent_axis(p, space, in_constraints))), None)
+    if reason:
+        space.note = f"the learning rate is searched as written, not as LoRA's effective step: {reason}"
+        return
+    use_rslora = bool(rslora.values[0]) if rslora is not None else base.lora.use_rslora
+    lr.step_scale, lr.step_offset = {}, 0.0
+    for p, exponent, fixed in ((alpha, 1.0, base.lora.alpha), (rank, -0.5 if use_rslora else -1.0, base.lora.rank)):
+        if p is not None and p.kind != "fixed":
+            p.log2_encoded = True
+            lr.step_scale[p.name] = exponent
+        else:
+            lr.step_offset += exponent * math.log2(p.values[0] if p is not None else fixed)
+    space.parameterization = "lora"
+
+
+def _exponent_axis(p: Param, space: SearchSpace, in_constraints: set[str]) -> str | None:
+    """Why ``p`` cannot be one of Ax's base-2 exponent axes in a linear constraint; None when it can."""
+    values = p.candidates()
+    if any(not isinstance(v, int | float) or isinstance(v, bool) or v <= 0 for v in values):
+        return f"{p.name} is not positive"
+    if p.kind == "choice":
+        if not all(_is_int(v) and v & (v - 1) == 0 for v in values):
+            return f"{p.name} is a choice of values that are not powers of two"
+        exps = sorted(int(math.log2(v)) for v in values)
+        if exps != list(range(exps[0], exps[-1] + 1)):
+            return f"{p.name} skips a power of two ({values})"
+    if p.name in in_constraints and not p.log2_encoded:
+        return f"{p.name} appears in a linear constraint"
+    return None
 
 
 def _check_values(params: list[Param], base: FinetuneConfig, where: str) -> None:

@@ -25,7 +25,7 @@ from .executors import Event, Executor, TrialSpec, create_executor
 from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
 from .scoring import Scorer, ScoringError, score
-from .search_space import parse_search_space
+from .search_space import study_space
 from .settings import outcome_metric
 from .tracking import Tracker
 from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message
@@ -42,7 +42,7 @@ class Study:
                                    warn=lambda text: console.print(f"[yellow]warning[/]: {text}"))
         self.executor = executor  # None: the one the settings ask for (benchmarks give their own)
         self.cfg = stored.config
-        self.space = parse_search_space(self.cfg.search_space, self.cfg.constraints, self.cfg.base())
+        self.space = study_space(self.cfg)
         es = self.cfg.early_stopping
         self.threshold_rule = None if es.threshold is None else \
             EarlyStoppingCallback(es.threshold, es.check_at, metric=self.cfg.objectives[0])
@@ -67,8 +67,9 @@ class Study:
         aborted = None
         try:
             with self.console:
-                if self.opt.note:
-                    self.console.print(f"[yellow]note[/]: {self.opt.note}")
+                for note in [*self.opt.notes, self.space.note]:
+                    if note:
+                        self.console.print(f"[yellow]note[/]: {note}")
                 self.listeners.study_started(self.stored, self.paths)
                 self._start_interrupted(executor, running)
                 changed = False

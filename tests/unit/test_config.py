@@ -119,6 +119,7 @@ def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsy
     """How trials run may change on resume, what they measure may not: each study field says which, and
     `loratune resume`, `ax_optimization.py --resume` and `resume_optimization` all ask the same function."""
     import dataclasses
+    import typing
 
     import ax_optimization
     from loratune.cli import build_parser, study_flags
@@ -138,6 +139,8 @@ def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsy
     assert resume and offered == {f.metadata["flag"] for f in study_flags(resuming=True)}
     for f in study_flags():
         if not f.metadata["resume"] and f.name != "trials":
-            value = [] if f.metadata["flag"].startswith("--no-") else ["1"]
+            tp = typing.get_type_hints(StudyConfig)[f.name]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+            value = [] if f.metadata["flag"].startswith("--no-") else [str(choices[0])] if choices else ["1"]
             assert ax_optimization.main(["--resume", "nowhere.json", f.metadata["flag"], *value]) == 2
             assert f"error: {f.metadata['flag']}: cannot change when a study resumes" in capsys.readouterr().err

@@ -73,6 +73,26 @@ def test_the_baseline_comes_on_top_of_the_initial_design_and_bayesian_optimizati
     assert _node_names(opt)[1:] == ["CenterOfSearchSpace"] + ["Sobol"] * 4 + ["MBM"]
 
 
+def test_under_the_lora_parameterization_ax_proposes_only_points_in_the_users_box():
+    """Ax searches the effective step; every trial it proposes, the baseline it was given and the ones it
+    restores are the user's values, inside the bounds and the product constraint."""
+    space = parse_search_space(SPACE, ["lora_rank * batch_size <= 32"], StudyConfig().base(), parameterization="lora")
+    opt = Optimizer.create(space, ["loss"], [True], [], seed=0)
+    baseline = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
+    index = opt.attach(baseline, baseline=True)
+    opt.complete(index, {"loss": fake_loss(baseline)})
+    proposed = {}
+    for _ in range(9):  # the centre, 4 Sobol points, then Bayesian optimization
+        (index, params), = opt.ask(1).items()
+        assert space.contains(params), params
+        opt.complete(index, {"loss": fake_loss(params)})
+        proposed[index] = params
+    assert _node_names(opt)[-1] == "MBM"
+    assert opt.trial_parameters()[0] == baseline
+    restored = Optimizer.restore(json.loads(json.dumps(opt.snapshot())), space, seed=0)
+    assert restored.trial_parameters() == {0: baseline, **proposed}
+
+
 def _acquisition_search(opt: Optimizer) -> list[dict]:
     return [spec.generator_gen_kwargs.get("model_gen_options", {}).get("optimizer_kwargs") for spec in opt._model_specs()]
 

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 
@@ -105,3 +106,87 @@ def test_values_are_cast_to_their_parameters_types_before_they_reach_ax():
         s.cast({**cast, "lora_rank": 24}, "baseline")
     with pytest.raises(LoratuneError, match="baseline: no value for batch_size"):
         s.cast({k: v for k, v in cast.items() if k != "batch_size"}, "baseline")
+
+
+# -- the LoRA parameterization: the learning rate searched as LoRA's effective step ------------------
+
+def lora_space(spec=None, constraints=(), base=None):
+    return parse_search_space(spec or default_search_space(), list(constraints), base or FinetuneConfig(),
+                              parameterization="lora")
+
+
+def box_points(s, lrs=(1e-5, 3.3e-5, 2e-4, 5e-4)):
+    """Every combination of the choices with learning rates across the range (its bounds included)."""
+    others = [p for p in s.params if p.name != "learning_rate"]
+    for combo in itertools.product(*(p.values if p.kind == "choice" else p.candidates() for p in others), lrs):
+        yield dict(zip([p.name for p in others] + ["learning_rate"], combo, strict=True))
+
+
+def test_the_lora_parameterization_maps_the_users_box_both_ways():
+    s = lora_space(constraints=["lora_rank * batch_size <= 128"])
+    assert s.parameterization == "lora" and s.note is None
+    params, constraints = to_ax(s)
+    assert [p.name for p in params] == ["log2_lora_rank", "log2_lora_alpha", "log2_effective_learning_rate", "log2_batch_size"]
+    # the step's bounds: the learning rate's times the smallest and largest alpha / rank (16/64 and 128/8)
+    assert params[2].bounds == pytest.approx((math.log2(1e-5) - 2, math.log2(5e-4) + 4))
+    assert constraints == ["1*log2_lora_rank + 1*log2_batch_size <= 7",
+                          f"1*log2_effective_learning_rate + -1*log2_lora_alpha + 1*log2_lora_rank >= {math.log2(1e-5):.12g}",
+                          f"1*log2_effective_learning_rate + -1*log2_lora_alpha + 1*log2_lora_rank <= {math.log2(5e-4):.12g}"]
+    baseline = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
+    assert s.encode(baseline) == pytest.approx({"log2_lora_rank": 4, "log2_lora_alpha": 5,
+                                                "log2_effective_learning_rate": math.log2(2e-4 * 32 / 16), "log2_batch_size": 0})
+    for values in box_points(s):
+        assert s.decode(s.encode(values)) == values  # exactly: a learning rate of 2e-4 comes back as 2e-4
+
+
+def test_every_point_ax_may_propose_under_the_lora_parameterization_is_inside_the_users_box():
+    s = lora_space()
+    _, constraints = to_ax(s)
+    lo, hi = (float(c.rsplit(" ", 1)[1]) for c in constraints)
+    steps = [math.log2(1e-5) - 2 + k * (math.log2(5e-4) + 4 - math.log2(1e-5) + 2) / 40 for k in range(41)]
+    inside = 0
+    for r, a, e, b in itertools.product(range(3, 7), range(4, 8), steps, (1, 2, 4)):
+        if not lo - 1e-9 <= e - a + r <= hi + 1e-9:
+            continue  # Ax's constraints never propose it
+        values = s.decode({"log2_lora_rank": r, "log2_lora_alpha": a, "log2_effective_learning_rate": e, "batch_size": b})
+        assert s.contains(values) and values["learning_rate"] * values["lora_alpha"] / values["lora_rank"] == pytest.approx(2 ** e)
+        inside += 1
+    assert inside > 900  # of the 1,968 points of the grid
+
+
+@pytest.mark.parametrize(("spec", "lora", "scale", "offset"), [
+    ({"lora_alpha": [16, 32, 64], "learning_rate": [1e-5, 5e-4]}, {}, {"lora_alpha": 1}, -4),  # rank 16 fixed
+    ({"lora_rank": {"low": 4, "high": 64}, "learning_rate": [1e-5, 5e-4]}, {}, {"lora_rank": -1}, 5),  # alpha 32
+    ({"lora_rank": [8, 16, 32], "lora_alpha": [16.0, 64.0], "learning_rate": [1e-5, 5e-4]}, {"use_rslora": True},
+     {"lora_alpha": 1, "lora_rank": -0.5}, 0),
+    ({"lora_rank": [8, 16], "lora_alpha": [32], "learning_rate": [1e-5, 5e-4]}, {}, {"lora_rank": -1}, 5),
+])
+def test_the_effective_step_follows_what_is_searched_and_what_is_fixed(spec, lora, scale, offset):
+    from loratune.config import LoraConfig
+
+    s = lora_space(spec, base=FinetuneConfig(lora=LoraConfig(**lora)))
+    step = s.step
+    assert (step.step_scale, step.step_offset) == (scale, pytest.approx(offset))
+    for values in box_points(s, lrs=(1e-5, 7e-5, 5e-4)):
+        assert s.decode(s.encode(values)) == {**values, "learning_rate": pytest.approx(values["learning_rate"])}
+
+
+@pytest.mark.parametrize(("spec", "constraints", "why"), [
+    ({"lora_rank": [8, 12, 16], "learning_rate": [1e-5, 5e-4]}, [], "lora_rank is a choice of values that are not powers of two"),
+    ({"lora_rank": [8, 32], "learning_rate": [1e-5, 5e-4]}, [], "lora_rank skips a power of two"),
+    ({"lora_rank": [8, 16], "learning_rate": [1e-4, 2e-4, 3e-4]}, [], "learning_rate is not a positive range"),
+    ({"lora_rank": [8, 16], "learning_rate": [1e-5, 5e-4], "lora_use_rslora": [True, False]}, [], "lora_use_rslora is searched"),
+    ({"lora_alpha": [8.0, 64.0], "lora_dropout": [0.0, 0.2], "learning_rate": [1e-5, 5e-4]},
+     ["lora_alpha + lora_dropout <= 40"], "lora_alpha appears in a linear constraint"),
+])
+def test_where_the_lora_parameterization_cannot_apply_the_space_stays_as_written_and_says_why(spec, constraints, why):
+    s = lora_space(spec, constraints)
+    assert s.parameterization == "raw" and s.step is None
+    assert s.note.startswith("the learning rate is searched as written") and why in s.note
+    assert to_ax(s) == to_ax(space(spec, constraints))
+
+
+def test_raw_and_spaces_without_loras_scale_are_searched_as_written():
+    assert space().step is None and space().note is None
+    s = lora_space({"learning_rate": [1e-5, 5e-4], "batch_size": [1, 2, 4]})
+    assert (s.parameterization, s.note, s.step) == ("raw", None, None)

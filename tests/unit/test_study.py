@@ -100,6 +100,42 @@ def test_resume_with_more_trials_equals_an_uninterrupted_run(tmp_path):
     assert resumed["optimizer_time_s"] > part["optimizer_time_s"]  # the sessions' Ax time adds up
 
 
+@pytest.mark.parametrize("parameterization", ["lora", "raw"])
+def test_a_study_under_either_parameterization_runs_and_resumes_in_the_users_parameters(tmp_path, parameterization):
+    seen = []
+
+    def evaluate(params):
+        seen.append(params)
+        return fake_loss(params)
+
+    constraints = ["lora_rank * batch_size <= 32"]
+    optimize(tmp_path, trials=7, evaluate=evaluate, constraints=constraints, parameterization=parameterization)
+    resumed = resume_optimization(tmp_path / "study", additional_trials=2, evaluate=evaluate, quiet=True)
+    assert resumed["parameterization"] == parameterization and len(seen) == len(resumed["trials"]) == 9
+    assert seen[0] == {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}  # the baseline, exactly
+    space = load_checkpoint(tmp_path / "study")[1].space
+    for params, trial in zip(seen, resumed["trials"], strict=True):
+        assert space.contains(params) and trial["params"] == params  # bounds, choices and the product constraint
+
+
+def test_a_checkpoint_from_before_the_lora_parameterization_resumes_as_it_searched(tmp_path):
+    optimize(tmp_path, trials=3, parameterization="raw")
+    checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
+    data = json.loads(checkpoint.read_text())
+    del data["config"]["parameterization"]  # as a study saved before the field existed
+    checkpoint.write_text(json.dumps(data))
+    assert resume_optimization(checkpoint, additional_trials=1, evaluate=fake_loss, quiet=True)["parameterization"] == "raw"
+
+
+def test_a_space_the_lora_parameterization_cannot_search_says_why_and_runs_as_written(tmp_path, capsys):
+    results = run_optimization(num_trials=2, output_dir=tmp_path / "study", seed=0, report=False, evaluate=fake_loss,
+                               search_space={"lora_rank": [8, 12, 16], "learning_rate": [1e-5, 5e-4]},
+                               parameterization="lora")
+    assert results["parameterization"] == "raw"
+    assert "note: the learning rate is searched as written, not as LoRA's effective step: lora_rank is a choice of " \
+           "values that are not powers of two" in " ".join(capsys.readouterr().out.split())
+
+
 TRAIN = ("import json, sys\n"
          "print(json.dumps({'loss': 0.5 + abs(float(sys.argv[1]) - 3e-4) * 1000 + int(sys.argv[2]) / 1000}))\n")
 

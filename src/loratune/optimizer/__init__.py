@@ -21,6 +21,7 @@ from . import seam
 from .kernel import bounded_fused_kernel
 from .snapshot import Snapshots
 
+DEFAULT_INIT_TRIALS = 5  # Ax's initial design when init_trials is null: the centre, then Sobol points
 PROGRESSION_SCALE = 1000  # Ax progressions are integers: per-mille of a trial's training
 
 
@@ -40,9 +41,13 @@ def quiet_ax() -> None:
     warnings.filterwarnings("ignore", module=r"(ax|botorch|gpytorch|linear_operator)(\.|$)")
 
 
-def ax_parameter(p: Param) -> Any:
+def ax_parameter(p: Param, space: SearchSpace) -> Any:
     from ax import ChoiceParameterConfig, RangeParameterConfig
 
+    if p.step_scale is not None:  # the effective step's bounds: the learning rate's, times the scale's extremes
+        low, high = _scale_bounds(p, space)
+        return RangeParameterConfig(name=p.ax_name, bounds=(math.log2(p.low) + low, math.log2(p.high) + high),
+                                    parameter_type="float")
     if p.log2_encoded:
         if p.kind == "choice":
             exps = sorted(int(round(math.log2(v))) for v in p.values)
@@ -75,7 +80,21 @@ def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
                 terms.append(f"{k:g}*{p.ax_name}")
         if terms:
             constraints.append(f"{' + '.join(terms)} {c.op} {bound:.12g}")
-    return [ax_parameter(p) for p in space.params], constraints
+    if (step := space.step) is not None:  # the learning rate inside its own bounds: linear in Ax's axes
+        terms = " + ".join([f"1*{step.ax_name}"] + [f"{-k:g}*{by_name[name].ax_name}" for name, k in step.step_scale.items()])
+        constraints += [f"{terms} >= {math.log2(step.low) + step.step_offset:.12g}",
+                        f"{terms} <= {math.log2(step.high) + step.step_offset:.12g}"]
+    return [ax_parameter(p, space) for p in space.params], constraints
+
+
+def _scale_bounds(step: Param, space: SearchSpace) -> tuple[float, float]:
+    """The lowest and highest log2 of LoRA's scale over the space's box (alpha and rank apart)."""
+    by_name = {p.name: p for p in space.params}
+    low = high = step.step_offset
+    for name, k in step.step_scale.items():
+        ends = [k * math.log2(v) for v in by_name[name].candidates()]
+        low, high = low + min(ends), high + max(ends)
+    return low, high
 
 
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
@@ -106,15 +125,18 @@ class Optimizer:
     def __init__(self, client: Any, space: SearchSpace, seed: int | None):
         self.client, self.space, self.seed = client, space, seed
         self.exhausted = False
-        self.note: str | None = None  # something the user should hear about the optimizer (shown once)
+        self.notes: list[str] = []  # what the user should hear about the optimizer (shown once, as the study starts)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
         self._snapshots = Snapshots()
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
-               seed: int | None, init_trials: int | None = None, early_stopping: Any = None) -> Optimizer:
+               seed: int | None, init_trials: int | None = None, early_stopping: Any = None,
+               prior: list | None = None) -> Optimizer:
         """A configured Ax client; Ax's own checks of the space and the objectives become one error line.
-        ``early_stopping`` (an EarlyStoppingConfig) sets Ax's percentile rule when it has a percentile."""
+        ``early_stopping`` (an EarlyStoppingConfig) sets Ax's percentile rule when it has a percentile.
+        ``prior``: earlier studies' trials (``warm_start.PriorTrial``), attached as Ax trials 0, 1, ...; they
+        take the place of as many points of the initial design."""
         start = time.perf_counter()
         quiet_ax()
         from ax import Client
@@ -128,10 +150,15 @@ class Optimizer:
         except Exception as exc:  # Ax validates here: report its reason in one line
             raise LoratuneError(f"search space: Ax rejected it: {first_line(exc)}") from None
         opt = cls(client, space, seed)
+        if prior:
+            init_trials = max(0, (DEFAULT_INIT_TRIALS if init_trials is None else init_trials) - len(prior))
         opt._configure_generation(init_trials)
         opt._set_early_stopping(early_stopping)
+        for k, trial in enumerate(prior or []):
+            index = opt.client.attach_trial(space.encode(trial.params), arm_name=f"warm_start_{k}")
+            opt.client.complete_trial(index, raw_data=trial.metrics)
         if len(objectives) > 1:
-            opt.note = bounded_fused_kernel()
+            opt.notes += [note] if (note := bounded_fused_kernel()) else []
         opt.busy_s = time.perf_counter() - start
         return opt
 
@@ -186,9 +213,15 @@ class Optimizer:
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
         """Add a trial that Ax did not suggest (the baseline); values are cast to their parameters' types first."""
+        from ax.core.arm import Arm
+
         encoded = self.space.encode(values)
+        # a point Ax holds already (an earlier study's trial, with a warm start) keeps its arm's name
+        known = seam.experiment(self.client).arms_by_signature.get(Arm(parameters=dict(encoded)).signature)
         try:
-            return self.client.attach_baseline(encoded) if baseline else self.client.attach_trial(encoded)
+            if baseline:
+                return self.client.attach_baseline(encoded, arm_name=known.name if known else None)
+            return self.client.attach_trial(encoded)
         except Exception as exc:  # Ax validates the point here: say which one, in one line
             what = "baseline" if baseline else "trial"
             raise LoratuneError(f"{what} {values}: Ax refused it: {first_line(exc)}") from None
@@ -252,7 +285,7 @@ class Optimizer:
         opt = cls(client, space, seed)
         opt._set_early_stopping(early_stopping)
         if seam.experiment(client).optimization_config.is_moo_problem:
-            opt.note = bounded_fused_kernel()
+            opt.notes += [note] if (note := bounded_fused_kernel()) else []
         opt.busy_s = time.perf_counter() - start
         return opt
 

@@ -34,7 +34,11 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
         "learning_curves": ProgressionPlot(metric_name=objective),
         "sensitivity": SensitivityAnalysisPlot(metric_name=objective),
     }
-    names = {p.ax_name: p.name for p in opt.space.params}
+    # under the LoRA parameterization Ax's model sees the effective step, not the learning rate: its
+    # importance is reported under that name, and Ax's contours over the learning rate are left to the
+    # report's own contour plots, which are drawn in the user's parameters
+    step = opt.space.step
+    names = {p.ax_name: p.name for p in opt.space.params if p is not step}
     for x, y in contour_pairs:
         ax_x = next((a for a, n in names.items() if n == x), None)
         ax_y = next((a for a, n in names.items() if n == y), None)
@@ -54,7 +58,8 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
             card = analysis.compute(experiment=experiment, generation_strategy=strategy)
             figures[name] = card.get_figure()
             if name == "sensitivity":
-                importance = {names.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
+                labels = {**names, **({step.ax_name: f"effective_{step.name}"} if step else {})}
+                importance = {labels.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
         except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
             model_based = name == "sensitivity" or name.startswith("contour_")
             errors.append(f"{name}: {NO_MODEL_YET if no_model and model_based else first_line(exc, 160)}")

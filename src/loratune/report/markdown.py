@@ -55,6 +55,12 @@ def _settings(summary: dict) -> list[str]:
     lines += [f"- `{k}`: {v}" for k, v in (summary.get("search_space") or {}).items()]
     if summary.get("constraints"):
         lines += ["", "Constraints: " + ", ".join(f"`{c}`" for c in summary["constraints"])]
+    if summary.get("parameterization") == "lora":
+        lines += ["", "Ax searched the learning rate as LoRA's effective step (learning rate x alpha / rank); every "
+                      "trial here is in the parameters above."]
+    if warm := summary.get("warm_start"):
+        lines += ["", f"Warm start: Ax's model also learned from {warm['trials']} completed trials of "
+                      + ", ".join(f"`{s}`" for s in warm["studies"]) + " (not this study's trials, not run again)."]
     return lines + ["", "States: " + ", ".join(f"{k} {v}" for k, v in (summary.get("states") or {}).items() if v), ""]
 
 
@@ -116,6 +122,10 @@ def _importance(importance: dict[str, float] | None, analysis_errors: list[str],
         lines += ["Total Sobol sensitivity of Ax's model of the objective (share of its variance each parameter "
                   "explains, interactions included):", ""]
         lines += _table(["parameter", "importance"], sorted(importance.items(), key=lambda kv: -kv[1])) + [""]
+        if any(name.startswith("effective_") for name in importance):
+            lines += ["Ax searched the learning rate as LoRA's effective step (`effective_learning_rate`: learning "
+                      "rate x alpha / rank, or / sqrt(rank) with rsLoRA), so its model's importance is that step's, "
+                      "with alpha and rank at a fixed step.", ""]
         if images.get("importance"):
             lines += [f"![Parameter importance]({images['importance']})", ""]
         return lines
