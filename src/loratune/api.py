@@ -150,9 +150,9 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     if evaluation is Evaluation.FINETUNE:
         preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     listeners = _checked_listeners(listeners)
-    executor = _prestarted(cfg, evaluation)
     prior = load_prior(cfg, space, [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)],
                        origin.at("warm_start"))
+    executor = _prestarted(cfg, evaluation)
     try:
         optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
                                      cfg.init_trials, cfg.early_stopping, prior.trials)

@@ -10,6 +10,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from .config import StudyConfig
@@ -96,7 +97,7 @@ def _flag_type(f: dataclasses.Field) -> dict:
         return {"action": "store_true"}
     if typing.get_origin(tp) is Literal:
         return {"choices": list(typing.get_args(tp))}
-    kind = args[0] if args else tp
+    kind = tp if typing.get_origin(tp) is list else args[0] if args else tp  # list[str] or str | None
     if kind is int or tp is int:
         return {"type": _positive_int if f.name not in ("seed",) else _int}
     if kind is float:
@@ -295,6 +296,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     """Call a command; turn every error into one line and an exit code (2: bad input, 1: a run that failed
     or a bug; ``LORATUNE_DEBUG=1`` shows a bug's traceback)."""
+    command = f"loratune {args.command_name}" if getattr(args, "command_name", None) else Path(sys.argv[0]).name
     try:
         func(args)
     except LoratuneError as exc:
@@ -303,13 +305,13 @@ def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) ->
     except KeyboardInterrupt:
         return 130
     except OSError as exc:  # the system refused a file: say which
-        print(f"error: {exc.filename or 'loratune ' + args.command_name}: {exc.strerror or first_line(exc)}",
+        print(f"error: {exc.filename or command}: {exc.strerror or first_line(exc)}",
               file=sys.stderr)
         return STUDY_FAILED_EXIT_CODE
     except Exception as exc:
         if os.environ.get("LORATUNE_DEBUG"):
             raise
-        print(f"error: loratune {args.command_name}: {type(exc).__name__}: {first_line(exc)} (a bug in loratune, not "
+        print(f"error: {command}: {type(exc).__name__}: {first_line(exc)} (a bug in loratune, not "
               "in your input: LORATUNE_DEBUG=1 shows where)", file=sys.stderr)
         return STUDY_FAILED_EXIT_CODE
     return 0

@@ -301,7 +301,8 @@ LR, ALPHA, RANK, RSLORA = "training.learning_rate", "lora.alpha", "lora.rank", "
 
 def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
     """Search the learning rate as LoRA's effective step, lr x alpha / rank (lr x alpha / sqrt(rank) with
-    rsLoRA), on a base-2 log axis, with alpha and rank as base-2 exponents: the loss of a LoRA fine-tune
+    rsLoRA), on a base-2 log axis whatever the learning rate's own scale, with alpha and rank as base-2
+    exponents (an integer range of them is rounded, as for a product constraint): the loss of a LoRA fine-tune
     moves with the step far more than with the three apart, so this puts the ridge of good points along
     one of Ax's axes. Two linear constraints keep every suggested learning rate inside its own bounds, so
     no point outside the user's box is ever proposed. Applies where the learning rate is a range outside
@@ -311,7 +312,9 @@ def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
     lr, alpha, rank = by_target.get(LR), by_target.get(ALPHA), by_target.get(RANK)
     searched = [p for p in (alpha, rank) if p is not None and p.kind != "fixed"]
     if lr is None or not searched:
-        return  # nothing of LoRA's scale is searched: nothing to gain, nothing to say
+        space.note = ("the learning rate is searched as written, not as LoRA's effective step: "
+                      + (f"no {LR.split('.')[1]} is searched" if lr is None else "neither lora_alpha nor lora_rank is searched"))
+        return
     in_constraints = {name for c in space.constraints for name in c.terms}
     rslora = by_target.get(RSLORA)
     reason = None
@@ -337,17 +340,27 @@ def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
     space.parameterization = "lora"
 
 
-def _exponent_axis(p: Param, space: SearchSpace, in_constraints: set[str]) -> str | None:
-    """Why ``p`` cannot be one of Ax's base-2 exponent axes in a linear constraint; None when it can."""
+def _exponent_problem(p: Param) -> str | None:
+    """Why ``p``'s values cannot go to Ax as base-2 exponents ("positive", "powers of two"); None when they can."""
     values = p.candidates()
     if any(not isinstance(v, int | float) or isinstance(v, bool) or v <= 0 for v in values):
+        return "positive"
+    if p.kind == "choice" and not all(_is_int(v) and v & (v - 1) == 0 for v in values):
+        return "powers of two"
+    return None
+
+
+def _exponent_axis(p: Param, space: SearchSpace, in_constraints: set[str]) -> str | None:
+    """Why ``p`` cannot be one of Ax's base-2 exponent axes in a linear constraint; None when it can."""
+    problem = _exponent_problem(p)
+    if problem == "positive":
         return f"{p.name} is not positive"
+    if problem:
+        return f"{p.name} is a choice of values that are not powers of two"
     if p.kind == "choice":
-        if not all(_is_int(v) and v & (v - 1) == 0 for v in values):
-            return f"{p.name} is a choice of values that are not powers of two"
-        exps = sorted(int(math.log2(v)) for v in values)
+        exps = sorted(int(math.log2(v)) for v in p.values)
         if exps != list(range(exps[0], exps[-1] + 1)):
-            return f"{p.name} skips a power of two ({values})"
+            return f"{p.name} skips a power of two ({p.values})"
     if p.name in in_constraints and not p.log2_encoded:
         return f"{p.name} appears in a linear constraint"
     return None
@@ -448,12 +461,12 @@ def _encode_for_products(space: SearchSpace) -> None:
             p = by_name[name]
             if p.kind == "fixed":
                 continue
-            values = p.candidates()
-            if any(not isinstance(v, int | float) or v <= 0 for v in values):
+            problem = _exponent_problem(p)
+            if problem == "positive":
                 raise LoratuneError(f"{c.label}: {name} must be positive to appear in a product")
-            if p.kind == "choice" and not all(_is_int(v) and v & (v - 1) == 0 for v in values):
+            if problem:
                 raise LoratuneError(f"{c.label}: {name} must be a range or a choice of powers of two "
-                                    f"to appear in a product, got {values}")
+                                    f"to appear in a product, got {p.values}")
             p.log2_encoded = True
     for c in space.constraints:
         if not c.product and any(by_name[n].log2_encoded or by_name[n].log or by_name[n].kind == "choice"

@@ -29,6 +29,7 @@ from .search_space import study_space
 from .settings import outcome_metric
 from .tracking import Tracker
 from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message
+from .trial_dir import awaits_verdict
 
 
 class Study:
@@ -223,7 +224,7 @@ class Study:
             progression = max(1, round(point["progress"] * PROGRESSION_SCALE))
             self.opt.progress(record.index, {objective: point[objective]}, progression)
             stop = stop or self.opt.should_stop(record.index)
-        if point.get("progress", 1.0) >= 1.0:
+        if not awaits_verdict(point):
             return
         if stop:
             record.stop_requested_at = point.get("progress")

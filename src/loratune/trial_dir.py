@@ -7,7 +7,8 @@ a Ray actor read these files without the training libraries.
 - ``progress.jsonl``: one JSON line per event. Its first line, ``{"kind": "started", "pid": ...}``, is
   the worker taking the trial: a trial whose worker ended before that line never started. Then
   ``{"kind": "eval", ...}`` per validation point and ``{"kind": "step", ...}`` at most once a second;
-- ``STOP``: appears when the study wants the trial stopped early (it stops after its next step);
+- ``STOP``: appears when the study wants the trial stopped early (at the curve point just judged, for a
+  trial that awaits verdicts; else after its next optimizer step);
 - ``verdicts``: for a trial the study may stop early, one ``go`` line per curve point before the last
   that the study judged and let go on; such a trial waits at each of those points for its line or
   ``STOP``, so where it stops never depends on how fast the study answers;
@@ -34,6 +35,12 @@ def started(trial_dir: Path) -> bool:
         return (trial_dir / PROGRESS_FILE).stat().st_size > 0
     except FileNotFoundError:
         return False
+
+
+def awaits_verdict(point: dict) -> bool:
+    """Whether a trial that awaits verdicts waits for the study's at this curve point: every point but the
+    last (the study never stops a trial that has finished training)."""
+    return point.get("progress", 1.0) < 1.0
 
 
 def go_on(trial_dir: Path) -> None:

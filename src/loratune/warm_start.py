@@ -47,6 +47,8 @@ def load_prior(cfg: StudyConfig, space: SearchSpace, metrics: list[str], where: 
         at = f"{where}[{i}]"
         if not Path(directory).exists():
             raise LoratuneError(f"{at}: {directory} does not exist")
+        if Path(directory).is_file() and Path(directory).suffix == ".json":  # the study's results or checkpoint file
+            directory = str(Path(directory).parent)
         try:
             _, stored = load(directory)
         except LoratuneError as exc:
@@ -56,15 +58,17 @@ def load_prior(cfg: StudyConfig, space: SearchSpace, metrics: list[str], where: 
             raise LoratuneError(f"{at}: {directory} optimized {_objectives(earlier)}, this study {_objectives(cfg)}: "
                                 "a warm start needs the same objectives")
         earlier_base, taken, other_config, outside = earlier.base(), 0, 0, 0
+        searched = {p.target for p in space.params}
         for record in stored.records:
             if record.state is not TrialState.COMPLETED:
                 continue
+            # by the field each name sets: `lora_rank` and `lora.rank` are one parameter
+            by_target = {resolve_target(name, at): value for name, value in record.params.items()}
             # a parameter only the earlier study searched must have the value this study fixes
-            if any(get_field(base, resolve_target(name, at)) != value
-                   for name, value in record.params.items() if name not in space.names):
+            if any(get_field(base, target) != value for target, value in by_target.items() if target not in searched):
                 other_config += 1
                 continue
-            values = {p.name: record.params.get(p.name, get_field(earlier_base, p.target)) for p in space.params}
+            values = {p.name: by_target.get(p.target, get_field(earlier_base, p.target)) for p in space.params}
             try:
                 values = space.cast(values, at)
             except LoratuneError:
@@ -79,7 +83,7 @@ def load_prior(cfg: StudyConfig, space: SearchSpace, metrics: list[str], where: 
         left = [f"{n} {why}" for n, why in ((outside, "outside this search space or its constraints"),
                                             (other_config, "with a parameter this study fixes at another value")) if n]
         other = [what for what, a, b in (("model", earlier.model, cfg.model), ("data", earlier.data, cfg.data)) if a != b]
-        prior.notes.append(f"warm start: {taken} completed trials from {directory}"
+        prior.notes.append(f"warm start: {taken} completed trial{'' if taken == 1 else 's'} from {directory}"
                            + (f" ({', '.join(left)}: left out)" if left else "")
                            + (f"; it trained on another {' and '.join(other)}: its losses are taken as they are, so "
                               "it helps as far as the two jobs agree" if other else ""))

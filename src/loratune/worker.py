@@ -36,6 +36,7 @@ from .trial_dir import (  # noqa: E402
     STEP,
     STOP_FILE,
     await_verdict,
+    awaits_verdict,
     base_key,
 )
 
@@ -89,7 +90,7 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
 
     def on_eval(point) -> bool:
         write({"kind": EVAL, **asdict(point)})
-        if not spec.get("await_verdict") or point.progress >= 1:
+        if not spec.get("await_verdict") or not awaits_verdict(asdict(point)):
             return False
         judged[0] += 1
         return await_verdict(trial_dir, judged[0])  # stop exactly here when the study says so

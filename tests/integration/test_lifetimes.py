@@ -183,3 +183,17 @@ def test_a_study_refused_after_its_worker_started_early_leaves_no_worker(tiny_mo
         run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False)
     assert started and all(started)
     wait_for(lambda: not any(alive(p) for p in started), "the early worker to end", 10)
+
+
+def test_a_warm_start_refused_starts_no_worker(tiny_model, tmp_path, monkeypatch):
+    """Every input check, the earlier studies of a warm start included, comes before the early worker."""
+    from loratune import run_optimization
+    from loratune.errors import LoratuneError
+    from loratune.executors.serving import ServingWorker
+
+    started = []
+    monkeypatch.setattr(ServingWorker, "prestart", lambda self, key, quantized: started.append(key))
+    with pytest.raises(LoratuneError, match=r"warm_start\[0\]: .*nowhere does not exist"):
+        run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False,
+                         warm_start=[str(tmp_path / "nowhere")])
+    assert started == [] and not (tmp_path / "study").exists()

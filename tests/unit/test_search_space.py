@@ -189,4 +189,5 @@ def test_where_the_lora_parameterization_cannot_apply_the_space_stays_as_written
 def test_raw_and_spaces_without_loras_scale_are_searched_as_written():
     assert space().step is None and space().note is None
     s = lora_space({"learning_rate": [1e-5, 5e-4], "batch_size": [1, 2, 4]})
-    assert (s.parameterization, s.note, s.step) == ("raw", None, None)
+    assert (s.parameterization, s.step) == ("raw", None) and s.note.endswith("neither lora_alpha nor lora_rank is searched")
+    assert lora_space({"lora_rank": [8, 16], "batch_size": [1, 2]}).note.endswith("no learning_rate is searched")

@@ -61,7 +61,7 @@ def test_earlier_trials_outside_the_new_space_are_left_out_and_said(tmp_path, ca
     assert outside and other and kept
     study(tmp_path / "v2", 2, search_space=narrow, warm_start=[str(tmp_path / "v1")], quiet=False)
     out = " ".join(capsys.readouterr().out.split())
-    assert f"note: warm start: {len(kept)} completed trials from {tmp_path / 'v1'} (" in out
+    assert f"note: warm start: {len(kept)} completed trial{'' if len(kept) == 1 else 's'} from {tmp_path / 'v1'} (" in out
     assert f"{outside} outside this search space or its constraints" in out
     assert f"{len(other)} with a parameter this study fixes at another value" in out
     assert len(load_checkpoint(tmp_path / "v2")[1].warm_start) == len(kept)
@@ -76,3 +76,25 @@ def test_a_warm_start_from_a_study_of_other_objectives_is_refused_before_anythin
     assert not (tmp_path / "v2").exists()
     with pytest.raises(LoratuneError, match=r"warm_start\[0\]: .*nowhere does not exist"):
         study(tmp_path / "v2", 3, warm_start=[str(tmp_path / "nowhere")])
+
+
+def test_a_warm_start_from_two_studies_that_share_points_and_name_parameters_their_own_way(tmp_path):
+    """Two studies of one base config share their baseline (one Ax arm for both); `lora.rank` in one is
+    `lora_rank` in the other; the study's results file stands for its directory."""
+    study(tmp_path / "v1", 3)
+    aliased = {"lora.rank": SPACE["lora_rank"], "lora.alpha": SPACE["lora_alpha"],
+               "training.learning_rate": SPACE["learning_rate"], "training.batch_size": SPACE["batch_size"]}
+    study(tmp_path / "v2", 3, search_space=aliased, seed=1)
+    results = study(tmp_path / "v3", 2, warm_start=[str(tmp_path / "v1"), str(tmp_path / "v2" / "optimization_results.json")])
+    assert results["warm_start"]["trials"] == 6 and [t["index"] for t in results["trials"]] == [6, 7]
+
+
+def test_the_command_line_takes_several_earlier_studies(tmp_path, capsys):
+    import ax_optimization
+
+    from loratune.cli import build_parser
+
+    args = build_parser().parse_args(["optimize", "--warm-start", "runs/v1,runs/v2"])
+    assert args.warm_start == ["runs/v1", "runs/v2"]
+    assert ax_optimization.main(["--warm-start", str(tmp_path / "nowhere"), "--output", str(tmp_path / "v2")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --warm-start[0]: {tmp_path / 'nowhere'} does not exist"

@@ -59,7 +59,7 @@ class _SlotActor:
         import ray
 
         from loratune.processes import TrialLock
-        from loratune.trial_dir import EVAL, SPEC_FILE, VERDICT_POLL_S, ProgressReader, base_key
+        from loratune.trial_dir import EVAL, SPEC_FILE, VERDICT_POLL_S, ProgressReader, awaits_verdict, base_key
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
         trial_dir = base / str(payload["index"])
@@ -73,7 +73,7 @@ class _SlotActor:
         while (result := self.worker.poll()) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
-                points += event.get("kind") == EVAL and event.get("progress", 1) < 1
+                points += event.get("kind") == EVAL and awaits_verdict(event)
             awaiting = payload.get("await_verdict") and went_on < points  # the trial waits on this loop
             if awaiting or time.monotonic() - last_check > 0.5:
                 last_check = time.monotonic()

@@ -139,7 +139,8 @@ class ServingWorker:
         return result
 
     def stop(self) -> None:
-        """Ask the trial to stop early: it ends after its next optimizer step, as early-stopped."""
+        """Ask the trial to stop early, as early-stopped: at the curve point just judged when it awaits
+        verdicts, else after its next optimizer step."""
         if self.trial is not None:
             (self.trial / STOP_FILE).touch()
 

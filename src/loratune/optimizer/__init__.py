@@ -155,7 +155,8 @@ class Optimizer:
         opt._configure_generation(init_trials)
         opt._set_early_stopping(early_stopping)
         for k, trial in enumerate(prior or []):
-            index = opt.client.attach_trial(space.encode(trial.params), arm_name=f"warm_start_{k}")
+            encoded = space.encode(trial.params)
+            index = opt.client.attach_trial(encoded, arm_name=opt._arm_name(encoded) or f"warm_start_{k}")
             opt.client.complete_trial(index, raw_data=trial.metrics)
         if len(objectives) > 1:
             opt.notes += [note] if (note := bounded_fused_kernel()) else []
@@ -213,18 +214,22 @@ class Optimizer:
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
         """Add a trial that Ax did not suggest (the baseline); values are cast to their parameters' types first."""
-        from ax.core.arm import Arm
-
         encoded = self.space.encode(values)
-        # a point Ax holds already (an earlier study's trial, with a warm start) keeps its arm's name
-        known = seam.experiment(self.client).arms_by_signature.get(Arm(parameters=dict(encoded)).signature)
         try:
             if baseline:
-                return self.client.attach_baseline(encoded, arm_name=known.name if known else None)
+                return self.client.attach_baseline(encoded, arm_name=self._arm_name(encoded))
             return self.client.attach_trial(encoded)
         except Exception as exc:  # Ax validates the point here: say which one, in one line
             what = "baseline" if baseline else "trial"
             raise LoratuneError(f"{what} {values}: Ax refused it: {first_line(exc)}") from None
+
+    def _arm_name(self, encoded: dict) -> str | None:
+        """The name of the arm Ax holds at this point already (two studies of a warm start share their
+        baseline, for one), which a trial attached there must take; None for a new point."""
+        from ax.core.arm import Arm
+
+        known = seam.experiment(self.client).arms_by_signature.get(Arm(parameters=dict(encoded)).signature)
+        return known.name if known else None
 
     @_timed
     def complete(self, index: int, metrics: dict[str, float]) -> None:

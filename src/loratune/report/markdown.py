@@ -56,8 +56,8 @@ def _settings(summary: dict) -> list[str]:
     if summary.get("constraints"):
         lines += ["", "Constraints: " + ", ".join(f"`{c}`" for c in summary["constraints"])]
     if summary.get("parameterization") == "lora":
-        lines += ["", "Ax searched the learning rate as LoRA's effective step (learning rate x alpha / rank); every "
-                      "trial here is in the parameters above."]
+        lines += ["", "Ax searched the learning rate as LoRA's effective step (learning rate x alpha / rank, or / "
+                      "sqrt(rank) with rsLoRA); every trial here is in the parameters above."]
     if warm := summary.get("warm_start"):
         lines += ["", f"Warm start: Ax's model also learned from {warm['trials']} completed trials of "
                       + ", ".join(f"`{s}`" for s in warm["studies"]) + " (not this study's trials, not run again)."]
