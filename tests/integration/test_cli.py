@@ -133,6 +133,11 @@ def test_a_bug_is_one_line_too_and_its_traceback_is_one_variable_away(tmp_path, 
     assert main(["report", str(tmp_path)]) == 1
     assert capsys.readouterr().err == ("error: loratune report: KeyError: 'plots' (a bug in loratune, not in your input: "
                                        "LORATUNE_DEBUG=1 shows where)\n")
+    import ax_optimization  # Module 4.5's script has no subcommand: it names itself
+    monkeypatch.setattr(ax_optimization, "cmd_optimize", broken)
+    monkeypatch.setattr("sys.argv", ["ax_optimization.py"])
+    assert ax_optimization.main([]) == 1
+    assert capsys.readouterr().err.startswith("error: ax_optimization.py: KeyError: 'plots' (a bug in loratune")
     monkeypatch.setenv("LORATUNE_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["report", str(tmp_path)])
