@@ -92,6 +92,16 @@ class SearchSpace:
         """The learning rate, where it is searched as LoRA's effective step (see ``lora_parameterization``)."""
         return next((p for p in self.params if p.step_scale is not None), None)
 
+    def step_bounds(self) -> tuple[float, float]:
+        """Bounds of the effective step's base-2 exponent: the learning rate's, plus the lowest and the highest
+        log2 of LoRA's scale over the space's box (alpha and rank apart)."""
+        step, by_name = self.step, {p.name: p for p in self.params}
+        low, high = math.log2(step.low) + step.step_offset, math.log2(step.high) + step.step_offset
+        for name, k in step.step_scale.items():
+            ends = [k * math.log2(v) for v in by_name[name].candidates()]
+            low, high = low + min(ends), high + max(ends)
+        return low, high
+
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.params]

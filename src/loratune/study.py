@@ -177,7 +177,9 @@ class Study:
         # a trial the study may stop waits for the verdict at each curve point, so that where it stops
         # depends on its curve alone, never on how fast this loop answers
         executor.submit(TrialSpec(record.index, dict(record.params), self.paths.trial_dir(record.index), config, measure,
-                                  answer, self.cfg.scoring.max_new_tokens, await_verdict=self._stoppable(record)))
+                                  answer, self.cfg.scoring.max_new_tokens,
+                                  # loratune's own worker waits; a user's command or function is not asked to
+                                  await_verdict=self.stored.evaluation is Evaluation.FINETUNE and self._stoppable(record)))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.listeners.trial_started(record)

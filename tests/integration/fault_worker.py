@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from loratune import worker
-from loratune.trial_dir import await_verdict
 from loratune.trial import TrialResult, TrialState
+from loratune.trial_dir import await_verdict
 
 
 def scripted_loss(params: dict) -> float:

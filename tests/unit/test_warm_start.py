@@ -91,7 +91,6 @@ def test_a_warm_start_from_two_studies_that_share_points_and_name_parameters_the
 
 def test_the_command_line_takes_several_earlier_studies(tmp_path, capsys):
     import ax_optimization
-
     from loratune.cli import build_parser
 
     args = build_parser().parse_args(["optimize", "--warm-start", "runs/v1,runs/v2"])

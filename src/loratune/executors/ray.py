@@ -59,7 +59,14 @@ class _SlotActor:
         import ray
 
         from loratune.processes import TrialLock
-        from loratune.trial_dir import EVAL, SPEC_FILE, VERDICT_POLL_S, ProgressReader, awaits_verdict, base_key
+        from loratune.trial_dir import (
+            EVAL,
+            SPEC_FILE,
+            VERDICT_POLL_S,
+            ProgressReader,
+            awaits_verdict,
+            base_key,
+        )
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
         trial_dir = base / str(payload["index"])

@@ -44,10 +44,8 @@ def quiet_ax() -> None:
 def ax_parameter(p: Param, space: SearchSpace) -> Any:
     from ax import ChoiceParameterConfig, RangeParameterConfig
 
-    if p.step_scale is not None:  # the effective step's bounds: the learning rate's, times the scale's extremes
-        low, high = _scale_bounds(p, space)
-        return RangeParameterConfig(name=p.ax_name, bounds=(math.log2(p.low) + low, math.log2(p.high) + high),
-                                    parameter_type="float")
+    if p.step_scale is not None:
+        return RangeParameterConfig(name=p.ax_name, bounds=space.step_bounds(), parameter_type="float")
     if p.log2_encoded:
         if p.kind == "choice":
             exps = sorted(int(round(math.log2(v))) for v in p.values)
@@ -86,15 +84,6 @@ def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
                         f"{terms} <= {math.log2(step.high) + step.step_offset:.12g}"]
     return [ax_parameter(p, space) for p in space.params], constraints
 
-
-def _scale_bounds(step: Param, space: SearchSpace) -> tuple[float, float]:
-    """The lowest and highest log2 of LoRA's scale over the space's box (alpha and rank apart)."""
-    by_name = {p.name: p for p in space.params}
-    low = high = step.step_offset
-    for name, k in step.step_scale.items():
-        ends = [k * math.log2(v) for v in by_name[name].candidates()]
-        low, high = low + min(ends), high + max(ends)
-    return low, high
 
 
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
