@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import load
 from .config import StudyConfig, get_field
 from .errors import LoratuneError
 from .search_space import SearchSpace, resolve_target
@@ -39,8 +40,6 @@ def load_prior(cfg: StudyConfig, space: SearchSpace, metrics: list[str], where: 
     """The completed trials of the studies in ``cfg.warm_start``, with their ``metrics`` (the objectives, then
     outcome-constraint metrics where recorded). Raises ``LoratuneError`` for a directory that holds no
     study, or a study of other objectives."""
-    from .checkpoint import load
-
     prior = Prior()
     base = cfg.base()
     for i, directory in enumerate(cfg.warm_start):
