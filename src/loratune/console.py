@@ -207,7 +207,7 @@ def test_lines(test: dict | None) -> list[str]:
     if not gains:
         best = test["best"]
         return [f"Test (never seen, {test['examples']} examples): best trial {best['trial']} loss {best['loss']:.4f}"]
-    parts = [f"{name} {g['best']:.4f} vs {g['baseline']:.4f} ({g['relative']:+.1%})" for name, g in gains.items()]
+    parts = [f"{name} {R.format_gain(g)}" for name, g in gains.items()]
     lines = [f"Test (never seen, {test['examples']} examples): " + "; ".join(parts)]
     held = test.get("held")
     if held is not None:

@@ -88,6 +88,13 @@ def early_stopping_savings(records: list[TrialRecord]) -> dict:
 SHORT_NAMES = {"lora_rank": "rank", "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs"}
 
 
+def format_gain(g: dict) -> str:
+    """``best vs baseline (relative change)``; against a baseline of 0, where no relative change exists, the
+    absolute one."""
+    change = f"{g['relative']:+.1%}" if math.isfinite(g["relative"]) else f"{g['absolute']:+.4f}"
+    return f"{g['best']:.4f} vs {g['baseline']:.4f} ({change})"
+
+
 def format_params(params: dict) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)

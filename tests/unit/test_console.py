@@ -60,3 +60,13 @@ def test_the_summary_gives_the_time_in_ax_and_in_all_in_one_unit():
     from loratune.console import duration
 
     assert (duration(4.62), duration(4.71), duration(59.96), duration(3725)) == ("4.6 s", "4.7 s", "1:00", "1:02:05")
+
+
+def test_a_test_score_that_is_zero_for_the_baseline_shows_its_absolute_change_not_nan():
+    """A task score of 0 for the baseline (SmolLM2's plan accuracy on a short study) has no relative change."""
+    from loratune.console import test_lines
+
+    zero = {"best": 0.0, "baseline": 0.0, "absolute": 0.0, "relative": float("nan")}
+    loss = {"best": 3.0, "baseline": 3.2, "absolute": 0.2, "relative": 0.0625}
+    line = test_lines({"examples": 37, "improvement": {"loss": loss, "plan_accuracy": zero}})[0]
+    assert line == "Test (never seen, 37 examples): loss 3.0000 vs 3.2000 (+6.2%); plan_accuracy 0.0000 vs 0.0000 (+0.0000)"

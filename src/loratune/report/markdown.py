@@ -185,8 +185,7 @@ def _test_section(test: dict | None) -> list[str]:
     rows = []
     for name, g in gains.items():
         v = validation.get(name)
-        rows.append([name, f"{v['best']:.4f} vs {v['baseline']:.4f} ({v['relative']:+.1%})" if v else "not measured",
-                     f"{g['best']:.4f} vs {g['baseline']:.4f} ({g['relative']:+.1%})"])
+        rows.append([name, R.format_gain(v) if v else "not measured", R.format_gain(g)])
     lines += _table(["metric (best vs baseline)", "validation: used to choose", "test: never seen"], rows) + [""]
     held = test.get("held")
     if held is not None:
