@@ -146,11 +146,12 @@ def _hartmann6_mixed_optimum() -> float:
 
 
 def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
-                 parameterization: str = "raw", prior: list | None = None) -> list[tuple[dict, float]]:
+                 parameterization: str = "raw", prior: list | None = None, tasks: bool = False) -> list[tuple[dict, float]]:
     """loratune's ``Optimizer`` as a study with one worker uses it. ``ahead``: each suggestion is asked for
     while the trial before it still runs (pending in Ax), as a study that overlaps the suggestion with
     training would; otherwise after it completed. ``parameterization``: the study setting; ``prior``: an
-    earlier study's trials (``warm_start.PriorTrial``), as ``warm_start`` gives them."""
+    earlier study's trials (``warm_start.PriorTrial``), as ``warm_start`` gives them; ``tasks``: modelled as
+    a task of their own (``Optimizer.model_earlier_studies_as_tasks``)."""
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
@@ -161,6 +162,8 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
     opt = Optimizer.create(space, ["value"], [True], [], seed=seed, prior=prior)
+    if tasks:
+        opt.model_earlier_studies_as_tasks({i: "earlier study" for i in range(len(prior or []))})
     rng, history, running = random.Random(seed), [], []  # running: (index, params) in the order they started
     if problem.baseline is not None:  # as a study: the current config is trial 0, attached as Ax's baseline
         running.append((opt.attach(problem.baseline, baseline=True), problem.baseline))
@@ -187,10 +190,11 @@ def run_loratune_lora(problem: Problem, trials: int, seed: int) -> list[tuple[di
     return run_loratune(problem, trials, seed, parameterization="lora")
 
 
-def run_loratune_warm(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+def run_loratune_warm(problem: Problem, trials: int, seed: int, tasks: bool = False) -> list[tuple[dict, float]]:
     """A warm start from an earlier study of a related job: loratune's 20 trials (seed + 1000) on the
     surface's ``earlier`` version (best step 1.6x larger, every value 0.05 higher, observation noise of
-    sd 0.003), whose trials the new study gets as ``warm_start`` gives them."""
+    sd 0.003), whose trials the new study gets as ``warm_start`` gives them (``tasks``: as a task of their
+    own in a multi-task GP)."""
     from loratune.warm_start import PriorTrial
 
     name = problem.name.split(":")[0]
@@ -199,7 +203,11 @@ def run_loratune_warm(problem: Problem, trials: int, seed: int) -> list[tuple[di
                       surfaces.earlier(name), baseline=problem.baseline)
     earlier = run_loratune(related, 20, seed + 1000)
     prior = [PriorTrial(params, {"value": value}, f"earlier#{i}") for i, (params, value) in enumerate(earlier)]
-    return run_loratune(problem, trials, seed, prior=prior)
+    return run_loratune(problem, trials, seed, prior=prior, tasks=tasks)
+
+
+def run_loratune_warm_task(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    return run_loratune_warm(problem, trials, seed, tasks=True)
 
 
 def _loratune_param(spec: tuple):
@@ -306,7 +314,8 @@ def _evenly_spaced(values: list) -> bool:
     return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
 
 
-RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "loratune_lora": run_loratune_lora, "loratune_warm": run_loratune_warm, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
+RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "loratune_lora": run_loratune_lora, "loratune_warm": run_loratune_warm,
+           "loratune_warm_task": run_loratune_warm_task, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
            "grid": run_grid, "optuna_tpe": run_optuna_tpe}
 
 

@@ -97,3 +97,29 @@ def test_the_command_line_takes_several_earlier_studies(tmp_path, capsys):
     assert args.warm_start == ["runs/v1", "runs/v2"]
     assert ax_optimization.main(["--warm-start", str(tmp_path / "nowhere"), "--output", str(tmp_path / "v2")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --warm-start[0]: {tmp_path / 'nowhere'} does not exist"
+
+
+def test_earlier_trials_modelled_as_a_task_of_their_own_fit_a_multi_task_model_once_this_study_has_data():
+    """The variant the benchmarks compare (``Optimizer.model_earlier_studies_as_tasks``): Ax's TrialAsTask
+    transform gives the earlier study's trials their own task, and BoTorch a MultiTaskGP."""
+    from loratune.config import FinetuneConfig, default_search_space
+    from loratune.search_space import parse_search_space
+    from loratune.warm_start import PriorTrial
+
+    space = parse_search_space(default_search_space(), [], FinetuneConfig())
+    points = [{"lora_rank": r, "lora_alpha": a, "learning_rate": lr, "batch_size": b}
+              for r, a, lr, b in [(8, 16, 1e-5, 1), (16, 32, 1e-4, 2), (32, 64, 3e-4, 4), (64, 128, 5e-4, 1),
+                                  (8, 128, 2e-5, 2), (64, 16, 4e-4, 4)]]
+    prior = [PriorTrial(p, {"value": fake_loss(p) + 0.05}, f"v1#{i}") for i, p in enumerate(points)]
+    opt = Optimizer.create(space, ["value"], [True], [], seed=0, prior=prior)
+    opt.model_earlier_studies_as_tasks({i: "earlier study" for i in range(len(prior))})
+
+    def model() -> str:
+        (spec,) = opt._model_specs()
+        return type(spec.fitted_adapter.generator.surrogate.model).__name__
+
+    (index, params), = opt.ask(1).items()  # no data of its own yet: the earlier trials are modelled as this study's
+    assert model() == "SingleTaskGP" and space.contains(params)
+    opt.complete(index, {"value": fake_loss(params)})
+    (index, params), = opt.ask(1).items()
+    assert model() == "MultiTaskGP" and space.contains(params) and index == len(prior) + 1
