@@ -18,7 +18,8 @@ would; measured and not adopted (docs/BENCHMARKS.md, "Choosing the next point wh
 trains"; not among the default methods). **loratune_lora**: loratune with ``parameterization: lora``
 (the learning rate searched as LoRA's effective step). **loratune_warm**: loratune warm-started from an
 earlier study of a related surface (``surfaces.earlier``: best step 1.6x larger, values 0.05 higher,
-noise of sd 0.003; 20 trials of loratune with seed + 1000). Every method gets ``--trials`` evaluations per repetition,
+noise of sd 0.003; 20 trials of loratune with seed + 1000); **loratune_warm_task**: the same with the
+earlier study's trials a task of their own (a multi-task GP; measured, not adopted). Every method gets ``--trials`` evaluations per repetition,
 the baseline included where there is one; repetition r seeds every method with r. Regret after k trials is the
 true value of the best point observed so far minus the optimum (on the tabular benchmark an
 observation is one random seed's fine-tune and the true value the mean over seeds; a surface named
