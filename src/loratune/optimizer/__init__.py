@@ -178,8 +178,8 @@ class Optimizer:
         """Model the given trials ({Ax trial index: its study}, a warm start's) as tasks of their own: Ax's
         ``TrialAsTask`` transform makes each study a task and BoTorch fits a ``MultiTaskGP``, which learns how
         far the earlier studies agree with this one, instead of taking their values as this study's.
-        For the benchmarks only: measured on related surfaces, it lost to the default on three of five
-        (docs/BENCHMARKS.md, "A search that knows LoRA"). Until this study has data of its own, the trials
+        For the benchmarks only: on five related surfaces it was worse than the default after 20 trials on
+        three (docs/BENCHMARKS.md, "A search that knows LoRA"). Until this study has data of its own, the trials
         are modelled together."""
         self._tasks = dict(tasks)
 
