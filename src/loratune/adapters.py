@@ -140,29 +140,42 @@ class _RoutedForward:
         layer = self.layer
         result = layer.base_layer(x, *args, **kwargs)
         parts, routed = [], False
-        for s in segments:
-            rows = x[s.start:s.stop]
-            if s.adapter not in layer.lora_A:  # this trial's target modules leave this layer out
-                parts.append(result.new_zeros((s.stop - s.start, *result.shape[1:])))
+        for run in _runs(segments):  # a trial's contiguous micro-batches: one update over all their rows
+            name, start, stop = run[0].adapter, run[0].start, run[-1].stop
+            if name not in layer.lora_A:  # this trial's target modules leave this layer out
+                parts.append(result.new_zeros((stop - start, *result.shape[1:])))
                 continue
-            lora_a, lora_b = layer.lora_A[s.adapter], layer.lora_B[s.adapter]
-            rows = self._dropout(rows.to(lora_a.weight.dtype), layer.lora_dropout[s.adapter], s)
-            parts.append((lora_b(lora_a(rows)) * layer.scaling[s.adapter]).to(result.dtype))
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            rows = x[start:stop].to(lora_a.weight.dtype)
+            p = float(getattr(layer.lora_dropout[name], "p", 0.0))
+            if p > 0 and layer.training and run[0].seed is not None:
+                rows = torch.cat([self._dropout(rows[s.start - start:s.stop - start], p, s) for s in run])
+            parts.append((lora_b(lora_a(rows)) * layer.scaling[name]).to(result.dtype))
             routed = True
         return result + torch.cat(parts) if routed else result
 
-    def _dropout(self, rows, dropout, s: Segment):
+    def _dropout(self, rows, p: float, s: Segment):
+        """Dropout on one micro-batch's rows, its mask drawn from (its seed, this layer) over its own length."""
         import torch
 
-        p = float(getattr(dropout, "p", 0.0))
-        if s.seed is None or p == 0.0 or not self.layer.training:
-            return rows
-        width = s.width if rows.dim() == 3 and 0 < s.width < rows.shape[1] else rows.shape[1] if rows.dim() == 3 else 0
-        head = rows[:, :width] if rows.dim() == 3 else rows
+        three_d = rows.dim() == 3
+        width = s.width if three_d and 0 < s.width < rows.shape[1] else rows.shape[1] if three_d else 0
+        head = rows[:, :width] if three_d else rows
         generator = torch.Generator(device=rows.device)
         generator.manual_seed((s.seed * 1_000_003 + self.key) % (2**63 - 1))
         mask = torch.empty(head.shape, device=rows.device, dtype=head.dtype).bernoulli_(1.0 - p, generator=generator)
         head = head * mask / (1.0 - p)
-        if rows.dim() == 3 and width < rows.shape[1]:  # positions past the micro-batch's own length are padding
+        if three_d and width < rows.shape[1]:  # positions past the micro-batch's own length are padding
             return torch.cat([head, rows[:, width:]], dim=1)
         return head
+
+
+def _runs(segments: list[Segment]) -> list[list[Segment]]:
+    """Consecutive segments of the same adapter, together."""
+    runs: list[list[Segment]] = []
+    for s in segments:
+        if runs and runs[-1][-1].adapter == s.adapter and runs[-1][-1].stop == s.start:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs

@@ -271,6 +271,16 @@ class StudyConfig:
                                 help="a fresh process per trial instead of workers that keep the base model loaded")
     """Each worker keeps the base model loaded and runs trial after trial on it with a fresh adapter
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
+    pack: int | Literal["auto"] = setting("auto", flag="--pack", metavar="K", resume=True,
+                                          help="trials a worker trains together on one loaded base model "
+                                               "(auto: 4 on a machine without a GPU, where it measured faster; 1 "
+                                               "on GPUs for now)")
+    """Trials each worker trains together, in one pass over one loaded base model (packed trials: each keeps
+    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 4 where
+    packing measured faster (a machine without a GPU, docs/BENCHMARKS.md "Packed trials"), else 1. A study
+    of a ``command`` or an ``evaluate=`` function, one on Ray, without ``reuse_model``, or one whose objectives
+    or constraints measure a trial's own time or memory (train_time, peak_memory_gb, tokens_per_s) runs one
+    trial per worker, and says so when more were asked for."""
     trials_per_worker: int = setting(50, resume=True)
     """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
     max_failures_in_a_row: int = setting(3, resume=True)

@@ -312,6 +312,7 @@ def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metric
         ("workers", cfg.workers >= 1, "must be at least 1"),
         ("gpus_per_trial", cfg.gpus_per_trial >= 1, "must be at least 1"),
         ("trials_per_worker", cfg.trials_per_worker >= 1, "must be at least 1"),
+        ("pack", cfg.pack == "auto" or cfg.pack >= 1, "must be a positive integer or auto"),
         ("max_failures_in_a_row", cfg.max_failures_in_a_row >= 1, "must be at least 1"),
         ("retrain_epochs", cfg.retrain_epochs > 0, "must be > 0"),
         ("init_trials", cfg.init_trials is None or cfg.init_trials >= 1, "must be at least 1"),

@@ -21,7 +21,7 @@ from .console import StudyConsole
 from .data import test_source
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError, StudyAborted
-from .executors import Event, Executor, TrialSpec, create_executor
+from .executors import Event, Executor, TrialSpec, create_executor, pack_size
 from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
 from .scoring import Scorer, ScoringError, score
@@ -52,6 +52,7 @@ class Study:
         self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s  # earlier sessions
         self.started_at: dict[int, float] = {}  # trial index -> monotonic start, for trial_timeout
         self.queue: list[TrialRecord] = []  # trials to run before Ax is asked for more, in order
+        self.pack, self.pack_note = pack_size(self.cfg, stored.evaluation)
         console.elapsed = lambda: self.elapsed_before + time.time() - self.session_start
 
     @property
@@ -68,7 +69,7 @@ class Study:
         aborted = None
         try:
             with self.console:
-                for note in [*self.opt.notes, self.space.note]:
+                for note in [*self.opt.notes, self.space.note, self.pack_note]:
                     if note:
                         self.console.print(f"[yellow]note[/]: {note}")
                 self.listeners.study_started(self.stored, self.paths)
@@ -132,9 +133,13 @@ class Study:
         batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). Queued
         trials (the baseline, trials of an interrupted session) start first. A point is chosen once a slot
         is free, with every finished trial's result known: choosing it while the trial before it still ran
-        was measured worse ("Choosing the next point while a trial trains"). Saves before a trial starts;
-        True when one did."""
+        was measured worse ("Choosing the next point while a trial trains"). Packed trials start together,
+        once every trial of the last pack has ended: which points a pack trains then depends on the results
+        before it alone, never on the order in which its trials' ends were heard (``--seed``). Saves before a
+        trial starts; True when one did."""
         started = False
+        if self.pack > 1 and running:
+            return False
         while len(running) < executor.slots and (self.queue or self._unproposed(running) > 0):
             if not self.queue and not self._propose():
                 break

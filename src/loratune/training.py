@@ -68,6 +68,18 @@ class TrainingMetrics:
     generation_s: float | None = None  # seconds the answers took
     test: dict | None = None  # score_examples on the test split, when asked
 
+    def objective_metrics(self) -> dict[str, float]:
+        """Under the names the optimizer knows (``loss`` is the validation loss)."""
+        out = {
+            "loss": self.val_loss, "train_loss": self.train_loss, "train_time": self.train_time_s,
+            "peak_memory_gb": self.peak_memory_gb, "trainable_params": float(self.trainable_params),
+            "tokens_per_s": self.tokens_per_s, "padding_fraction": self.padding_fraction,
+        }
+        for name in ("inference_time", "generation_s"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
     def to_dict(self) -> dict:
         """As ``metrics.json`` holds it, and ``finetune()`` returns it: fields left unmeasured are left out."""
         out = {k: v for k, v in asdict(self).items() if v is not None}
@@ -151,6 +163,30 @@ def peak_memory_gb(device: str) -> float:
 
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def memory_after_trial() -> dict[str, float]:
+    """What this process holds once a trial is over (its adapter gone): a reused worker's memory must stay flat."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    out = {"rss_gb": _rss_bytes() / 2**30}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        out["cuda_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        out["cuda_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+    return out
+
+
+def _rss_bytes() -> int:
+    import os
+
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where the current is not known
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> None:

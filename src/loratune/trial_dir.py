@@ -12,6 +12,8 @@ a Ray actor read these files without the training libraries.
 - ``verdicts``: for a trial the study may stop early, one ``go`` line per curve point before the last
   that the study judged and let go on; such a trial waits at each of those points for its line or
   ``STOP``, so where it stops never depends on how fast the study answers;
+- ``CANCEL``: the study ends the trial now (a timeout), its reason inside: a worker that packs several
+  trials ends this one as failed and goes on with the others (one running a trial alone is killed);
 - ``result.json``: how the trial ended, written by the worker on every ending it lives through;
 - ``log.txt``: the process's output during the trial.
 """
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
-VERDICTS_FILE = "verdicts"
+VERDICTS_FILE, CANCEL_FILE = "verdicts", "CANCEL"
 VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it
 STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
 
@@ -49,20 +51,26 @@ def go_on(trial_dir: Path) -> None:
         f.write("go\n")
 
 
+def verdict(trial_dir: Path, point: int) -> bool | None:
+    """The study's verdict on the trial's ``point``-th curve point (from 1), if it has come: True to stop,
+    False to go on, None while there is none."""
+    if (trial_dir / STOP_FILE).exists():
+        return True
+    try:
+        if (trial_dir / VERDICTS_FILE).read_bytes().count(b"\n") >= point:
+            return False
+    except FileNotFoundError:
+        pass
+    return None
+
+
 def await_verdict(trial_dir: Path, point: int) -> bool:
     """Wait for the study's verdict on the trial's ``point``-th curve point (from 1): True when it asked
     the trial to stop, False when it lets it go on. The trial's process dies with the study's, so this
     never waits on a study that has gone."""
-    stop, verdicts = trial_dir / STOP_FILE, trial_dir / VERDICTS_FILE
-    while True:
-        if stop.exists():
-            return True
-        try:
-            if verdicts.read_bytes().count(b"\n") >= point:
-                return False
-        except FileNotFoundError:
-            pass
+    while (said := verdict(trial_dir, point)) is None:
         time.sleep(VERDICT_POLL_S)
+    return said
 
 
 def worker_env(threads: int, gpus: list[str] | None = None) -> dict[str, str]:
@@ -79,6 +87,13 @@ def base_key(config: dict) -> str:
     equal keys can share one worker."""
     return json.dumps({"model": config.get("model"), "precision": (config.get("training") or {}).get("precision")},
                       sort_keys=True)
+
+
+def pack_key(config: dict) -> str:
+    """What trials must share to train in one pack: the loaded base (``base_key``), the data and the seed
+    that splits and tokenizes it (the rows every trial of a pack reads)."""
+    return json.dumps({"base": base_key(config), "data": config.get("data"),
+                       "seed": (config.get("training") or {}).get("seed")}, sort_keys=True)
 
 
 class ProgressReader:

@@ -43,25 +43,15 @@ from .trial_dir import (  # noqa: E402
 STEP_INTERVAL_S = 1.0  # step events are written at most this often
 
 
-def metrics_from_training(m) -> dict[str, float]:
-    """A fine-tune's ``TrainingMetrics`` under the names the optimizer knows (``loss`` is the validation loss)."""
-    out = {
-        "loss": m.val_loss, "train_loss": m.train_loss, "train_time": m.train_time_s,
-        "peak_memory_gb": m.peak_memory_gb, "trainable_params": float(m.trainable_params),
-        "tokens_per_s": m.tokens_per_s, "padding_fraction": m.padding_fraction,
-    }
-    for name in ("inference_time", "generation_s"):
-        if getattr(m, name) is not None:
-            out[name] = getattr(m, name)
-    return out
-
-
 class Cache:
     """What a serving worker keeps between trials: the loaded base model and the tokenized data."""
 
     def __init__(self):
         self.base: tuple[str, Any] | None = None  # (base_key, model.Base)
         self.data: tuple[str, Any] | None = None  # (data key, (train, validation))
+
+    def base_and_data(self) -> tuple[Any, Any]:
+        return self.base[1], self.data[1]
 
 
 def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float | None = None) -> TrialResult:
@@ -132,7 +122,7 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         return result_from_exception(exc)
     finally:
         progress.close()
-    memory = _memory_after_trial()
+    memory = training.memory_after_trial()
     timings = {"load_s": load_s if cache is not None else m.load_time_s, "data_s": m.data_time_s,
                "train_s": m.train_time_s, "eval_s": m.eval_time_s, "inference_s": m.inference_measure_s,
                "trial_s": time.time() - started}
@@ -142,7 +132,7 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
              "precision": m.precision, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if m.answers is not None:  # scored in the study's process, by its scorers
         extra["answers"] = m.answers
-    return TrialResult(m.state, metrics_from_training(m), m.curve,
+    return TrialResult(m.state, m.objective_metrics(), m.curve,
                        reason="early-stopped" if m.state is TrialState.EARLY_STOPPED else None,
                        extra={**extra, "timings": timings, "memory_after": memory})
 
@@ -169,30 +159,6 @@ def _test_job(cfg, spec: dict, base, data, started: float) -> TrialResult:
     return TrialResult(TrialState.COMPLETED, metrics, extra={
         "answers": scored.get("answers", []), "examples": scored["examples"], "source": source,
         "retrained": not spec.get("adapter"), "timings": {"trial_s": time.time() - started}})
-
-
-def _memory_after_trial() -> dict[str, float]:
-    """What this process holds once a trial is over (its adapter gone): a reused worker's memory must stay flat."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    out = {"rss_gb": _rss_bytes() / 2**30}
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        out["cuda_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
-        out["cuda_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
-    return out
-
-
-def _rss_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where the current is not known
 
 
 def _run_in(trial_dir: Path, cache: Cache | None, process_start: float | None) -> TrialResult:
@@ -223,10 +189,11 @@ def _redirect_output(log: IO) -> None:
     os.dup2(log.fileno(), 2)
 
 
-def serve(preload: bool = False, quantized: bool = False) -> None:
+def serve(preload: bool = False, quantized: bool = False, pack: int = 1) -> None:
     """Run trials as their directories arrive on stdin (one per line), keeping the base model loaded.
     ``preload``: import torch, transformers and peft before the first trial arrives (a worker started
-    while the study sets up); a failure there is left for the first trial to meet and report."""
+    while the study sets up); a failure there is left for the first trial to meet and report. ``pack``:
+    train up to this many trials at once (packed_worker.py), else one after another."""
     commands: queue.Queue[str | None] = queue.Queue()
     busy = threading.Event()
 
@@ -247,6 +214,11 @@ def serve(preload: bool = False, quantized: bool = False) -> None:
         except BaseException:  # noqa: BLE001 - the first trial imports again and reports it in its own log
             pass
         imported = time.time()
+    if pack > 1:
+        from .packed_worker import PackedWorker
+
+        PackedWorker(pack, Cache(), run_trial, process_start, imported if preload else None).serve(commands)
+        return
     cache, first = Cache(), True
     while (command := commands.get()) is not None:
         if first and preload:  # the first trial's start-up: the imports, not the wait for it
@@ -260,11 +232,15 @@ def serve(preload: bool = False, quantized: bool = False) -> None:
 def main() -> None:
     watch_parent()  # where the parent-death signal is not available
     args = sys.argv[1:]
+    pack = 1
+    if "--pack" in args[:-1] and args[args.index("--pack") + 1].isdigit():
+        pack = int(args.pop(args.index("--pack") + 1))
+        args.remove("--pack")
     if args[:1] == ["--serve"] and set(args[1:]) <= {"--preload", "--quantized"}:
-        serve(preload="--preload" in args, quantized="--quantized" in args)
+        serve(preload="--preload" in args, quantized="--quantized" in args, pack=pack)
         return
     if len(args) != 1 or args[0].startswith("--"):
-        sys.exit("usage: python -m loratune.worker TRIAL_DIR | --serve [--preload [--quantized]]")
+        sys.exit("usage: python -m loratune.worker TRIAL_DIR | --serve [--preload [--quantized]] [--pack K]")
     _run_in(Path(sys.argv[1]), None, PROCESS_START)
 
 

@@ -24,18 +24,21 @@ def test_a_fraction_of_an_epoch_on_smollm2_lowers_its_validation_loss(smollm2, t
     """The real path on a real instruct model: its ChatML template with the default system prompt, grouped-
     query attention, tied embeddings; the adapter learns within a few optimizer steps."""
     from loratune.config import FinetuneConfig
-    from loratune.model import detach_adapter, load_base
-    from loratune.training import evaluate, run_training, setup
+    from loratune.data import load_examples
+    from loratune.model import load_base
+    from loratune.pack import Pack
+    from loratune.training import run_training
 
     cfg = FinetuneConfig(output_dir=str(tmp_path / "run"))
     cfg.model.name = str(smollm2)
     cfg.data.validation_size, cfg.data.validation_path = 12, "builtin:ai_director_validation"
     cfg.training.epochs, cfg.training.learning_rate, cfg.training.eval_points = 0.11, 5e-4, 2
     base = load_base(cfg)
-    s = setup(cfg, base)
-    s.validation = s.validation[:12]
-    before = evaluate(s, cfg.training.eval_batch_size)
-    base.model = detach_adapter(s.model)  # the loss of the untrained adapter measured, the same base trains
-    metrics = run_training(cfg, base=base, data=(s.train, s.validation)).to_dict()
+    train, validation = load_examples(base.tokenizer, cfg.data, cfg.training.seed)
+    validation = validation[:12]
+    pack = Pack(base, (train, validation))
+    before = pack.validation_losses([pack.add("untrained", cfg)], validation)["untrained"]
+    pack.close()  # the loss of the untrained adapter measured, the same base trains
+    metrics = run_training(cfg, base=base, data=(train, validation)).to_dict()
     assert metrics["steps"] == 5 and metrics["val_loss"] < before - 0.05, (before, metrics["val_loss"])
     assert metrics["trainable_params"] > 0 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

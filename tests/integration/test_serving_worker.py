@@ -261,7 +261,7 @@ BASE_A = {"model": {"name": "base-a"}, "training": {}}  # the config Trials.subm
 def prestarted(t: Trials) -> int:
     """Start the executor's kept worker before any trial (as a study does while Ax sets up); its pid."""
     t.executor.prestart(BASE_A)
-    return t.executor._slots[0].runner.pid
+    return t.executor.runners[0].pid
 
 
 def test_a_worker_started_before_the_study_takes_its_first_trial(make):
@@ -298,7 +298,7 @@ def test_a_worker_started_early_that_dies_before_its_first_trial_hands_it_to_a_f
 def test_a_worker_started_early_is_not_kept_without_reuse(make):
     t = make("local", reuse=False)
     t.executor.prestart(BASE_A)
-    assert t.executor._slots[0].runner.pid is None  # a fresh process per trial: nothing to start early
+    assert t.executor.runners[0].pid is None  # a fresh process per trial: nothing to start early
 
 
 def test_a_ray_actor_that_dies_between_trials_is_replaced_and_one_dying_mid_trial_fails_it(make):
@@ -364,7 +364,7 @@ class FaultyExecutor:
         self.fault[spec.index] = fault
         params = {**spec.params, "act": self.ACTS.get(fault, "complete"), "pid_file": str(self.tmp / f"pid-{spec.index}")}
         spec = TrialSpec(spec.index, params, spec.directory, spec.config)
-        kept = self.inner._slots[0].runner.pid
+        kept = self.inner.runners[0].pid
         if fault != "handed to a dying worker" or kept is None:
             self.inner.submit(spec)
             return

@@ -60,7 +60,8 @@ def test_no_import_cycles():
 def test_imports_flow_one_way():
     """cli -> api -> study -> executors -> worker -> training/data; nothing below looks up."""
     layers = [["loratune.cli"], ["loratune.api"], ["loratune.study", "loratune.report", "loratune.compare"],
-              ["loratune.executors"], ["loratune.worker"], ["loratune.training", "loratune.model", "loratune.data"]]
+              ["loratune.executors"], ["loratune.worker", "loratune.packed_worker"],
+              ["loratune.training", "loratune.pack", "loratune.adapters", "loratune.model", "loratune.data"]]
     rank = {m: i for i, layer in enumerate(layers) for m in layer}
 
     def layer_of(module: str) -> int | None:
@@ -80,9 +81,9 @@ def test_each_heavy_library_stays_in_its_room():
     rooms = {"ax": {"loratune.optimizer", "loratune.optimizer.seam", "loratune.optimizer.snapshot",
                     "loratune.optimizer.analyses"},
              "botorch": {"loratune.optimizer.seam"},
-             "transformers": {"loratune.model", "loratune.training", "loratune.data", "loratune.demo.tiny_model",
-                              "loratune.demo.smollm2"},
-             "peft": {"loratune.model", "loratune.training"},
+             "transformers": {"loratune.model", "loratune.training", "loratune.pack", "loratune.data",
+                              "loratune.demo.tiny_model", "loratune.demo.smollm2"},
+             "peft": {"loratune.model", "loratune.training", "loratune.adapters"},
              "mlflow": {"loratune.tracking"},
              "ray": {"loratune.executors.ray", "loratune.preflight"}}
     for module, (_, theirs) in GRAPH.items():

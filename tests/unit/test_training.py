@@ -84,35 +84,49 @@ def test_gradient_accumulation_auto_keeps_the_effective_batch():
     assert cfg.training.plan(148)[1] == 19
 
 
+def base_and_data(cfg):
+    from loratune.data import load_examples
+    from loratune.model import load_base
+
+    base = load_base(cfg)
+    return base, load_examples(base.tokenizer, cfg.data, cfg.training.seed)
+
+
 def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
     import torch
 
     from loratune.data.batching import collate
-    from loratune.training import _can_score_only_responses, response_loss, setup
+    from loratune.pack import Pack, can_score_only_responses, row_losses
 
-    s = setup(config(tmp_path))
-    assert _can_score_only_responses(s.model)
-    batch = collate(s.train[:4], s.tokenizer.pad_token_id)
+    cfg = config(tmp_path)
+    base, data = base_and_data(cfg)
+    pack = Pack(base, data)
+    pack.add("t", cfg)
+    model = pack.adapters.model
+    assert can_score_only_responses(model)
+    batch = collate(data[0][:4], base.tokenizer.pad_token_id)
     n_items = int((batch["labels"][:, 1:] != -100).sum())
-    s.model.eval()  # no dropout, so both passes see the same network
+    model.eval()  # no dropout, so both passes see the same network
     with torch.no_grad():
-        full = s.model(**batch, num_items_in_batch=n_items).loss
-        scored = response_loss(s.model, batch, n_items)
+        full = model(**batch, num_items_in_batch=n_items).loss
+        scored = row_losses(model, batch, scored_only=True).sum() / n_items
+        unscored = row_losses(model, batch, scored_only=False).sum() / n_items
     assert float(scored) == pytest.approx(float(full), rel=1e-5)
+    assert float(unscored) == pytest.approx(float(full), rel=1e-5)
+    pack.close()
 
 
 def test_the_curves_subset_is_fixed_and_the_last_point_uses_every_example(tiny_model, tmp_path):
-    from loratune.model import load_base
-    from loratune.training import curve_subset, setup
+    from loratune.pack import curve_subset
 
     cfg = config(tmp_path, epochs=0.2, eval_points=3)
-    s = setup(cfg, load_base(cfg))
-    subset = curve_subset(cfg, s.validation)
-    assert len(subset) == 9 and subset == curve_subset(cfg, s.validation)  # the same examples at every point
+    _, (_, validation) = base_and_data(cfg)
+    subset = curve_subset(cfg, validation)
+    assert len(subset) == 9 and subset == curve_subset(cfg, validation)  # the same examples at every point
     cfg.training.eval_subset = 1.0
-    assert curve_subset(cfg, s.validation) == s.validation
+    assert curve_subset(cfg, validation) == validation
     cfg.training.eval_subset = 0.01
-    assert len(curve_subset(cfg, s.validation)) == 8  # never fewer than 8
+    assert len(curve_subset(cfg, validation)) == 8  # never fewer than 8
 
 
 def test_a_tokenizer_without_pad_and_eos_tokens_trains_with_a_safe_pad_and_says_so(tiny_model, tmp_path, capfd):

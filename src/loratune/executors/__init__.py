@@ -8,7 +8,31 @@ from ..config import StudyConfig
 from ..trial import Evaluation
 from .base import Event, Executor, TrialSpec
 
-__all__ = ["Event", "Executor", "TrialSpec", "create_executor"]
+__all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size"]
+
+AUTO_PACK = 4  # trials a worker packs without a GPU (docs/BENCHMARKS.md, "Packed trials")
+OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed trial measures its pack's
+
+
+def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) -> tuple[int, str | None]:
+    """(trials each worker trains together, a note when fewer than asked for): ``pack``, or what ``auto``
+    comes to on this machine; 1 wherever trials cannot pack."""
+    from ..settings import outcome_metric
+    from .local import visible_gpus
+
+    asked = cfg.pack
+    measured = [m for m in [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)] if m in OWN_MEASURES]
+    why = ("a --command study runs one trial per worker" if evaluation is Evaluation.COMMAND else
+           "an evaluate= study runs one trial per worker" if evaluation is Evaluation.CALLABLE else
+           "Ray actors run one trial each" if cfg.executor == "ray" else
+           "without reuse_model every trial has a process of its own" if not cfg.reuse_model else
+           f"{measured[0]} of a packed trial would be its pack's" if measured else None)
+    if why:
+        return 1, (f"pack: {asked} asked for, but {why}: trials run one per worker"
+                   if isinstance(asked, int) and asked > 1 else None)
+    if asked == "auto":
+        return (1 if visible_gpus() else AUTO_PACK), None
+    return asked, None
 
 
 def create_executor(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE,
@@ -28,4 +52,4 @@ def create_executor(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETU
     command = cfg.command if evaluation is Evaluation.COMMAND else None
     return LocalExecutor(slots=cfg.workers, objectives=cfg.objectives, command=command, gpus=cfg.gpus,
                          gpus_per_trial=cfg.gpus_per_trial, reuse_model=cfg.reuse_model,
-                         trials_per_worker=cfg.trials_per_worker)
+                         trials_per_worker=cfg.trials_per_worker, pack=pack_size(cfg, evaluation)[0])

@@ -92,8 +92,8 @@ def last_json_metrics(text: str) -> dict | None:
 class CommandRunner:
     """Runs a slot's command trials, each a fresh process under a guard (``python -m loratune.processes``)
     that takes the command's whole process group down with the study. The same methods as
-    ``serving.ServingWorker``: ``start``, ``poll``, ``stop`` (SIGTERM to the group: the command may end
-    on its own terms, as early-stopped), ``cancel`` and ``close``."""
+    ``serving.ServingWorker``, one trial at a time: ``start``, ``poll``, ``stop`` (SIGTERM to the group: the
+    command may end on its own terms, as early-stopped), ``cancel`` and ``close``."""
 
     def __init__(self, template: str, env: dict[str, str], objectives: list[str]):
         self.template, self.env, self.objectives = template, env, objectives
@@ -101,8 +101,15 @@ class CommandRunner:
         self.trial: Path | None = None
         self.stop_sent, self.cancelled = False, None
 
-    def holds(self, key: str) -> bool:
+    def holds(self, config: dict) -> bool:
         return False  # nothing is kept from one trial to the next
+
+    @property
+    def free(self) -> int:
+        return 1 if self.trial is None else 0
+
+    def can_take(self, config: dict) -> bool:
+        return self.trial is None
 
     def start(self, trial_dir: Path, params: dict[str, Any]) -> None:
         argv = command_argv(self.template, params)
@@ -114,9 +121,9 @@ class CommandRunner:
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self.env, start_new_session=True, preexec_fn=die_with_parent())
 
-    def poll(self) -> TrialResult | None:
+    def poll(self) -> dict[Path, TrialResult]:
         if self.trial is None or self.process.poll() is None:
-            return None
+            return {}
         log = (self.trial / LOG_FILE).read_text(errors="replace")
         if self.cancelled:
             result = TrialResult(TrialState.FAILED, reason=self.cancelled)
@@ -128,16 +135,19 @@ class CommandRunner:
             result = TrialResult(TrialState.FAILED, reason="command printed no JSON line with metrics")
         else:
             result = check_metrics(metrics, self.objectives)
-        self.trial = None
+        trial, self.trial = self.trial, None
         self.close()  # whatever the command left running in its group
-        return result
+        return {trial: result}
 
-    def stop(self) -> None:
+    def stop(self, trial_dir: Path) -> None:
         if self.trial is not None and not self.stop_sent:
             self.stop_sent = True
             signal_group(self.process.pid, signal.SIGTERM)
 
-    def cancel(self, reason: str) -> None:
+    def go_on(self, trial_dir: Path) -> None:
+        """A command is never asked to wait for verdicts."""
+
+    def cancel(self, trial_dir: Path, reason: str) -> None:
         if self.trial is not None and self.cancelled is None:
             self.cancelled = reason
             signal_group(self.process.pid, signal.SIGKILL)

@@ -1,7 +1,7 @@
-"""Trials as child processes on this machine, one slot per concurrent trial. Each slot has its GPU
-set (``CUDA_VISIBLE_DEVICES``), its share of the CPU threads, and a runner that hands it trials: a
-``ServingWorker`` for loratune's fine-tunes (a worker that keeps the base model loaded with
-``reuse_model``, else a fresh process per trial; every way it can end is written there), or a
+"""Trials as child processes on this machine. Each worker has its GPU set (``CUDA_VISIBLE_DEVICES``),
+its share of the CPU threads, and a runner that hands it trials: a ``ServingWorker`` for loratune's
+fine-tunes (a worker that keeps the base model loaded with ``reuse_model`` and trains up to ``pack``
+trials together, else a fresh process per trial; every way it can end is written there), or a
 ``CommandRunner`` for a user's ``--command``.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..processes import TrialLock
 from ..storage import atomic_write_json
-from ..trial_dir import SPEC_FILE, VERDICT_POLL_S, ProgressReader, base_key, worker_env
+from ..trial_dir import SPEC_FILE, VERDICT_POLL_S, ProgressReader, worker_env
 from .base import Event, TrialSpec, progress_events
 from .command import CommandRunner
 from .serving import WORKER_COMMAND, ServingWorker
@@ -37,25 +37,30 @@ def visible_gpus() -> list[str]:
 
 
 @dataclass
-class _Slot:
+class _Running:
     runner: ServingWorker | CommandRunner
-    spec: TrialSpec | None = None  # the trial it runs
-    reader: ProgressReader | None = None
+    spec: TrialSpec
+    reader: ProgressReader
 
 
 class LocalExecutor:
+    """Up to ``slots`` workers (one per GPU set, where there are GPUs), each running up to ``pack`` trials
+    at once (loratune's own fine-tunes; a command runs one): ``slots`` x ``pack`` trials in all."""
+
     def __init__(self, slots: int = 1, objectives: list[str] | None = None, command: str | None = None,
                  gpus: list[str] | None = None, gpus_per_trial: int = 1, reuse_model: bool = True,
-                 trials_per_worker: int = 50, worker_command: list[str] | tuple[str, ...] = WORKER_COMMAND):
+                 trials_per_worker: int = 50, worker_command: list[str] | tuple[str, ...] = WORKER_COMMAND,
+                 pack: int = 1):
         objectives = objectives or ["loss"]
         self.command = command
         available = list(visible_gpus() if gpus is None else gpus)
-        if available:  # never more concurrent trials than GPU sets
+        if available:  # never more concurrent workers than GPU sets
             slots = max(1, min(slots, len(available) // max(gpus_per_trial, 1)))
             sets = [available[i * gpus_per_trial:(i + 1) * gpus_per_trial] or available[:1] for i in range(slots)]
         else:
             sets = [None] * slots
-        self.slots = slots
+        self.pack = 1 if command or not reuse_model else max(1, pack)
+        self.slots = slots * self.pack
         self.threads = max(1, (os.cpu_count() or 1) // slots)
         limit = os.environ.get("OMP_NUM_THREADS", "")
         if limit.isdigit() and int(limit) > 0:  # the user's own thread limit holds for the trials too
@@ -65,67 +70,81 @@ class LocalExecutor:
             env = worker_env(self.threads, gpus)
             if command:
                 return CommandRunner(command, env, objectives)
-            return ServingWorker(env, reuse_model, trials_per_worker, worker_command)
+            return ServingWorker(env, reuse_model, trials_per_worker, worker_command, self.pack)
 
-        self._slots = [_Slot(runner(s)) for s in sets]
-        self.running: dict[int, _Slot] = {}
+        self.runners = [runner(s) for s in sets]
+        self.running: dict[int, _Running] = {}
+        self.waiting: list[TrialSpec] = []  # submitted while no worker could take them (another base or data)
 
     def prestart(self, config: dict) -> None:
-        """Start the slots' kept workers for trials of this training config now (see ``ServingWorker.prestart``)."""
+        """Start the kept workers for trials of this training config now (see ``ServingWorker.prestart``)."""
         quantized = (config.get("model") or {}).get("quantization", "none") != "none"
-        for slot in self._slots:
-            if isinstance(slot.runner, ServingWorker):
-                slot.runner.prestart(base_key(config), quantized)
+        for runner in self.runners:
+            if isinstance(runner, ServingWorker):
+                runner.prestart(config, quantized)
 
     def submit(self, spec: TrialSpec) -> None:
-        key = base_key(spec.config or {})
-        free = [s for s in self._slots if s.spec is None]
-        slot = next((s for s in free if s.runner.holds(key)), free[0])  # a worker that holds this base already
+        """Start the trial on a worker that holds its base (packed with its trials, if any), else on one that
+        runs nothing; else it waits for one (a trial of another base or data than every running one)."""
+        config = spec.config or {}
+        takers = [r for r in self.runners if r.free > 0 and r.can_take(config)]
+        if not takers:
+            self.waiting.append(spec)
+            return
+        runner = next((r for r in takers if r.holds(config)), takers[0])
         d = spec.directory
         TrialLock.clear(d)  # a process of an earlier, killed study still on this trial ends first
         if d.exists():  # a re-run after an interruption starts clean
             shutil.rmtree(d)
         d.mkdir(parents=True)
         if self.command:
-            slot.runner.start(d, spec.params)
+            runner.start(d, spec.params)
         else:
             atomic_write_json(d / SPEC_FILE, spec.payload())
-            slot.runner.start(d, key)
-        slot.spec, slot.reader = spec, ProgressReader(d)
-        self.running[spec.index] = slot
+            runner.start(d, config)
+        self.running[spec.index] = _Running(runner, spec, ProgressReader(d))
 
     def poll(self, timeout: float) -> list[Event]:
         deadline = time.monotonic() + timeout
         while True:
             events = []
-            for index, slot in list(self.running.items()):
-                events += progress_events(index, slot.reader.read())
-                result = slot.runner.poll()
-                if result is not None:
-                    events += progress_events(index, slot.reader.read())
+            for index, r in list(self.running.items()):
+                events += progress_events(index, r.reader.read())
+            for runner in self.runners:
+                for directory, result in runner.poll().items():
+                    index = next(i for i, r in self.running.items() if r.spec.directory == directory)
+                    events += progress_events(index, self.running[index].reader.read())
                     events.append(Event(index, result=result))
-                    slot.spec = slot.reader = None
                     del self.running[index]
+            for spec in self._take_waiting():
+                self.submit(spec)
             if events or time.monotonic() >= deadline:
                 return events
             # a trial waiting for a verdict waits on this loop: look again soon
-            interval = VERDICT_POLL_S if any(s.spec.await_verdict for s in self.running.values()) else 0.1
+            interval = VERDICT_POLL_S if any(r.spec.await_verdict for r in self.running.values()) else 0.1
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    def _take_waiting(self) -> list[TrialSpec]:
+        waiting, self.waiting = self.waiting, []
+        return waiting
 
     def stop(self, index: int) -> None:
         if index in self.running:
-            self.running[index].runner.stop()
+            self.running[index].runner.stop(self.running[index].spec.directory)
 
     def go_on(self, index: int) -> None:
-        if index in self.running and isinstance(self.running[index].runner, ServingWorker):
-            self.running[index].runner.go_on()
+        if index in self.running:
+            self.running[index].runner.go_on(self.running[index].spec.directory)
 
     def cancel(self, index: int, reason: str) -> None:
         if index in self.running:
-            self.running[index].runner.cancel(reason)
+            self.running[index].runner.cancel(self.running[index].spec.directory, reason)
+        waiting = next((s for s in self.waiting if s.index == index), None)
+        if waiting is not None:  # never started: nothing to end
+            self.waiting.remove(waiting)
 
     def shutdown(self) -> None:
-        for slot in self._slots:
-            slot.runner.close()
-            slot.spec = slot.reader = None
+        for runner in self.runners:
+            runner.close()
         self.running.clear()
+        self.waiting.clear()

@@ -65,7 +65,6 @@ class _SlotActor:
             VERDICT_POLL_S,
             ProgressReader,
             awaits_verdict,
-            base_key,
         )
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
@@ -75,9 +74,9 @@ class _SlotActor:
         trial_dir.mkdir(parents=True)
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
-        self.worker.start(trial_dir, base_key(config))
+        self.worker.start(trial_dir, config)
         reader, last_check, points, went_on = ProgressReader(trial_dir), 0.0, 0, 0
-        while (result := self.worker.poll()) is None:
+        while (result := self.worker.poll().get(trial_dir)) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
                 points += event.get("kind") == EVAL and awaits_verdict(event)
@@ -86,11 +85,11 @@ class _SlotActor:
                 last_check = time.monotonic()
                 asked, go = ray.get(signals.asked.remote(payload["index"]))
                 if asked is not None and asked[0] == "cancel":
-                    self.worker.cancel(asked[1])
+                    self.worker.cancel(trial_dir, asked[1])
                 elif asked is not None:
-                    self.worker.stop()
+                    self.worker.stop(trial_dir)
                 for _ in range(go - went_on):
-                    self.worker.go_on()
+                    self.worker.go_on(trial_dir)
                 went_on = max(went_on, go)
             time.sleep(VERDICT_POLL_S if awaiting else 0.1)
         for event in reader.read():

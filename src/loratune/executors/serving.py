@@ -1,7 +1,7 @@
-"""One slot's worker process, and what each way it can end makes of the trial in its hands.
+"""A worker process, and what each way it can end makes of the trials in its hands (one, or a pack).
 
-The local executor keeps one ``ServingWorker`` per slot, a Ray actor one of its own, so these rules are
-written once (the README's "Failures" lists them for users):
+The local executor keeps ``ServingWorker``s, a Ray actor one of its own, so these rules are written
+once (the README's "Failures" lists them for users):
 
 - The worker reports the trial's end (``result.json``): the trial ends as reported. After a failure
   (an exception, a non-finite loss, out of memory) the worker is replaced before the next trial: the
@@ -12,7 +12,9 @@ written once (the README's "Failures" lists them for users):
 - The worker dies before it took the trial (it was handed over to a worker that was ending): the
   trial runs on a fresh worker. A fresh worker that dies before taking it fails it, with its reason.
 - The trial is cancelled (``trial_timeout``): it failed with the cancel's reason, and its worker goes
-  with it.
+  with it; in a pack, the worker drops it and the others go on.
+- In a pack, a failure of one trial lets the others end as they would; the worker takes no new trial
+  and is replaced once they have.
 - Between trials the worker is replaced when it has run ``trials_per_worker`` trials, holds another base
   model, or has died; the next trial is handed to a fresh one.
 
@@ -26,68 +28,98 @@ import shlex
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..processes import die_with_parent, oom_kill_count, signal_group
 from ..trial import TrialResult, TrialState, result_from_exit
-from ..trial_dir import LOG_FILE, RESULT_FILE, STOP_FILE, go_on, started
+from ..trial_dir import CANCEL_FILE, LOG_FILE, RESULT_FILE, STOP_FILE, base_key, go_on, pack_key, started
 
 WORKER_COMMAND = (sys.executable, "-m", "loratune.worker")  # + ``--serve`` or a trial directory
 
 
+@dataclass
+class _Held:
+    """A trial in a worker's hands."""
+
+    fresh: bool  # the process was started for it
+    oom_kills: int  # the kernel's count when it was handed over
+    cancelled: str | None = None
+
+
 class ServingWorker:
-    """Hands trials to a worker process (``python -m loratune.worker``), one at a time, and turns every
-    way that process can end into the trial's ``TrialResult``.
+    """Hands trials to a worker process (``python -m loratune.worker``), up to ``pack`` at once, and turns
+    every way that process can end into each trial's ``TrialResult``.
 
     ``env``: the worker's environment (``trial_dir.worker_env``). ``reuse``: keep one process that loads
-    the base model once for trial after trial (``--serve``), else a fresh process per trial.
+    the base model once for trial after trial (``--serve``), else a fresh process per trial. ``pack``:
+    trials it trains together (``--serve --pack K``, packed_worker.py); more than one needs ``reuse``.
     ``command``: the worker's command line without its last argument (the worker module, or a test's
     stand-in for it).
     """
 
     def __init__(self, env: dict[str, str], reuse: bool = True, trials_per_worker: int = 50,
-                 command: list[str] | tuple[str, ...] = WORKER_COMMAND):
+                 command: list[str] | tuple[str, ...] = WORKER_COMMAND, pack: int = 1):
         self.env, self.reuse, self.trials_per_worker, self.command = env, reuse, trials_per_worker, list(command)
+        self.pack = pack if reuse else 1
         self.process: subprocess.Popen | None = None
         self.key: str | None = None  # the base model the process holds (``trial_dir.base_key``)
+        self.packed: str | None = None  # what its trials share (``trial_dir.pack_key``), while it holds any
         self.trials = 0  # trials handed to this process
-        self.trial: Path | None = None  # the directory of the trial in its hands
-        self.fresh = False  # the process was started for this trial
-        self.cancelled: str | None = None
-        self._oom_kills = 0  # the kernel's count when the trial was handed over
+        self.held: dict[Path, _Held] = {}  # the trials in its hands
+        self.draining = False  # one of its trials failed: it takes no other, and goes once its trials end
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def holds(self, key: str) -> bool:
-        """Whether the next trial with this base would run on the process kept from the last one."""
-        return (self.reuse and self.process is not None and self.process.poll() is None and self.key == key
-                and self.trials < self.trials_per_worker)
+    @property
+    def free(self) -> int:
+        """Trials it can take now."""
+        return 0 if self.draining else self.pack - len(self.held)
 
-    def start(self, trial_dir: Path, key: str) -> None:
+    def holds(self, config: dict) -> bool:
+        """Whether the next trial of this training config would run on the process kept from the last one
+        (packed with the trials it runs, if any: same base, data and seed)."""
+        if self.held and self.packed != pack_key(config):
+            return False
+        return (self.reuse and self.process is not None and self.process.poll() is None
+                and self.key == base_key(config) and self.trials < self.trials_per_worker and self.free > 0)
+
+    def can_take(self, config: dict) -> bool:
+        """Whether ``start`` may be given this trial now: packed with the ones it runs, or it runs none."""
+        return not self.held or self.holds(config)
+
+    def start(self, trial_dir: Path, config: dict) -> None:
         """Hand over the trial in ``trial_dir`` (its ``trial.json`` written): to the kept process when
-        the rules allow, else to a fresh one."""
-        self.trial, self.cancelled, self._oom_kills = trial_dir, None, oom_kill_count()
-        if self.holds(key) and self.trials == 0:  # its first trial, on a worker started before it
+        the rules allow, else to a fresh one (only when it holds no trial: see ``can_take``)."""
+        held = _Held(fresh=False, oom_kills=oom_kill_count())
+        kept = self.holds(config)
+        if kept and self.trials == 0:  # its first trial, on a worker started before it
             with open(trial_dir / LOG_FILE, "a") as log:  # before the worker writes there: which command
                 log.write(f"$ {shlex.join(self.process.args)}\n")
-        if self.holds(key) and self._send(trial_dir):
-            self.fresh, self.trials = False, self.trials + 1
+        self.packed = pack_key(config)
+        if kept and self._send(trial_dir):
+            self.held[trial_dir] = held
+            self.trials += 1
         else:
-            self._start_fresh(key)
+            self.held[trial_dir] = held
+            self._start_fresh(base_key(config))
 
-    def prestart(self, key: str, quantized: bool) -> None:
+    def prestart(self, config: dict, quantized: bool) -> None:
         """Start a kept worker now, before it has a trial, so that its imports overlap the study's set-up;
-        the first trial with this base goes to it. Its output until then is dropped: one that dies before
+        the first trial with this key goes to it. Its output until then is dropped: one that dies before
         taking its trial hands it to a fresh worker, which writes into the trial's log."""
         if not self.reuse or self.process is not None:
             return
-        argv = [*self.command, "--serve", "--preload", *(["--quantized"] if quantized else [])]
+        argv = [*self.command, "--serve", "--preload", *(["--quantized"] if quantized else []), *self._pack_args()]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
                                         text=True, stdin=subprocess.PIPE, start_new_session=True,
                                         preexec_fn=die_with_parent())
-        self.key, self.trials = key, 0
+        self.key, self.trials, self.draining = base_key(config), 0, False
+
+    def _pack_args(self) -> list[str]:
+        return ["--pack", str(self.pack)] if self.pack > 1 else []
 
     def _send(self, trial_dir: Path) -> bool:
         try:
@@ -98,9 +130,11 @@ class ServingWorker:
             return False
 
     def _start_fresh(self, key: str) -> None:
-        self.close()
-        argv = [*self.command, "--serve"] if self.reuse else [*self.command, str(self.trial)]
-        with open(self.trial / LOG_FILE, "a") as log:  # until it takes the trial, its output is the trial's
+        """A fresh process for the trials held (those handed to one that ended before taking them)."""
+        self.close(keep=True)
+        first = next(iter(self.held))
+        argv = [*self.command, "--serve", *self._pack_args()] if self.reuse else [*self.command, str(first)]
+        with open(first / LOG_FILE, "a") as log:  # until it takes a trial, its output is the first one's
             log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
             # its own session, so that a cancel or a shutdown reaches what it started too; and it dies
@@ -108,55 +142,78 @@ class ServingWorker:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, text=True,
                                             stdin=subprocess.PIPE if self.reuse else subprocess.DEVNULL,
                                             start_new_session=True, preexec_fn=die_with_parent())
-        self.key, self.trials, self.fresh = key, 1, True
-        if self.reuse:
-            self._send(self.trial)  # one that dies at once is seen by poll
+        self.key, self.trials, self.draining = key, len(self.held), False
+        for trial_dir, held in self.held.items():
+            held.fresh = True
+            if self.reuse:
+                self._send(trial_dir)  # one that dies at once is seen by poll
 
-    def poll(self) -> TrialResult | None:
-        """The trial's result once it has ended, else None (also while it starts again on a fresh worker)."""
-        if self.trial is None:
-            return None
-        code = self.process.poll()  # before looking for the result: a result written before the exit is seen
-        if self.cancelled is not None:
-            return self._end(TrialResult(TrialState.FAILED, reason=self.cancelled)) if code is not None else None
-        result = self.trial / RESULT_FILE
+    def poll(self) -> dict[Path, TrialResult]:
+        """The results of the trials that have ended since the last call (none for one that starts again,
+        on a fresh worker)."""
+        code = self.process.poll() if self.process is not None else None  # before the results: one written
+        ended, again = {}, []                                               # before the exit is seen
+        for trial_dir, held in self.held.items():
+            result = self._result(trial_dir, held, code)
+            if result is _AGAIN:
+                again.append(trial_dir)
+            elif result is not None:
+                ended[trial_dir] = result
+        size = len(self.held)
+        for trial_dir, result in ended.items():
+            del self.held[trial_dir]
+            result.extra.setdefault("pack", size)  # trials in the worker's hands as it ended
+            if result.state.is_failure:  # a process that failed a trial is not trusted with another
+                self.draining = True
+        if again and len(again) == len(self.held):  # the others' endings first
+            self._start_fresh(self.key)
+        if not self.held and (not self.reuse or self.draining):  # whatever a trial's process left goes with it
+            self.close()
+        return ended
+
+    def _result(self, trial_dir: Path, held: _Held, code: int | None):
+        if held.cancelled is not None and len(self.held) == 1:
+            return TrialResult(TrialState.FAILED, reason=held.cancelled) if code is not None else None
+        result = trial_dir / RESULT_FILE
         if result.exists():
-            return self._end(TrialResult.from_dict(json.loads(result.read_text())))
+            return TrialResult.from_dict(json.loads(result.read_text()))
         if code is None:
             return None
-        took = started(self.trial)
-        if not took and not self.fresh:  # handed to a worker that was ending: it never started
-            self._start_fresh(self.key)
-            return None
-        log = self.trial / LOG_FILE
+        took = started(trial_dir)
+        if not took and not held.fresh:  # handed to a worker that was ending: it never started
+            return _AGAIN
+        if held.cancelled is not None:
+            return TrialResult(TrialState.FAILED, reason=held.cancelled)
+        log = trial_dir / LOG_FILE
         text = log.read_text(errors="replace") if log.exists() else ""
-        return self._end(result_from_exit(code, text, started=took, oom_killed=oom_kill_count() > self._oom_kills))
+        return result_from_exit(code, text, started=took, oom_killed=oom_kill_count() > held.oom_kills)
 
-    def _end(self, result: TrialResult) -> TrialResult:
-        self.trial = None
-        if not self.reuse or result.state.is_failure:  # whatever a trial's process left goes with it
-            self.close()
-        return result
-
-    def stop(self) -> None:
+    def stop(self, trial_dir: Path) -> None:
         """Ask the trial to stop early, as early-stopped: at the curve point just judged when it awaits
         verdicts, else after its next optimizer step."""
-        if self.trial is not None:
-            (self.trial / STOP_FILE).touch()
+        if trial_dir in self.held:
+            (trial_dir / STOP_FILE).touch()
 
-    def go_on(self) -> None:
+    def go_on(self, trial_dir: Path) -> None:
         """Let a trial that awaits verdicts train on past the curve point just judged."""
-        if self.trial is not None:
-            go_on(self.trial)
+        if trial_dir in self.held:
+            go_on(trial_dir)
 
-    def cancel(self, reason: str) -> None:
-        """End the trial now, its worker with it (its memory is freed); it ends as failed with ``reason``."""
-        if self.trial is not None and self.cancelled is None:
-            self.cancelled = reason
+    def cancel(self, trial_dir: Path, reason: str) -> None:
+        """End the trial now; it ends as failed with ``reason``. Alone on its worker, the worker goes with it
+        (its memory is freed); in a pack, the worker drops it and goes on with the others."""
+        held = self.held.get(trial_dir)
+        if held is None or held.cancelled is not None:
+            return
+        held.cancelled = reason
+        if len(self.held) == 1:
             signal_group(self.process.pid, signal.SIGKILL)
+        else:
+            (trial_dir / CANCEL_FILE).write_text(reason)
 
-    def close(self) -> None:
-        """End the worker process and everything it started; safe to call more than once."""
+    def close(self, keep: bool = False) -> None:
+        """End the worker process and everything it started; safe to call more than once. The trials it
+        held are forgotten unless ``keep``."""
         if self.process is not None:
             signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -165,4 +222,9 @@ class ServingWorker:
                     self.process.stdin.close()
                 except OSError:  # a pipe whose reader is gone
                     pass
-        self.process, self.key = None, None
+        self.process, self.key, self.draining = None, None, False
+        if not keep:
+            self.held.clear()
+
+
+_AGAIN = object()  # a trial that never started: it runs on a fresh worker
