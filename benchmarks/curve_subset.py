@@ -24,24 +24,30 @@ POINTS = 10
 
 def measure(rank: int, alpha: int, lr: float, bs: int) -> list[dict]:
     from loratune.config import FinetuneConfig
+    from loratune.data import load_examples
     from loratune.model import load_base
-    from loratune.training import curve_subset, evaluate, fit, setup
+    from loratune.pack import Hooks, Pack, curve_subset
 
     cfg = FinetuneConfig()
     cfg.lora.rank, cfg.lora.alpha, cfg.training.learning_rate, cfg.training.batch_size = rank, alpha, lr, bs
     cfg.training.eval_points = POINTS
-    s = setup(cfg, load_base(cfg))
-    subset = curve_subset(cfg, s.validation)
+    base = load_base(cfg)
+    train, validation = load_examples(base.tokenizer, cfg.data, cfg.training.seed)
+    pack = Pack(base, (train, validation))
+    subset = curve_subset(cfg, validation)
     rows = []
 
-    def on_eval(point) -> bool:
-        if point.subset != len(s.validation):
+    class FullLossToo(Hooks):
+        def on_point(self, point) -> bool:
             rows.append({"progress": point.progress, "subset": point.val_loss,
-                         "full": evaluate(s, cfg.training.eval_batch_size)})
-        return False
+                         "full": pack.validation_losses([trial], validation)["trial"]})
+            return False
 
-    fit(s, cfg, on_eval=on_eval)
-    assert all(len(subset) < len(s.validation) for _ in rows)
+    trial = pack.add("trial", cfg, FullLossToo())
+    while not trial.done:
+        pack.round()
+    pack.close()
+    assert all(len(subset) < len(validation) for _ in rows)
     return rows
 
 

@@ -128,17 +128,17 @@ def peer_train(path: str, params: dict, epochs: float, seed: int, out: Path) -> 
 def loratune_train(path: str, params: dict, epochs: float, seed: int) -> float:
     """One config trained and scored as a loratune trial: its validation loss (a trial trains from the
     study's seed)."""
-    from loratune.config import FinetuneConfig
-    from loratune.training import evaluate, fit, setup
+    import tempfile
 
-    cfg = FinetuneConfig()
+    from loratune.config import FinetuneConfig
+    from loratune.training import run_training
+
+    cfg = FinetuneConfig(output_dir=tempfile.mkdtemp(prefix="loratune-peer-"), save_adapter=False)
     cfg.model.name = path
     cfg.lora.rank, cfg.lora.alpha = params["lora_rank"], params["lora_alpha"]
     cfg.training.learning_rate, cfg.training.batch_size = params["learning_rate"], params["batch_size"]
     cfg.training.epochs, cfg.training.seed = epochs, seed
-    s = setup(cfg)
-    fit(s, cfg)
-    return evaluate(s, cfg.training.eval_batch_size)
+    return run_training(cfg, overwrite=True).val_loss
 
 
 def _check_loss_definition(trainer, validation) -> None:

@@ -20,13 +20,12 @@ import time
 
 
 def loratune_run(cfg) -> dict:
-    from loratune.training import evaluate, fit, setup
+    from loratune.training import run_training
 
-    s = setup(cfg)
-    result = fit(s, cfg)
-    return {"trainer": "loratune (length-grouped batches)", "tokens_per_s": result.tokens_seen / result.train_time_s,
-            "train_time_s": result.train_time_s, "padding_fraction": result.padding_fraction,
-            "val_loss": evaluate(s, cfg.training.eval_batch_size)}
+    cfg.output_dir, cfg.save_adapter = "/tmp/loratune-throughput", False
+    m = run_training(cfg, overwrite=True)
+    return {"trainer": "loratune (length-grouped batches)", "tokens_per_s": m.tokens_seen / m.train_time_s,
+            "train_time_s": m.train_time_s, "padding_fraction": m.padding_fraction, "val_loss": m.val_loss}
 
 
 def hf_run(cfg, pad_to_max: bool) -> dict:
@@ -34,13 +33,17 @@ def hf_run(cfg, pad_to_max: bool) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from loratune.training import evaluate, setup
+    from loratune.data import load_examples
+    from loratune.model import attach_adapter, load_base
+    from loratune.pack import mean_losses
 
-    s = setup(cfg)
+    base = load_base(cfg)
+    train, validation = load_examples(base.tokenizer, cfg.data, cfg.training.seed)
+    model = attach_adapter(base, cfg)
     t = cfg.training
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in s.train]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in train]
     width = cfg.data.max_length if pad_to_max else None
-    collator = DataCollatorForSeq2Seq(s.tokenizer, padding="max_length" if pad_to_max else True, max_length=width,
+    collator = DataCollatorForSeq2Seq(base.tokenizer, padding="max_length" if pad_to_max else True, max_length=width,
                                       label_pad_token_id=-100)
     args = TrainingArguments(
         output_dir="/tmp/loratune-hf-baseline", per_device_train_batch_size=t.batch_size, num_train_epochs=t.epochs,
@@ -50,7 +53,7 @@ def hf_run(cfg, pad_to_max: bool) -> dict:
         save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=s.model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator)
     real = sum(len(r["input_ids"]) for r in rows) * t.epochs
     padded = []
     for batch in trainer.get_train_dataloader():
@@ -61,7 +64,7 @@ def hf_run(cfg, pad_to_max: bool) -> dict:
     name = "transformers Trainer, padding to max_length" if pad_to_max else "transformers Trainer, DataCollatorForSeq2Seq"
     return {"trainer": name, "tokens_per_s": real / elapsed, "train_time_s": elapsed,
             "padding_fraction": 1 - sum(len(r["input_ids"]) for r in rows) / sum(padded),
-            "val_loss": evaluate(s, t.eval_batch_size)}
+            "val_loss": mean_losses(model, base, validation, t.eval_batch_size, [None])[None]}
 
 
 def main() -> None:
