@@ -75,9 +75,7 @@ class PackedAdapters:
         if cfg.model.quantization == "none":
             self.model.to(self.base.device)
         self.names[name] = [p for n, p in self.model.named_parameters() if f".{name}." in n]
-        for params in self.names.values():  # peft marks only its active adapter trainable
-            for p in params:
-                p.requires_grad_(True)
+        self._mark_trainable()
         self._patch()
         return self.names[name]
 
@@ -91,6 +89,13 @@ class PackedAdapters:
             self.model = None
         else:
             self.model.delete_adapter(name)
+            self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """Every trial's adapter trains: peft marks only its active adapter so after adding or deleting one."""
+        for params in self.names.values():
+            for p in params:
+                p.requires_grad_(True)
 
     def close(self) -> None:
         for name in list(self.names):

@@ -104,3 +104,29 @@ def test_a_packed_trials_adapter_is_an_ordinary_peft_adapter(loaded, tmp_path):
         assert (tmp_path / t.name / "adapter_model.safetensors").exists()
         loaded_loss = score_adapter(t.cfg, base, tmp_path / t.name, data[1], answer=False)["loss"]
         assert loaded_loss == pytest.approx(packed[t.name], rel=1e-5)
+
+
+def test_trials_that_join_and_leave_a_running_pack_train_as_they_do_alone(loaded, tmp_path):
+    """A trial leaves mid-way (its adapter deleted) and another joins: the ones still in the pack keep
+    training (peft marks only its active adapter trainable after each change) and match their runs alone."""
+    from loratune.pack import Pack
+
+    base, data = loaded
+    cfgs = configs(tmp_path, epochs=0.2)
+    alone = {}
+    for i in (0, 2):
+        pack = Pack(base, data)
+        trial = pack.add(f"t{i}", cfgs[i])
+        train(pack, [trial])
+        alone[i] = trial.curve[-1].val_loss
+        pack.close()
+    pack = Pack(base, data)
+    first, leaving = pack.add("t0", cfgs[0]), pack.add("t1", cfgs[1])
+    for _ in range(3):
+        pack.round()
+    pack.remove(leaving)
+    joining = pack.add("t2", cfgs[2])
+    train(pack, [first, joining])
+    assert first.curve[-1].val_loss == pytest.approx(alone[0], rel=1e-4)
+    assert joining.curve[-1].val_loss == pytest.approx(alone[2], rel=1e-4)
+    pack.close()
