@@ -273,11 +273,11 @@ class StudyConfig:
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
     pack: int | Literal["auto"] = setting("auto", flag="--pack", metavar="K", resume=True,
                                           help="trials a worker trains together on one loaded base model "
-                                               "(auto: 4 on a machine without a GPU, where it measured faster; 1 "
-                                               "on GPUs for now)")
+                                               "(auto: 1 until packing measures faster in a whole study)")
     """Trials each worker trains together, in one pass over one loaded base model (packed trials: each keeps
-    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 4 where
-    packing measured faster (a machine without a GPU, docs/BENCHMARKS.md "Packed trials"), else 1. A study
+    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 1 for now:
+    the trainer packs 4 trials 1.3x faster on the demo model, but the demo study measured slower packed (Ax's
+    suggestions of a whole pack at once; docs/BENCHMARKS.md "Packed trials"). A study
     of a ``command`` or an ``evaluate=`` function, one on Ray, without ``reuse_model``, or one whose objectives
     or constraints measure a trial's own time or memory (train_time, peak_memory_gb, tokens_per_s) runs one
     trial per worker, and says so when more were asked for."""

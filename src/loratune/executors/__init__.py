@@ -10,7 +10,7 @@ from .base import Event, Executor, TrialSpec
 
 __all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size"]
 
-AUTO_PACK = 4  # trials a worker packs without a GPU (docs/BENCHMARKS.md, "Packed trials")
+AUTO_PACK = 1  # what pack: auto comes to: no whole study has measured faster packed yet (docs/BENCHMARKS.md, "Packed trials")
 OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed trial measures its pack's
 
 
@@ -18,7 +18,6 @@ def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) ->
     """(trials each worker trains together, a note when fewer than asked for): ``pack``, or what ``auto``
     comes to on this machine; 1 wherever trials cannot pack."""
     from ..settings import outcome_metric
-    from .local import visible_gpus
 
     asked = cfg.pack
     measured = [m for m in [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)] if m in OWN_MEASURES]
@@ -31,7 +30,7 @@ def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) ->
         return 1, (f"pack: {asked} asked for, but {why}: trials run one per worker"
                    if isinstance(asked, int) and asked > 1 else None)
     if asked == "auto":
-        return (1 if visible_gpus() else AUTO_PACK), None
+        return AUTO_PACK, None
     return asked, None
 
 
