@@ -135,13 +135,16 @@ class Study:
         is free, with every finished trial's result known: choosing it while the trial before it still ran
         was measured worse ("Choosing the next point while a trial trains"). Packed trials start together,
         once every trial of the last pack has ended: which points a pack trains then depends on the results
-        before it alone, never on the order in which its trials' ends were heard (``--seed``). Saves before a
-        trial starts; True when one did."""
+        before it alone, never on the order in which its trials' ends were heard (``--seed``). Ax chooses a
+        pack's points in one call: chosen one at a time, each competed for the cores with the pack's first
+        trials, already training, and the 20-trial demo study spent 54 s in Ax instead of 5 s
+        (docs/BENCHMARKS.md, "Packed trials"). Saves before a trial starts; True when one did."""
         started = False
         if self.pack > 1 and running:
             return False
         while len(running) < executor.slots and (self.queue or self._unproposed(running) > 0):
-            if not self.queue and not self._propose():
+            if not self.queue and not self._propose(1 if self.pack == 1 else
+                                                    min(executor.slots - len(running), self._unproposed(running))):
                 break
             record = self.queue.pop(0)
             record.state = TrialState.RUNNING  # on disk before it starts: a kill from here on runs it again
@@ -158,9 +161,9 @@ class Study:
         """Trials of the budget that Ax has not proposed yet."""
         return self.cfg.trials - self.stored.finished() - len(running) - len(self.queue)
 
-    def _propose(self) -> bool:
-        """Ask Ax for one more trial and queue it; False when it proposes none."""
-        new = [self._new_record(index, params) for index, params in self.opt.ask(1).items()]
+    def _propose(self, n: int) -> bool:
+        """Ask Ax for up to n more trials and queue them; False when it proposes none."""
+        new = [self._new_record(index, params) for index, params in self.opt.ask(n).items()]
         for record in new:
             record.state = TrialState.QUEUED
         self.queue += new

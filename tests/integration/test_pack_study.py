@@ -1,0 +1,71 @@
+"""Packed trials in a whole study: Ax chooses a pack's points in one call, a trial packed scores what it
+scores alone, and a study killed while a pack trains loses no completed trial and leaves no worker."""
+
+import json
+import signal
+
+import pytest
+from conftest import run_cli, wait_for
+from test_lifetimes import alive, start_study
+
+from loratune.optimizer import Optimizer
+
+
+def study(tmp_path, name, pack, asks=None, monkeypatch=None):
+    from loratune import run_optimization
+
+    if asks is not None:  # the sizes of Ax's calls
+        ask = Optimizer.ask
+        monkeypatch.setattr(Optimizer, "ask", lambda self, n: asks.append(n) or ask(self, n))
+    results = run_optimization(num_trials=4, output_dir=tmp_path / name, seed=3, quiet=True, report=False, pack=pack,
+                               training={"epochs": 0.2}, scoring={"subset": 0})
+    return {t["index"]: (t["params"], t["metrics"]["loss"], t["state"]) for t in results["trials"]}
+
+
+def test_a_packed_study_asks_ax_once_a_pack_and_its_trials_score_what_they_score_alone(tiny_model, tmp_path, monkeypatch):
+    """4 trials are the baseline and the initial design, the same points whatever the pack: so each trial's
+    loss packed in twos must be its loss alone (to 1e-4, the trainer's promise)."""
+    asks: list[int] = []
+    packed = study(tmp_path, "packed", 2, asks, monkeypatch)
+    assert asks == [1, 2]  # the baseline and one point, then the second pack's two points in one call
+    alone = study(tmp_path, "alone", 1)
+    assert asks == [1, 2, 1, 1, 1]  # alone, a point at a time
+    assert sorted(packed) == sorted(alone) == [0, 1, 2, 3]
+    for index, (params, loss, state) in alone.items():
+        assert state == packed[index][2] == "completed"
+        assert packed[index][0] == params
+        assert packed[index][1] == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_pack_trains_ends_its_worker_loses_no_completed_trial_and_resume_reruns_the_pack(
+        tiny_model, tmp_path):
+    config = tmp_path / "packed.yaml"  # the baseline's pack ends, then the second pack trains long enough to be killed
+    config.write_text("trials: 4\npack: 2\ntraining: {epochs: 0.2}\nscoring: {subset: 0}\n")
+    out = tmp_path / "study"
+    proc = start_study(tmp_path, "--config", str(config))
+    checkpoint = out / "optimization_checkpoint.json"
+
+    def second_pack_training():
+        records = json.loads(checkpoint.read_text())["records"] if checkpoint.exists() else []
+        running = [r for r in records if r["state"] == "running" and r["index"] >= 2]
+        locks = [out / r["directory"] / ".lock" for r in running]
+        return len(running) == 2 and all(lock.exists() and lock.read_text().strip() for lock in locks) and locks
+
+    locks = wait_for(second_pack_training, "the second pack to train", 180)
+    worker = int(locks[0].read_text())
+    assert worker == int(locks[1].read_text())  # one worker holds the pack
+    proc.send_signal(signal.SIGKILL)  # the study alone, as a user's kill -9 does
+    proc.wait()
+    wait_for(lambda: not alive(worker), "the pack's worker to end", 10)
+    records = json.loads(checkpoint.read_text())["records"]
+    completed = {r["index"]: r for r in records if r["state"] == "completed"}
+    assert sorted(completed) == [0, 1]
+
+    resumed = run_cli("-m", "loratune.cli", "resume", str(out), "--quiet", "--no-report", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final = {t["index"]: t for t in json.loads((out / "optimization_results.json").read_text())["trials"]}
+    assert sorted(final) == [0, 1, 2, 3] and all(t["state"] == "completed" for t in final.values())
+    for index, before in completed.items():  # nothing completed was lost, changed or rerun
+        assert final[index]["metrics"] == before["metrics"] and final[index]["restarts"] == 0
+    assert final[2]["restarts"] == final[3]["restarts"] == 1
