@@ -3,7 +3,9 @@
 # `pip install -e '.[quantization]'`): a 4-trial study with workers that keep the model loaded, in bf16
 # and in fp16 with loss scaling, with 4-bit loading if bitsandbytes is installed, with two workers on
 # two GPUs if there are two, printing each trial's peak GPU memory and the memory a worker holds after
-# each trial (it must stay flat). The model is the offline demo model (built here, no network).
+# each trial (it must stay flat). Then packed trials (benchmarks/packing.py): K = 1, 4, 8 trials on one
+# loaded base, in bf16 and in 4-bit, each against the same trials alone. The model is the offline demo
+# model (built here, no network).
 #
 #   bash benchmarks/gpu_check.sh            # about 2-4 minutes; writes under ${OUT:-/tmp}/loratune-gpu-check
 set -euo pipefail
@@ -41,3 +43,9 @@ for name, settings in runs:
               f"{m.get('peak_memory_gb', float('nan')):>8.3f} {after:>9.3f} {t['duration_s'] or 0:>6.1f}")
         assert t["state"] == "completed" and x.get("device") == "cuda", t.get("reason")
 PYTHON
+echo "packed trials against the same trials alone (benchmarks/packing.py), bf16:"
+"$PY" benchmarks/packing.py --ks 1,4,8 --epochs 0.5 --precision bf16
+if "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  echo "packed trials, 4-bit base, bf16:"
+  "$PY" benchmarks/packing.py --ks 1,4,8 --epochs 0.5 --precision bf16 --quantization 4bit
+fi

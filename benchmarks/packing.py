@@ -8,6 +8,7 @@ goes: the shared forward and backward passes, the trials' optimizer steps, the c
 
     python benchmarks/packing.py                       # the demo model, K = 1, 2, 4, 8
     python benchmarks/packing.py --model smollm2 --epochs 0.25 --ks 1,4
+    python benchmarks/packing.py --ks 1,4,8 --precision bf16 --quantization 4bit   # on a GPU (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import random
 import time
 
 
-def configs(k: int, model: str, epochs: float, seed: int = 0):
+def configs(k: int, model: str, epochs: float, seed: int = 0, precision: str = "auto", quantization: str = "none"):
     from loratune.config import FinetuneConfig
 
     rng = random.Random(seed)
     out = []
     for i in range(k):
         cfg = FinetuneConfig(output_dir=f"/tmp/loratune-packing/{i}", save_adapter=False)
-        cfg.model.name = model
+        cfg.model.name, cfg.model.quantization, cfg.training.precision = model, quantization, precision
         cfg.lora.rank, cfg.lora.alpha = rng.choice([8, 16, 32, 64]), rng.choice([16, 32, 64, 128])
         cfg.training.learning_rate = 10 ** rng.uniform(-5, -3.3)
         cfg.training.batch_size, cfg.training.epochs = rng.choice([1, 2, 4]), epochs
@@ -58,7 +59,10 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:tiny-qwen2", help="builtin:tiny-qwen2, smollm2, or a model directory")
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--precision", default="auto", help="training.precision: auto, fp32, bf16, fp16")
+    parser.add_argument("--quantization", default="none", help="model.quantization: none, 4bit, 8bit")
     args = parser.parse_args()
+    settings = {"precision": args.precision, "quantization": args.quantization}
     from loratune.data import load_examples
     from loratune.model import load_base
     from loratune.pack import Pack
@@ -68,17 +72,17 @@ def main() -> None:
         from loratune.demo.smollm2 import ensure_smollm2
 
         model = str(ensure_smollm2())
-    first = configs(1, model, args.epochs)[0]
+    first = configs(1, model, args.epochs, **settings)[0]
     base = load_base(first)
     data = load_examples(base.tokenizer, first.data, first.training.seed)
-    run(Pack, base, data, configs(1, model, 0.1), together=True)  # warm-up: the first passes allocate
+    run(Pack, base, data, configs(1, model, 0.1, **settings), together=True)  # warm-up: the first passes allocate
     rows = []
     for k in [int(x) for x in args.ks.split(",")]:
-        cfgs = configs(k, model, args.epochs)
+        cfgs = configs(k, model, args.epochs, **settings)
         alone_s, alone, tokens, alone_spent = run(Pack, base, data, cfgs, together=False)
         packed_s, packed, _, packed_spent = run(Pack, base, data, cfgs, together=True)
         diff = max(abs(a - b) / abs(a) for ca, cb in zip(alone, packed, strict=True) for a, b in zip(ca, cb, strict=True))
-        row = {"k": k, "alone_s": round(alone_s, 2), "packed_s": round(packed_s, 2),
+        row = {"k": k, **settings, "alone_s": round(alone_s, 2), "packed_s": round(packed_s, 2),
                "alone_tokens_per_s": round(tokens / alone_s), "packed_tokens_per_s": round(tokens / packed_s),
                "alone_trials_per_hour": round(3600 * k / alone_s), "packed_trials_per_hour": round(3600 * k / packed_s),
                "speedup": round(alone_s / packed_s, 2), "max_relative_loss_difference": f"{diff:.1e}",

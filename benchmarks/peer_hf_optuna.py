@@ -2,6 +2,7 @@
 Optuna, the same model, data and search space, one process.
 
     python benchmarks/peer_hf_optuna.py --pairs 2                                   # the demo, 20 trials
+    python benchmarks/peer_hf_optuna.py --pairs 2 --packs 1,4                       # loratune with each pack size
     python benchmarks/peer_hf_optuna.py --setup smollm2 --trials 4 --epochs 0.25 --pairs 1
     python benchmarks/peer_hf_optuna.py --setup smollm2 --trials 4 --epochs 0.25 --pairs 1 --loratune-set scoring.subset=0 \
         --no-cross-check
@@ -221,6 +222,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="peer then loratune, this many times")
     parser.add_argument("--loratune-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a --set for loratune's runs, e.g. scoring.subset=0 (no generated answers during the search)")
+    parser.add_argument("--packs", default="", help="loratune runs with each of these --pack values (default: "
+                        "one run with its default)")
     parser.add_argument("--no-cross-check", action="store_true", help="skip training each best config by the other tool")
     parser.add_argument("--as-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -231,11 +234,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result))
         return
     model_path(args.setup)  # built once, outside the timings
-    runs = {"HF Trainer + Optuna": [], "loratune": []}
+    tools = {"HF Trainer + Optuna": run_peer}
+    for pack in args.packs.split(",") if args.packs else [None]:
+        sets = [*args.loratune_set, *([f"pack={pack}"] if pack else [])]
+        tools["loratune" + (f" (pack {pack})" if pack else "")] = lambda *a, sets=sets: run_loratune(*a, sets=sets)
+    runs = {name: [] for name in tools}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs):
-            for name, run in (("HF Trainer + Optuna", run_peer),
-                              ("loratune", lambda *a: run_loratune(*a, sets=args.loratune_set))):
+            for name, run in tools.items():
                 r = run(args.setup, args.trials, args.epochs, args.seed, Path(tmp))
                 runs[name].append(r)
                 extra = f", of which Ax {r['optimizer_s']:.1f} s" if r.get("optimizer_s") else ""
@@ -251,14 +257,15 @@ def main() -> None:
                                "loratune": loratune_train(path, params, args.epochs, args.seed)}
             print(f"{name}'s best {params}: {confirmed[name]}", flush=True)
     print(f"\n{args.setup}, {args.trials} trials of {args.epochs:g} epoch, seed {args.seed}, {args.pairs} pairs\n")
-    print("| | " + " | ".join(runs) + " |\n|---|---|---|")
+    print("| | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs))
     for label, key, fmt in (("wall s", "wall_s", "{:.1f}"), ("peak MiB, whole tree", "peak_mib", "{:.0f}"),
                             ("best validation loss", "best_loss", "{:.4f}")):
         cells = [", ".join(fmt.format(r[key]) for r in rs) + f" (median {fmt.format(statistics.median(r[key] for r in rs))})"
                  for rs in runs.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
     for name in confirmed:
-        print(f"| {name}'s best, trained by | " + " | ".join(f"{confirmed[name][t]:.4f}" for t in runs) + " |")
+        print(f"| {name}'s best, trained by HF Trainer, loratune | {confirmed[name]['HF Trainer + Optuna']:.4f}, "
+              f"{confirmed[name]['loratune']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -169,23 +169,33 @@ class PackedWorker:
         closed = False
         while not (closed and not self.running and not self.waiting):
             block = not self.running and not self.waiting and not closed
-            try:
-                while True:
-                    command = commands.get(block=block)
-                    block = False
-                    if command is None:
-                        closed = True
-                        if self.running:  # stdin closed mid-trial: the study is gone, and so are its trials
-                            kill_own_group()
-                    elif command:
-                        self.waiting.append(Path(command))
-            except queue.Empty:
-                pass
-            self._admit()
+            # what arrived while trials joined joins too: a pack handed over together trains from its first
+            # round together, so its trials end together and answer in one batch
+            while (arrived := self._receive(commands, block)) is not None:
+                closed, block = closed or arrived, False
+                self._admit()
             if self.running:
                 self._round()
             elif self.waiting and self.failed:
                 break  # whoever runs it starts a fresh worker for the ones left
+
+    def _receive(self, commands: queue.Queue, block: bool) -> bool | None:
+        """Queue the trials that arrived (waiting for the first when ``block``): None when none did, else
+        whether stdin closed (the study is gone: so are the trials running)."""
+        closed, arrived = False, False
+        try:
+            while True:
+                command = commands.get(block=block and not arrived)
+                arrived = True
+                if command is None:
+                    closed = True
+                    if self.running:
+                        kill_own_group()
+                elif command:
+                    self.waiting.append(Path(command))
+        except queue.Empty:
+            pass
+        return closed if arrived else None
 
     # -- trials joining -----------------------------------------------------------------------
 
@@ -273,19 +283,19 @@ class PackedWorker:
     # -- rounds and endings -------------------------------------------------------------------
 
     def _round(self) -> None:
-        from .training import Ending, finish
+        from .training import Ending, finish, memory_after_trial
 
         self._cancel_asked()
         try:
             if not self.pack.round():
                 time.sleep(VERDICT_POLL_S)  # every trial waits for its verdict
         except BaseException as exc:  # noqa: BLE001 - the shared passes failed: every trial of the pack with them
-            result = result_from_exception(exc)
-            if result.reason and len(self.running) > 1:
-                result.reason += f" (in a pack of {len(self.running)} trials)"
+            result, size = result_from_exception(exc), len(self.running)
+            if result.reason and size > 1:
+                result.reason += f" (in a pack of {size} trials)"
             self.failed = True
-            for r in list(self.running.values()):
-                self._end(r, TrialResult(result.state, reason=result.reason, extra=dict(result.extra)))
+            for r in list(self.running.values()):  # the pack's size: an out-of-memory reruns in smaller packs
+                self._end(r, TrialResult(result.state, reason=result.reason, extra={**result.extra, "pack": size}))
             return
         for r in [r for r in self.running.values() if r.trial.error is not None]:
             self._end(r, _result_of(r.trial.error))
@@ -297,14 +307,20 @@ class PackedWorker:
         try:
             metrics = finish(self.pack, endings)
         except BaseException as exc:  # noqa: BLE001 - their endings failed together (answers, saving)
+            size = len(self.running)
             for r in ended:
-                self._end(r, _result_of(exc))
+                result = _result_of(exc)
+                self._end(r, replace(result, extra={**result.extra, "pack": size}))
             return
+        size = len(self.running)
+        for r in ended:  # their adapters off first: what the worker holds after them is measured once
+            self.pack.remove(r.trial)
+        memory = memory_after_trial()
         for r, m in zip(ended, metrics, strict=True):
-            self._end(r, self._completed(r, m))
+            self._end(r, self._completed(r, m, size, memory))
 
-    def _completed(self, r: _Running, m) -> TrialResult:
-        from .training import memory_after_trial, write_metrics
+    def _completed(self, r: _Running, m, size: int, memory: dict) -> TrialResult:
+        from .training import write_metrics
 
         m.wall_time_s = time.time() - r.started
         write_metrics(r.trial.cfg, m)
@@ -314,7 +330,7 @@ class PackedWorker:
             timings["startup_s"] = r.startup_s
         extra = {"steps": m.steps, "planned_steps": m.planned_steps, "tokens_seen": m.tokens_seen, "device": m.device,
                  "precision": m.precision, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                 "pack": len(self.running), "timings": timings, "memory_after": memory_after_trial()}
+                 "pack": size, "timings": timings, "memory_after": memory}
         if m.answers is not None:  # scored in the study's process, by its scorers
             extra["answers"] = m.answers
         return TrialResult(m.state, m.objective_metrics(), m.curve,

@@ -139,27 +139,39 @@ class Study:
         pack's points in one call: chosen one at a time, each competed for the cores with the pack's first
         trials, already training, and the 20-trial demo study spent 54 s in Ax instead of 5 s
         (docs/BENCHMARKS.md, "Packed trials"). Saves before a trial starts; True when one did."""
-        started = False
         if self.pack > 1 and running:
             return False
-        while len(running) < executor.slots and (self.queue or self._unproposed(running) > 0):
-            if not self.queue and not self._propose(1 if self.pack == 1 else
-                                                    min(executor.slots - len(running), self._unproposed(running))):
+        before = len(running)
+        batch: list[TrialRecord] = []  # a pack's trials, handed over together once all are saved as running
+        while len(running) + len(batch) < executor.slots and (self.queue or self._unproposed(len(running) + len(batch)) > 0):
+            free = min(executor.slots - len(running) - len(batch), self._unproposed(len(running) + len(batch)))
+            if not self.queue and not self._propose(1 if self.pack == 1 else free):
                 break
             record = self.queue.pop(0)
             record.state = TrialState.RUNNING  # on disk before it starts: a kill from here on runs it again
-            self.save()
-            self._submit(executor, record, running)
-            started = True
+            batch.append(record)
+            if self.pack == 1:
+                self._start(executor, batch, running)
+        self._start(executor, batch, running)
+        started = len(running) > before
         if not started and not running and not self.queue and self.stored.finished() < self.cfg.trials:
             why = "every point of the search space has been tried" if self.opt.exhausted else \
                 "it waits for completed trials that will not come"
             self.console.print(f"Ax proposes no further trials: {why}")
         return started
 
-    def _unproposed(self, running: dict) -> int:
-        """Trials of the budget that Ax has not proposed yet."""
-        return self.cfg.trials - self.stored.finished() - len(running) - len(self.queue)
+    def _start(self, executor: Executor, records: list[TrialRecord], running: dict) -> None:
+        """Save, then hand the trials over one right after another: a pack's trials that reach its worker
+        between two of its rounds train every round together, and their answers are generated together."""
+        if records:
+            self.save()
+        for record in records:
+            self._submit(executor, record, running)
+        records.clear()
+
+    def _unproposed(self, busy: int) -> int:
+        """Trials of the budget that Ax has not proposed yet, with ``busy`` running or about to."""
+        return self.cfg.trials - self.stored.finished() - busy - len(self.queue)
 
     def _propose(self, n: int) -> bool:
         """Ask Ax for up to n more trials and queue them; False when it proposes none."""
@@ -214,7 +226,25 @@ class Study:
         if event.result is None:
             return False
         del running[event.index]
-        self._on_result(record, event.result)
+        if not self._rerun_in_a_smaller_pack(record, event.result, executor):
+            self._on_result(record, event.result)
+        return True
+
+    def _rerun_in_a_smaller_pack(self, record: TrialRecord, result: TrialResult, executor: Executor) -> bool:
+        """An out-of-memory in a pack of K trials is the pack's, not the point's: the trial runs again, before
+        any new one, and from then on packs hold at most K // 2 trials; in a pack of one it is the point's
+        (recorded, and Ax never proposes the point again). True when the trial was queued again."""
+        size = (result.extra or {}).get("pack", 1)
+        if result.state is not TrialState.OUT_OF_MEMORY or not isinstance(size, int) or size <= 1:
+            return False
+        if size // 2 < self.pack:
+            self.pack = size // 2
+            executor.limit_pack(self.pack)
+            self.console.print(f"[yellow]note[/]: out of memory in a pack of {size} trials: its trials run again, "
+                               f"and packs hold at most {self.pack} from now on")
+        record.state, record.curve, record.reason = TrialState.QUEUED, [], None
+        record.restarts += 1
+        self.queue = sorted([*self.queue, record], key=lambda r: r.index)  # its pack's trials first
         return True
 
     def _stoppable(self, record: TrialRecord) -> bool:

@@ -74,7 +74,7 @@ class TrialRecord:
     started_at: str | None = None  # ISO 8601, UTC
     ended_at: str | None = None
     duration_s: float | None = None  # wall time of its last run
-    restarts: int = 0  # times it was run again after the study was interrupted
+    restarts: int = 0  # times it was run again: after the study was interrupted, or its pack ran out of memory
     extra: dict[str, Any] = field(default_factory=dict)  # steps, tokens, device, ...
     training_saved: float | None = None  # early-stopped: share of its training not spent
     stop_requested_at: float | None = None  # progress at which early stopping asked it to stop

@@ -5,10 +5,12 @@ import json
 import signal
 
 import pytest
-from conftest import run_cli, wait_for
+from conftest import fake_loss, run_cli, wait_for
 from test_lifetimes import alive, start_study
 
-from loratune.optimizer import Optimizer
+from loratune.errors import StudyAborted
+from loratune.optimizer import Optimizer, seam
+from loratune.trial import TrialState
 
 
 def study(tmp_path, name, pack, asks=None, monkeypatch=None):
@@ -69,3 +71,84 @@ def test_kill_9_while_a_pack_trains_ends_its_worker_loses_no_completed_trial_and
     for index, before in completed.items():  # nothing completed was lost, changed or rerun
         assert final[index]["metrics"] == before["metrics"] and final[index]["restarts"] == 0
     assert final[2]["restarts"] == final[3]["restarts"] == 1
+
+
+class ScriptedPacks:
+    """An executor with one worker that trains what it was handed since the last poll as one pack: a pack
+    of more than ``fits`` trials runs out of memory (the worker reports the pack's size, as packed_worker.py
+    does), a smaller one completes with the scripted loss."""
+
+    def __init__(self, pack: int, fits: int):
+        self.slots, self.fits, self.handed, self.packs = pack, fits, [], []
+
+    def submit(self, spec):
+        self.handed.append(spec)
+
+    def poll(self, timeout):
+        from loratune.executors import Event
+        from loratune.trial import TrialResult, TrialState
+
+        pack, self.handed = self.handed, []
+        if pack:
+            self.packs.append([s.index for s in pack])
+        if len(pack) > self.fits:
+            return [Event(s.index, result=TrialResult(TrialState.OUT_OF_MEMORY, reason="CUDA out of memory",
+                                                      extra={"pack": len(pack)})) for s in pack]
+        return [Event(s.index, result=TrialResult(TrialState.COMPLETED, {"loss": fake_loss(s.params)})) for s in pack]
+
+    def limit_pack(self, size):
+        self.slots = size
+
+    def stop(self, index):
+        pass
+
+    go_on = stop
+
+    def cancel(self, index, reason):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def scripted_study(tmp_path, fits: int, trials: int = 6):
+    from loratune.checkpoint import StoredStudy, StudyPaths
+    from loratune.config import StudyConfig
+    from loratune.console import StudyConsole
+    from loratune.search_space import study_space
+    from loratune.study import Study
+
+    cfg = StudyConfig(trials=trials, pack=4, seed=0, report=False)
+    cfg.scoring.subset = 0
+    space = study_space(cfg)
+    optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, [], 0, cfg.init_trials)
+    executor = ScriptedPacks(4, fits)
+    console = StudyConsole(quiet=True)
+    lines = []
+    console.print = lambda text, *a, **k: lines.append(str(text))
+    study = Study(StoredStudy(cfg, [], "finetune"), StudyPaths.from_output(tmp_path / "study"), optimizer, console,
+                  executor=executor)
+    try:
+        study.run()
+    except StudyAborted as exc:  # every trial out of memory: none completed
+        lines.append(str(exc))
+    return study, executor, lines
+
+
+def test_a_pack_out_of_memory_runs_its_trials_again_in_smaller_packs_under_the_same_indices(tmp_path):
+    study, executor, lines = scripted_study(tmp_path, fits=2)
+    first = [dict(r.params) for r in study.records[:4]]
+    assert executor.packs == [[0, 1, 2, 3], [0, 1], [2, 3], [4, 5]]
+    assert [r.index for r in study.records] == list(range(6))  # no trial added for a rerun
+    assert [dict(r.params) for r in study.records[:4]] == first
+    assert all(r.state is TrialState.COMPLETED for r in study.records)
+    assert [r.restarts for r in study.records] == [1, 1, 1, 1, 0, 0]
+    assert sum("out of memory in a pack of 4" in line and "at most 2" in line for line in lines) == 1
+
+
+def test_an_out_of_memory_alone_is_the_points_own(tmp_path):
+    study, executor, lines = scripted_study(tmp_path, fits=0, trials=4)
+    assert executor.packs == [[0, 1, 2, 3], [0, 1], [0], [1], [2], [3]]  # halved down to one trial
+    assert [(r.state, r.restarts) for r in study.records] == [(TrialState.OUT_OF_MEMORY, 2)] * 2 + [(TrialState.OUT_OF_MEMORY, 1)] * 2
+    assert any("no trial completed" in line for line in lines)
+    assert seam.experiment(study.opt.client).trials[0].status.is_abandoned  # Ax never proposes the point again

@@ -75,3 +75,6 @@ class Executor(Protocol):
 
     def shutdown(self) -> None:
         """End every trial and worker process; safe to call more than once."""
+
+    # An executor whose workers pack trials (``LocalExecutor``) also has ``limit_pack(size)``: at most
+    # ``size`` trials together from then on. The study calls it only where trials pack.

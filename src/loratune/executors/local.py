@@ -83,6 +83,14 @@ class LocalExecutor:
             if isinstance(runner, ServingWorker):
                 runner.prestart(config, quantized)
 
+    def limit_pack(self, size: int) -> None:
+        """Train at most ``size`` trials together from now on (a pack ran out of memory): ``slots`` shrinks."""
+        self.pack = max(1, min(self.pack, size))
+        self.slots = len(self.runners) * self.pack
+        for runner in self.runners:
+            if isinstance(runner, ServingWorker):
+                runner.limit_pack(self.pack)
+
     def submit(self, spec: TrialSpec) -> None:
         """Start the trial on a worker that holds its base (packed with its trials, if any), else on one that
         runs nothing; else it waits for one (a trial of another base or data than every running one)."""

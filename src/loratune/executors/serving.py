@@ -78,6 +78,10 @@ class ServingWorker:
         """Trials it can take now."""
         return 0 if self.draining else self.pack - len(self.held)
 
+    def limit_pack(self, size: int) -> None:
+        """Take at most ``size`` trials at once from now on; a process started for more keeps running."""
+        self.pack = max(1, min(self.pack, size))
+
     def holds(self, config: dict) -> bool:
         """Whether the next trial of this training config would run on the process kept from the last one
         (packed with the trials it runs, if any: same base, data and seed)."""
