@@ -15,7 +15,9 @@ it out. **ax**: a plain ``ax.Client`` with its defaults, the parameters written 
 first, as loratune does. **loratune_ahead**: loratune's search with each point asked for while the
 trial before it still runs (pending in Ax), as a study that overlaps the suggestion with training
 would; measured and not adopted (docs/BENCHMARKS.md, "Choosing the next point while a trial
-trains"; not among the default methods). **loratune_lora**: loratune with ``parameterization: lora``
+trains"; not among the default methods). **loratune_pack4**: loratune's search as a study with
+``pack: 4`` runs it: four points chosen in one call, each pack once the last has completed.
+**loratune_lora**: loratune with ``parameterization: lora``
 (the learning rate searched as LoRA's effective step). **loratune_warm**: loratune warm-started from an
 earlier study of a related surface (``surfaces.earlier``: best step 1.6x larger, values 0.05 higher,
 noise of sd 0.003; 20 trials of loratune with seed + 1000); **loratune_warm_task**: the same with the
@@ -147,12 +149,14 @@ def _hartmann6_mixed_optimum() -> float:
 
 
 def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
-                 parameterization: str = "raw", prior: list | None = None, tasks: bool = False) -> list[tuple[dict, float]]:
+                 parameterization: str = "raw", prior: list | None = None, tasks: bool = False,
+                 pack: int = 1) -> list[tuple[dict, float]]:
     """loratune's ``Optimizer`` as a study with one worker uses it. ``ahead``: each suggestion is asked for
     while the trial before it still runs (pending in Ax), as a study that overlaps the suggestion with
     training would; otherwise after it completed. ``parameterization``: the study setting; ``prior``: an
     earlier study's trials (``warm_start.PriorTrial``), as ``warm_start`` gives them; ``tasks``: modelled as
-    a task of their own (``Optimizer.model_earlier_studies_as_tasks``)."""
+    a task of their own (``Optimizer.model_earlier_studies_as_tasks``); ``pack``: as a packed study, the
+    points of each pack asked for in one call once the last pack has completed (in index order)."""
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
     from loratune.search_space import SearchSpace, parse_search_space
@@ -168,6 +172,16 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
     rng, history, running = random.Random(seed), [], []  # running: (index, params) in the order they started
     if problem.baseline is not None:  # as a study: the current config is trial 0, attached as Ax's baseline
         running.append((opt.attach(problem.baseline, baseline=True), problem.baseline))
+    while len(history) < trials and pack > 1:
+        free = min(pack - len(running), trials - len(history) - len(running))
+        running += list(opt.ask(free).items()) if free > 0 else []
+        if not running:
+            break
+        for index, params in running:  # the pack's trials end together
+            value = problem.objective(params, rng)
+            opt.complete(index, {"value": value})
+            history.append((params, value))
+        running = []
     while len(history) < trials:
         if not running or (ahead and len(history) + len(running) < trials and len(running) < 2):
             asked = list(opt.ask(1).items())
@@ -185,6 +199,10 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
 
 def run_loratune_ahead(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
     return run_loratune(problem, trials, seed, ahead=True)
+
+
+def run_loratune_pack4(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
+    return run_loratune(problem, trials, seed, pack=4)
 
 
 def run_loratune_lora(problem: Problem, trials: int, seed: int) -> list[tuple[dict, float]]:
@@ -315,7 +333,7 @@ def _evenly_spaced(values: list) -> bool:
     return len(values) > 2 and len(steps) == 1 and all(isinstance(v, float) for v in values)
 
 
-RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "loratune_lora": run_loratune_lora, "loratune_warm": run_loratune_warm,
+RUNNERS = {"loratune": run_loratune, "loratune_ahead": run_loratune_ahead, "loratune_pack4": run_loratune_pack4, "loratune_lora": run_loratune_lora, "loratune_warm": run_loratune_warm,
            "loratune_warm_task": run_loratune_warm_task, "ax": run_ax, "ax_baseline": run_ax_baseline, "random": run_random,
            "grid": run_grid, "optuna_tpe": run_optuna_tpe}
 

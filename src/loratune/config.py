@@ -273,14 +273,15 @@ class StudyConfig:
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
     pack: int | Literal["auto"] = setting("auto", flag="--pack", metavar="K", resume=True,
                                           help="trials a worker trains together on one loaded base model "
-                                               "(auto: 1 until packing measures faster in a whole study)")
+                                               "(auto: 4 for a small model on CPU, where it measured faster; else 1)")
     """Trials each worker trains together, in one pass over one loaded base model (packed trials: each keeps
-    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 1 for now:
-    the trainer packs 4 trials 1.3x faster on the demo model, but the demo study measured slower packed (Ax's
-    suggestions of a whole pack at once; docs/BENCHMARKS.md "Packed trials"). A study
-    of a ``command`` or an ``evaluate=`` function, one on Ray, without ``reuse_model``, or one whose objectives
-    or constraints measure a trial's own time or memory (train_time, peak_memory_gb, tokens_per_s) runs one
-    trial per worker, and says so when more were asked for."""
+    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 4 where
+    trials train on the CPU and the model has under 10M parameters (the demo model's 20-trial study: 47 s
+    instead of 66 s), else 1: SmolLM2-135M on a CPU gained nothing, and no GPU has measured it yet
+    (docs/BENCHMARKS.md "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
+    without ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory
+    (train_time, peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked
+    for."""
     trials_per_worker: int = setting(50, resume=True)
     """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
     max_failures_in_a_row: int = setting(3, resume=True)

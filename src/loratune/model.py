@@ -250,15 +250,24 @@ def _model_config(cfg: FinetuneConfig):
     return _load_pretrained(AutoConfig, resolve_model(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
 
 
-def module_names(cfg: FinetuneConfig) -> list[str]:
-    """The model's module names, from its config alone (an empty model on the meta device: no weights)."""
+def _empty_model(cfg: FinetuneConfig):
+    """The model built from its config alone, on the meta device: its shapes, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = _model_config(cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return [name for name, _ in model.named_modules()]
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def module_names(cfg: FinetuneConfig) -> list[str]:
+    """The model's module names, from its config alone."""
+    return [name for name, _ in _empty_model(cfg).named_modules()]
+
+
+def parameter_count(cfg: FinetuneConfig) -> int:
+    """The model's parameters (weights shared between layers counted once), from its config alone."""
+    return sum(p.numel() for p in _empty_model(cfg).parameters())
 
 
 def model_limits(cfg: FinetuneConfig) -> tuple[int | None, int | None]:

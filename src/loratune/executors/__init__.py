@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from ..config import StudyConfig
@@ -10,7 +11,11 @@ from .base import Event, Executor, TrialSpec
 
 __all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size"]
 
-AUTO_PACK = 1  # what pack: auto comes to: no whole study has measured faster packed yet (docs/BENCHMARKS.md, "Packed trials")
+# What pack: auto comes to, where packing measured faster (docs/BENCHMARKS.md, "Packed trials"): on a CPU, for
+# a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study 47 s packed in fours
+# against 66 s one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
+# no GPU has measured packing yet: one trial per worker there.
+AUTO_PACK, SMALL_MODEL = 4, 10_000_000
 OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed trial measures its pack's
 
 
@@ -30,8 +35,28 @@ def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) ->
         return 1, (f"pack: {asked} asked for, but {why}: trials run one per worker"
                    if isinstance(asked, int) and asked > 1 else None)
     if asked == "auto":
-        return AUTO_PACK, None
+        return auto_pack(cfg.base().model.name, cfg.base().model.trust_remote_code), None
     return asked, None
+
+
+@functools.cache
+def auto_pack(model: str, trust_remote_code: bool = False) -> int:
+    """``pack: auto`` for this base model on this machine: ``AUTO_PACK`` for a small model where trials train on
+    the CPU, else 1 (see ``AUTO_PACK``)."""
+    from ..config import FinetuneConfig
+    from .local import visible_gpus
+
+    if visible_gpus():
+        return 1
+    cfg = FinetuneConfig()
+    cfg.model.name, cfg.model.trust_remote_code = model, trust_remote_code
+    try:
+        from ..model import parameter_count
+
+        small = parameter_count(cfg) < SMALL_MODEL
+    except Exception:  # noqa: BLE001 - a model whose config cannot be read here is checked (and named) elsewhere
+        return 1
+    return AUTO_PACK if small else 1
 
 
 def create_executor(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE,
