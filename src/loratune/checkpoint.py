@@ -246,7 +246,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
     # a queued trial (known to Ax, not started: it runs first when the study resumes) is in the checkpoint only
     records = [r for r in stored.records if r.state is not TrialState.QUEUED]
     best = stored.best()
-    gain = R.improvement(records, cfg.objectives[0], cfg.minimize[0])
+    gain = R.improvement(records, cfg.objectives, cfg.minimize)
     baseline = R.baseline_record(records)
     finetune = stored.evaluation is Evaluation.FINETUNE
     return {
@@ -255,7 +255,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "best_trial": best.index if best else None,
         "best_metrics": dict(best.metrics) if best else None,
         "baseline": baseline.to_dict() if baseline else None,
-        "improvement": gain.__dict__ if gain else None,
+        "improvement": gain.to_dict() if gain else None,
         "pareto_front": [{"index": r.index, "params": r.params, "metrics": r.metrics}
                          for r in R.pareto_front(records, cfg.objectives, cfg.minimize)]
         if len(cfg.objectives) > 1 else None,

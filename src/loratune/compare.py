@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import LoratuneError, TrainingFailed
+from .results import Gain
 from .storage import atomic_write_json
 from .trial import Evaluation, TrialState
 
@@ -27,7 +28,7 @@ class Comparison:
     baseline_mean: float
     baseline_std: float
     difference: float  # baseline_mean - best_mean: positive when the best config is better
-    relative: float
+    relative: float | None  # difference / |baseline_mean|; None against a mean of 0 (results.Gain)
     p_value: float | None  # Welch's t-test, two-sided; None with fewer than two runs a side
     beyond_noise: bool
     data: str = "validation"  # what the losses are on: "test" (never seen by the search) or "validation"
@@ -57,9 +58,9 @@ def compare_runs(best: list[float], baseline: list[float], alpha: float = 0.05) 
             p = 0.0 if bm != am else 1.0
         else:
             p = float(stats.ttest_ind(best, baseline, equal_var=False).pvalue)
-    diff = am - bm
-    return Comparison(best, baseline, bm, bs, am, as_, diff, diff / am if am else math.nan, p,
-                      bool(p is not None and p < alpha and diff > 0))
+    gain = Gain(bm, am, minimize=True)
+    return Comparison(best, baseline, bm, bs, am, as_, gain.absolute, gain.relative, p,
+                      bool(p is not None and p < alpha and gain.absolute > 0))
 
 
 def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | None = None,

@@ -180,9 +180,9 @@ class StudyConsole:
         test = result.get("test") or {}
         if gain:
             which = "Validation (used to choose): " if test.get("improvement") else ""
-            self.print(f"{which}best {self.objective} {gain['best']:.4f} vs baseline {gain['baseline']:.4f} "
-                       f"({gain['relative']:+.1%} better)" if gain["absolute"] >= 0 else
-                       f"{which}best {self.objective} {gain['best']:.4f}: the baseline ({gain['baseline']:.4f}) was not beaten")
+            gain = R.Gain.from_dict(gain)
+            self.print(f"{which}best {self.objective} against the baseline: {gain.text()}" if gain.absolute >= 0 else
+                       f"{which}best {self.objective} {gain.best:.4f}: the baseline ({gain.baseline:.4f}) was not beaten")
         for line in test_lines(test):
             self.print(line)
         wall, ax_s = result["wall_time_s"], result["optimizer_time_s"]
@@ -207,7 +207,7 @@ def test_lines(test: dict | None) -> list[str]:
     if not gains:
         best = test["best"]
         return [f"Test (never seen, {test['examples']} examples): best trial {best['trial']} loss {best['loss']:.4f}"]
-    parts = [f"{name} {R.format_gain(g)}" for name, g in gains.items()]
+    parts = [f"{name} {R.Gain.from_dict(g).text()}" for name, g in gains.items()]
     lines = [f"Test (never seen, {test['examples']} examples): " + "; ".join(parts)]
     held = test.get("held")
     if held is not None:

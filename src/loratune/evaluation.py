@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -124,8 +123,7 @@ def _minimized(stored: StoredStudy, metric: str) -> bool:
 
 
 def _gain(best: float, baseline: float, minimize: bool) -> dict:
-    gain = (baseline - best) if minimize else (best - baseline)
-    return {"best": best, "baseline": baseline, "absolute": gain, "relative": gain / abs(baseline) if baseline else math.nan}
+    return R.Gain(best, baseline, minimize).to_dict()
 
 
 def _held(validation: dict | None, test: dict | None) -> float | None:

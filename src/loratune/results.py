@@ -39,21 +39,57 @@ def baseline_record(records: list[TrialRecord]) -> TrialRecord | None:
     return next((r for r in records if r.baseline), None)
 
 
-@dataclass
-class Improvement:
-    baseline: float
+@dataclass(frozen=True)
+class Gain:
+    """The best trial against the baseline on one metric. ``absolute`` is positive when the best is better
+    (lower, for a minimized metric); ``relative`` is ``absolute / |baseline|``, None against a baseline of 0,
+    where no relative change exists (``text`` gives the absolute one there). The one definition of the gain:
+    the study's results, the console, the report, the final test, MLflow and the API all read it."""
+
     best: float
-    absolute: float  # baseline - best, positive when the best is better (for a minimized objective)
-    relative: float  # absolute / |baseline|
+    baseline: float
+    minimize: bool = True
+
+    @property
+    def absolute(self) -> float:
+        return (self.baseline - self.best) if self.minimize else (self.best - self.baseline)
+
+    @property
+    def relative(self) -> float | None:
+        return self.absolute / abs(self.baseline) if self.baseline else None
+
+    def text(self) -> str:
+        """``0.6523 vs 0.8850 (26.3% better)``; against a baseline of 0 ``... (0.5000 worse, absolute)``."""
+        if self.absolute == 0:
+            change = "no change"
+        else:
+            word = "better" if self.absolute > 0 else "worse"
+            change = f"{abs(self.absolute):.4f} {word}, absolute" if self.relative is None else \
+                f"{abs(self.relative):.1%} {word}"
+        return f"{self.best:.4f} vs {self.baseline:.4f} ({change})"
+
+    def to_dict(self) -> dict:
+        return {"best": self.best, "baseline": self.baseline, "absolute": self.absolute, "relative": self.relative,
+                "minimize": self.minimize}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Gain:
+        """From ``to_dict``; a dict saved without ``minimize`` tells it by the sign of its ``absolute``."""
+        best, baseline = float(data["best"]), float(data["baseline"])
+        minimize = data.get("minimize")
+        if minimize is None:
+            absolute = float(data.get("absolute", baseline - best))
+            minimize = abs((baseline - best) - absolute) <= abs((best - baseline) - absolute)
+        return cls(best, baseline, bool(minimize))
 
 
-def improvement(records: list[TrialRecord], objective: str, minimize: bool) -> Improvement | None:
-    base, best = baseline_record(records), best_record(records, [objective], [minimize])
-    if base is None or best is None or base.objective_values([objective]) is None:
+def improvement(records: list[TrialRecord], objectives: list[str], minimize: list[bool]) -> Gain | None:
+    """The best trial (``best_record``: the one ``best_config.yaml`` holds, the knee of the Pareto front with
+    several objectives) against the baseline, on the first objective; None without both."""
+    base, best = baseline_record(records), best_record(records, objectives, minimize)
+    if base is None or best is None or base.objective_values(objectives[:1]) is None:
         return None
-    b, x = base.metrics[objective], best.metrics[objective]
-    gain = (b - x) if minimize else (x - b)
-    return Improvement(b, x, gain, gain / abs(b) if b else math.nan)
+    return Gain(best.metrics[objectives[0]], base.metrics[objectives[0]], minimize[0])
 
 
 def trial_marks(record: TrialRecord, records_before: list[TrialRecord], objective: str, minimize: bool) -> str:
@@ -86,13 +122,6 @@ def early_stopping_savings(records: list[TrialRecord]) -> dict:
 
 
 SHORT_NAMES = {"lora_rank": "rank", "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs"}
-
-
-def format_gain(g: dict) -> str:
-    """``best vs baseline (relative change)``; against a baseline of 0, where no relative change exists, the
-    absolute one."""
-    change = f"{g['relative']:+.1%}" if math.isfinite(g["relative"]) else f"{g['absolute']:+.4f}"
-    return f"{g['best']:.4f} vs {g['baseline']:.4f} ({change})"
 
 
 def format_params(params: dict) -> str:

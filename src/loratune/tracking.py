@@ -186,7 +186,8 @@ class MlflowTracker(Tracker):
             if result.get("best_trial") is not None:
                 best["best_trial"] = float(result["best_trial"])
             gain = result.get("improvement") or {}
-            best |= {f"improvement_{k}": float(v) for k, v in gain.items() if isinstance(v, int | float)}
+            best |= {f"improvement_{k}": float(v) for k, v in gain.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)}  # no relative change against a zero
             best |= test_metrics(result.get("test"))
             self.client.log_batch(self.parent, metrics=[Metric(k, v, now, 0) for k, v in best.items()])
             for path in (paths.best_config, report):
@@ -213,7 +214,7 @@ def test_metrics(test: dict | None) -> dict[str, float]:
                 if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("trial", "generation_s")}
     for key, prefix in (("improvement", "test_improvement"), ("validation", "validation_improvement")):
         out |= {f"{prefix}_{k}": float(g["relative"]) for k, g in (test.get(key) or {}).items()
-                if math.isfinite(g["relative"])}
+                if g.get("relative") is not None and math.isfinite(g["relative"])}
     if test.get("held") is not None:
         out["test_held_share"] = float(test["held"])
     return out

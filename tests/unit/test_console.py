@@ -69,4 +69,5 @@ def test_a_test_score_that_is_zero_for_the_baseline_shows_its_absolute_change_no
     zero = {"best": 0.0, "baseline": 0.0, "absolute": 0.0, "relative": float("nan")}
     loss = {"best": 3.0, "baseline": 3.2, "absolute": 0.2, "relative": 0.0625}
     line = test_lines({"examples": 37, "improvement": {"loss": loss, "plan_accuracy": zero}})[0]
-    assert line == "Test (never seen, 37 examples): loss 3.0000 vs 3.2000 (+6.2%); plan_accuracy 0.0000 vs 0.0000 (+0.0000)"
+    assert line == ("Test (never seen, 37 examples): loss 3.0000 vs 3.2000 (6.3% better); "
+                    "plan_accuracy 0.0000 vs 0.0000 (no change)")  # a checkpoint saved NaN for no relative change

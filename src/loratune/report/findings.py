@@ -41,7 +41,7 @@ class ReportData:
     insights: list[Insight]
     best: TrialRecord | None
     baseline: TrialRecord | None
-    improvement: R.Improvement | None
+    improvement: R.Gain | None
     early_stopping: dict
     pareto: list[TrialRecord] | None
     running: int
@@ -180,7 +180,7 @@ def compute(summary: dict) -> ReportData:
         objective=objective, minimize=mini, records=records, completed=completed,
         insights=[i for i in insights if i is not None],
         best=R.best_record(records, objectives, minimize), baseline=R.baseline_record(records),
-        improvement=R.improvement(records, objective, mini), early_stopping=R.early_stopping_savings(records),
+        improvement=R.improvement(records, objectives, minimize), early_stopping=R.early_stopping_savings(records),
         pareto=front, running=sum(not r.finished for r in records), rslora=rslora,
     )
 

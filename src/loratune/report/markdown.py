@@ -70,13 +70,13 @@ def _result(data: ReportData, summary: dict, comparison: dict | None) -> list[st
     if data.best is None:
         lines += ["No trial has completed yet, so there is no best configuration.", ""]
     else:
-        lines += [f"Best trial: **#{data.best.index}**, {R.format_params(data.best.params)}, "
+        rule = " (the knee of the Pareto front: the trial closest to the best of every objective at once)" \
+            if data.pareto else ""
+        lines += [f"Best trial{rule}: **#{data.best.index}**, {R.format_params(data.best.params)}, "
                   f"{obj} **{data.best.metrics[obj]:.4f}**."]
         if data.improvement:
-            imp = data.improvement
-            word = "better" if imp.absolute >= 0 else "worse"
             lines += [f"Baseline (#{data.baseline.index}, {R.format_params(data.baseline.params)}): {obj} "
-                      f"{imp.baseline:.4f}. Improvement: {imp.absolute:+.4f} absolute, {abs(imp.relative):.1%} {word}."]
+                      f"{data.improvement.baseline:.4f}. Best against baseline: {data.improvement.text()}."]
         lines += [""]
     return lines + _test_section(summary.get("test")) + _recommendation(data, summary, comparison)
 
@@ -185,7 +185,7 @@ def _test_section(test: dict | None) -> list[str]:
     rows = []
     for name, g in gains.items():
         v = validation.get(name)
-        rows.append([name, R.format_gain(v) if v else "not measured", R.format_gain(g)])
+        rows.append([name, R.Gain.from_dict(v).text() if v else "not measured", R.Gain.from_dict(g).text()])
     lines += _table(["metric (best vs baseline)", "validation: used to choose", "test: never seen"], rows) + [""]
     held = test.get("held")
     if held is not None:
@@ -231,4 +231,5 @@ def _comparison(c: dict) -> list[str]:
     for metric, values in (c.get("scores") or {}).items():
         lines += ["", f"{metric} per seed: best {', '.join(f'{v:.4f}' for v in values['best'])}; baseline "
                       f"{', '.join(f'{v:.4f}' for v in values['baseline'])}."]
-    return lines + ["", f"Difference {c['difference']:+.4f} ({c['relative']:+.1%}): {c['verdict']}.", ""]
+    gain = R.Gain(c["best_mean"], c["baseline_mean"])
+    return lines + ["", f"Mean loss, best against baseline: {gain.text()}: {c['verdict']}.", ""]
