@@ -276,9 +276,10 @@ class StudyConfig:
                                                "(auto: 4 for a small model on CPU, where it measured faster; else 1)")
     """Trials each worker trains together, in one pass over one loaded base model (packed trials: each keeps
     its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 4 where
-    trials train on the CPU and the model has under 10M parameters (the demo model's 20-trial study: 47 s
-    instead of 66 s), else 1: SmolLM2-135M on a CPU gained nothing, and no GPU has measured it yet
-    (docs/BENCHMARKS.md "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
+    trials train on the CPU and the model has under 10M parameters (the demo model's 20-trial study: 46-47 s
+    instead of 61-71 s, the same best loss; per trial, points chosen four at a time search worse: 3x the
+    regret after 20 trials on one benchmark surface), else 1: SmolLM2-135M on a CPU gained nothing, and no
+    GPU has measured it yet (docs/BENCHMARKS.md "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
     without ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory
     (train_time, peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked
     for."""

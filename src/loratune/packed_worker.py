@@ -174,6 +174,7 @@ class PackedWorker:
             while (arrived := self._receive(commands, block)) is not None:
                 closed, block = closed or arrived, False
                 self._admit()
+            self._admit()  # a trial that waited for the pack to empty (a test job, another base or data)
             if self.running:
                 self._round()
             elif self.waiting and self.failed:

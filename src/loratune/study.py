@@ -53,6 +53,7 @@ class Study:
         self.started_at: dict[int, float] = {}  # trial index -> monotonic start, for trial_timeout
         self.queue: list[TrialRecord] = []  # trials to run before Ax is asked for more, in order
         self.pack, self.pack_note = pack_size(self.cfg, stored.evaluation)
+        self.batch_fill = self.pack > 1  # packs start together, even once an out-of-memory shrank them to one
         console.elapsed = lambda: self.elapsed_before + time.time() - self.session_start
 
     @property
@@ -107,7 +108,7 @@ class Study:
         starts with its baseline. The checkpoint says so before any of them starts."""
         interrupted = [r for r in self.records if r.state in (TrialState.RUNNING, TrialState.QUEUED)]
         for record in interrupted:
-            record.restarts += record.state is TrialState.RUNNING
+            _requeue(record, restarted=record.state is TrialState.RUNNING)
         baseline = self._baseline() if not self.records else None
         self.queue = [*interrupted, *([baseline] if baseline else [])]
         for record in self.queue:
@@ -128,29 +129,29 @@ class Study:
         return self._new_record(self.opt.attach(values, baseline=True), values, baseline=True)
 
     def _fill(self, executor: Executor, running: dict) -> bool:
-        """Keep every slot busy, one suggestion at a time: each trial starts as soon as its own point is
-        chosen (Ax knows the running ones), where a batch would keep every slot waiting for the whole
-        batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). Queued
+        """Keep every slot busy. Without packing, one suggestion at a time: each trial starts as soon as its
+        own point is chosen (Ax knows the running ones), where a batch would keep every slot waiting for the
+        whole batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). Queued
         trials (the baseline, trials of an interrupted session) start first. A point is chosen once a slot
         is free, with every finished trial's result known: choosing it while the trial before it still ran
         was measured worse ("Choosing the next point while a trial trains"). Packed trials start together,
         once every trial of the last pack has ended: which points a pack trains then depends on the results
-        before it alone, never on the order in which its trials' ends were heard (``--seed``). Ax chooses a
-        pack's points in one call: chosen one at a time, each competed for the cores with the pack's first
+        before it alone, never on the order in which its trials' ends were heard (``--seed``). Ax chooses the
+        points of every free slot (each worker's pack) in one call: chosen one at a time, each competed for the cores with the pack's first
         trials, already training, and the 20-trial demo study spent 54 s in Ax instead of 5 s
         (docs/BENCHMARKS.md, "Packed trials"). Saves before a trial starts; True when one did."""
-        if self.pack > 1 and running:
+        if self.batch_fill and running:
             return False
         before = len(running)
         batch: list[TrialRecord] = []  # a pack's trials, handed over together once all are saved as running
         while len(running) + len(batch) < executor.slots and (self.queue or self._unproposed(len(running) + len(batch)) > 0):
             free = min(executor.slots - len(running) - len(batch), self._unproposed(len(running) + len(batch)))
-            if not self.queue and not self._propose(1 if self.pack == 1 else free):
+            if not self.queue and not self._propose(free if self.batch_fill else 1):
                 break
             record = self.queue.pop(0)
             record.state = TrialState.RUNNING  # on disk before it starts: a kill from here on runs it again
             batch.append(record)
-            if self.pack == 1:
+            if not self.batch_fill:
                 self._start(executor, batch, running)
         self._start(executor, batch, running)
         started = len(running) > before
@@ -238,12 +239,11 @@ class Study:
         if result.state is not TrialState.OUT_OF_MEMORY or not isinstance(size, int) or size <= 1:
             return False
         if size // 2 < self.pack:
-            self.pack = size // 2
+            self.pack = max(1, size // 2)
             executor.limit_pack(self.pack)
             self.console.print(f"[yellow]note[/]: out of memory in a pack of {size} trials: its trials run again, "
                                f"and packs hold at most {self.pack} from now on")
-        record.state, record.curve, record.reason = TrialState.QUEUED, [], None
-        record.restarts += 1
+        _requeue(record, restarted=True)
         self.queue = sorted([*self.queue, record], key=lambda r: r.index)  # its pack's trials first
         return True
 
@@ -364,6 +364,13 @@ class Study:
             return what + where
         return (f"stopped after {self.failures_in_a_row} failed trials in a row; {what}{where}; "
                 f"fix the cause, then {self._resume_hint()}")
+
+
+def _requeue(record: TrialRecord, restarted: bool) -> None:
+    """The trial runs again from its start (an interrupted session, its pack out of memory): what its last
+    run left goes, the listeners hear it start again."""
+    record.state, record.curve, record.reason, record.stop_requested_at = TrialState.QUEUED, [], None, None
+    record.restarts += restarted
 
 
 def _with_loss(point: dict) -> dict:

@@ -21,7 +21,7 @@ def study(tmp_path, name, pack, asks=None, monkeypatch=None):
         monkeypatch.setattr(Optimizer, "ask", lambda self, n: asks.append(n) or ask(self, n))
     results = run_optimization(num_trials=4, output_dir=tmp_path / name, seed=3, quiet=True, report=False, pack=pack,
                                training={"epochs": 0.2}, scoring={"subset": 0})
-    return {t["index"]: (t["params"], t["metrics"]["loss"], t["state"]) for t in results["trials"]}
+    return {t["index"]: (t["params"], t["metrics"]["loss"], t["state"], t["extra"].get("pack")) for t in results["trials"]}
 
 
 def test_a_packed_study_asks_ax_once_a_pack_and_its_trials_score_what_they_score_alone(tiny_model, tmp_path, monkeypatch):
@@ -33,7 +33,8 @@ def test_a_packed_study_asks_ax_once_a_pack_and_its_trials_score_what_they_score
     alone = study(tmp_path, "alone", 1)
     assert asks == [1, 2, 1, 1, 1]  # alone, a point at a time
     assert sorted(packed) == sorted(alone) == [0, 1, 2, 3]
-    for index, (params, loss, state) in alone.items():
+    assert [packed[i][3] for i in range(4)] == [2, 2, 2, 2] and [alone[i][3] for i in range(4)] == [1, 1, 1, 1]
+    for index, (params, loss, state, _) in alone.items():
         assert state == packed[index][2] == "completed"
         assert packed[index][0] == params
         assert packed[index][1] == pytest.approx(loss, rel=1e-4)
@@ -152,3 +153,13 @@ def test_an_out_of_memory_alone_is_the_points_own(tmp_path):
     assert [(r.state, r.restarts) for r in study.records] == [(TrialState.OUT_OF_MEMORY, 2)] * 2 + [(TrialState.OUT_OF_MEMORY, 1)] * 2
     assert any("no trial completed" in line for line in lines)
     assert seam.experiment(study.opt.client).trials[0].status.is_abandoned  # Ax never proposes the point again
+
+
+def test_pack_auto_packs_a_small_model_on_the_cpu_only(tiny_model, monkeypatch):
+    from loratune.executors import AUTO_PACK, auto_pack
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("loratune.executors.local.visible_gpus", lambda: [])
+    assert auto_pack("builtin:tiny-qwen2") == AUTO_PACK > 1
+    monkeypatch.setattr("loratune.executors.local.visible_gpus", lambda: ["0"])
+    assert auto_pack("builtin:tiny-qwen2") == 1  # not measured on a GPU yet

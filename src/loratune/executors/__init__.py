@@ -12,8 +12,8 @@ from .base import Event, Executor, TrialSpec
 __all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size"]
 
 # What pack: auto comes to, where packing measured faster (docs/BENCHMARKS.md, "Packed trials"): on a CPU, for
-# a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study 47 s packed in fours
-# against 66 s one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
+# a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study 46-47 s packed in
+# fours against 61-71 s one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
 # no GPU has measured packing yet: one trial per worker there.
 AUTO_PACK, SMALL_MODEL = 4, 10_000_000
 OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed trial measures its pack's
@@ -39,24 +39,29 @@ def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) ->
     return asked, None
 
 
-@functools.cache
 def auto_pack(model: str, trust_remote_code: bool = False) -> int:
     """``pack: auto`` for this base model on this machine: ``AUTO_PACK`` for a small model where trials train on
-    the CPU, else 1 (see ``AUTO_PACK``)."""
-    from ..config import FinetuneConfig
+    the CPU (no GPU visible to this process), else 1 (see ``AUTO_PACK``)."""
     from .local import visible_gpus
 
     if visible_gpus():
         return 1
+    return AUTO_PACK if _parameters(model, trust_remote_code) < SMALL_MODEL else 1
+
+
+@functools.cache
+def _parameters(model: str, trust_remote_code: bool) -> float:
+    """The model's parameter count, from its config alone (once per process); inf where it cannot be read
+    here (the checks before the study name why)."""
+    from ..config import FinetuneConfig
+    from ..model import parameter_count
+
     cfg = FinetuneConfig()
     cfg.model.name, cfg.model.trust_remote_code = model, trust_remote_code
     try:
-        from ..model import parameter_count
-
-        small = parameter_count(cfg) < SMALL_MODEL
-    except Exception:  # noqa: BLE001 - a model whose config cannot be read here is checked (and named) elsewhere
-        return 1
-    return AUTO_PACK if small else 1
+        return parameter_count(cfg)
+    except Exception:  # noqa: BLE001 - a model whose config cannot be read
+        return float("inf")
 
 
 def create_executor(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE,
