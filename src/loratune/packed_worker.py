@@ -257,18 +257,10 @@ class PackedWorker:
 
     def _load(self, spec: dict, cfg) -> float:
         """The base and data for this trial, from the cache or loaded now; the seconds loading took."""
-        from .data import load_examples
-        from .model import load_base
         from .trial_dir import base_key
 
-        load_s, key = 0.0, base_key(spec["config"])
-        if self.cache.base is None or self.cache.base[0] != key:
-            self.cache.base = self.cache.data = None
-            self.cache.base = (key, load_base(cfg))
-            load_s = self.cache.base[1].load_time_s
-        data_key = json.dumps([asdict(cfg.data), cfg.training.seed])
-        if self.cache.data is None or self.cache.data[0] != data_key:
-            self.cache.data = (data_key, load_examples(self.cache.base[1].tokenizer, cfg.data, cfg.training.seed))
+        load_s = self.cache.load_base(cfg, base_key(spec["config"]))
+        self.cache.load_data(cfg)
         return load_s
 
     def _startup(self) -> float | None:

@@ -53,13 +53,32 @@ class Cache:
     def base_and_data(self) -> tuple[Any, Any]:
         return self.base[1], self.data[1]
 
+    def load_base(self, cfg, key: str) -> float:
+        """The base model for ``key`` (``trial_dir.base_key``), loaded unless held; the seconds loading took."""
+        from .model import load_base
+
+        if self.base is not None and self.base[0] == key:
+            return 0.0
+        self.base = self.data = None  # the old base goes before the new one loads
+        self.base = (key, load_base(cfg))
+        return self.base[1].load_time_s
+
+    def load_data(self, cfg) -> Any:
+        """The tokenized (train, validation) rows of ``cfg``'s data and seed, on the held base's tokenizer."""
+        key = json.dumps([asdict(cfg.data), cfg.training.seed])
+        if self.data is None or self.data[0] != key:
+            from .data import load_examples
+
+            self.data = (key, load_examples(self.base[1].tokenizer, cfg.data, cfg.training.seed))
+        return self.data[1]
+
 
 def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float | None = None) -> TrialResult:
     """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises.
     ``process_start``: for a process's first trial, which pays for importing torch, transformers and
     peft; the time from it to the end of those imports is the trial's ``startup_s``."""
     from . import training
-    from .model import import_libraries, load_base
+    from .model import import_libraries
     from .settings import finetune_config_from_dict
 
     try:
@@ -99,19 +118,10 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         base = data = None
         load_s = 0.0
         if cache is not None:
-            key = base_key(spec["config"])
-            if cache.base is None or cache.base[0] != key:
-                cache.base = cache.data = None  # the old base goes before the new one loads
-                cache.base = (key, load_base(cfg))
-                load_s = cache.base[1].load_time_s
+            load_s = cache.load_base(cfg, base_key(spec["config"]))
             base = cache.base[1]
             if not (test and spec.get("adapter")):  # scoring a saved adapter needs no training data
-                data_key = json.dumps([asdict(cfg.data), cfg.training.seed])
-                if cache.data is None or cache.data[0] != data_key:
-                    from .data import load_examples
-
-                    cache.data = (data_key, load_examples(base.tokenizer, cfg.data, cfg.training.seed))
-                data = cache.data[1]
+                data = cache.load_data(cfg)
         if test:
             return _test_job(cfg, spec, base, data, started)
         m = training.run_training(cfg, overwrite=True, on_eval=on_eval, on_step=on_step,
