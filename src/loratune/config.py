@@ -296,8 +296,11 @@ class StudyConfig:
     """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
     command: str | None = setting(None, flag="--command", metavar="CMD",
                                   help="your own training command instead of loratune's trainer, with {parameter} "
-                                       "placeholders; its last JSON line holds the metrics")
-    """External training command with {parameter} placeholders; its last JSON line holds the metrics."""
+                                       "placeholders (or loratune.integrations.trial_params()); its metrics: its last JSON "
+                                       "line, else the last evaluation its trainer's LoratuneCallback reported")
+    """External training command with {parameter} placeholders (or ``loratune.integrations.trial_params()``); its
+    metrics: its last JSON line on stdout, else the last evaluation its trainer's ``LoratuneCallback`` reported
+    (which also makes each evaluation a curve point that early stopping judges)."""
     tracking: Literal["none", "mlflow"] = setting("none", flag="--tracking", metavar="{none,mlflow}", resume=True,
                                                   help="log the study to MLflow (a parent run, a child run per trial)")
     """Log the study to an experiment tracker: ``mlflow`` (``pip install 'loratune[mlflow]'``)."""

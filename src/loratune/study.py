@@ -199,8 +199,9 @@ class Study:
         # depends on its curve alone, never on how fast this loop answers
         executor.submit(TrialSpec(record.index, dict(record.params), self.paths.trial_dir(record.index), config, measure,
                                   answer, self.cfg.scoring.max_new_tokens,
-                                  # loratune's own worker waits; a user's command or function is not asked to
-                                  await_verdict=self.stored.evaluation is Evaluation.FINETUNE and self._stoppable(record)))
+                                  # loratune's own worker waits, as a command's LoratuneCallback does; a
+                                  # Python evaluate= is not asked to
+                                  await_verdict=self.stored.evaluation is not Evaluation.CALLABLE and self._stoppable(record)))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.listeners.trial_started(record)

@@ -31,7 +31,7 @@ class Evaluation(enum.StrEnum):
     """How a study's trials are evaluated."""
 
     FINETUNE = "finetune"  # loratune's own fine-tune (a worker process, locally or on Ray)
-    COMMAND = "command"  # a user's training command, its metrics in its last JSON line
+    COMMAND = "command"  # a user's training command: its last JSON line, or what its LoratuneCallback reported
     CALLABLE = "callable"  # a Python function given to run_optimization(evaluate=...)
 
     @classmethod

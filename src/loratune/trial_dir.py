@@ -15,6 +15,8 @@ a Ray actor read these files without the training libraries.
 - ``CANCEL``: the study ends the trial now (a timeout), its reason inside: a worker that packs several
   trials ends this one as failed and goes on with the others (one running a trial alone is killed);
 - ``result.json``: how the trial ended, written by the worker on every ending it lives through;
+- ``last_eval.json``: a user's training command with ``LoratuneCallback``: its last evaluation's metrics,
+  the trial's result when the command prints no JSON line of its own;
 - ``log.txt``: the process's output during the trial.
 """
 
@@ -26,7 +28,8 @@ import time
 from pathlib import Path
 
 STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
-VERDICTS_FILE, CANCEL_FILE = "verdicts", "CANCEL"
+VERDICTS_FILE, CANCEL_FILE, LAST_EVAL_FILE = "verdicts", "CANCEL", "last_eval.json"
+TRIAL_DIR_ENV = "LORATUNE_TRIAL_DIR"  # a user's command finds its trial's directory here (integrations.py)
 VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it
 STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
 

@@ -81,7 +81,7 @@ def test_each_heavy_library_stays_in_its_room():
     rooms = {"ax": {"loratune.optimizer", "loratune.optimizer.seam", "loratune.optimizer.snapshot",
                     "loratune.optimizer.analyses"},
              "botorch": {"loratune.optimizer.seam"},
-             "transformers": {"loratune.model", "loratune.training", "loratune.pack", "loratune.data",
+             "transformers": {"loratune.model", "loratune.training", "loratune.pack", "loratune.data", "loratune.integrations",
                               "loratune.demo.tiny_model", "loratune.demo.smollm2"},
              "peft": {"loratune.model", "loratune.training", "loratune.adapters"},
              "mlflow": {"loratune.tracking"},

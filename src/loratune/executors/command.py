@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import LoratuneError
 from ..processes import die_with_parent, signal_group
 from ..trial import TrialResult, TrialState, check_metrics, result_from_exit
-from ..trial_dir import LOG_FILE
+from ..trial_dir import LAST_EVAL_FILE, LOG_FILE, PROGRESS_FILE, STOP_FILE, TRIAL_DIR_ENV, go_on
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "ash"}
@@ -89,11 +89,24 @@ def last_json_metrics(text: str) -> dict | None:
     return None
 
 
+def _last_evaluation(trial_dir: Path) -> dict | None:
+    """The metrics of the command's last evaluation, as its ``LoratuneCallback`` wrote them."""
+    try:
+        value = json.loads((trial_dir / LAST_EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value else None
+
+
 class CommandRunner:
     """Runs a slot's command trials, each a fresh process under a guard (``python -m loratune.processes``)
     that takes the command's whole process group down with the study. The same methods as
-    ``serving.ServingWorker``, one trial at a time: ``start``, ``poll``, ``stop`` (SIGTERM to the group: the
-    command may end on its own terms, as early-stopped), ``cancel`` and ``close``."""
+    ``serving.ServingWorker``, one trial at a time: ``start``, ``poll``, ``stop``, ``go_on``, ``cancel`` and
+    ``close``.
+
+    A command whose trainer has ``LoratuneCallback`` reports its curve in the trial's directory (named in
+    ``LORATUNE_TRIAL_DIR``), waits there for verdicts and stops itself when told (a ``STOP`` file); any other
+    command is stopped by SIGTERM to its group, and may end on its own terms. Either ends as early-stopped."""
 
     def __init__(self, template: str, env: dict[str, str], objectives: list[str]):
         self.template, self.env, self.objectives = template, env, objectives
@@ -114,12 +127,13 @@ class CommandRunner:
     def start(self, trial_dir: Path, params: dict[str, Any]) -> None:
         argv = command_argv(self.template, params)
         self.trial, self.stop_sent, self.cancelled = trial_dir, False, None
+        env = {**self.env, TRIAL_DIR_ENV: str(trial_dir.resolve())}
         with open(trial_dir / LOG_FILE, "a") as log:
             log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
             self.process = subprocess.Popen([sys.executable, "-m", "loratune.processes", str(trial_dir), "--", *argv],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, start_new_session=True, preexec_fn=die_with_parent())
+                                            env=env, start_new_session=True, preexec_fn=die_with_parent())
 
     def poll(self) -> dict[Path, TrialResult]:
         if self.trial is None or self.process.poll() is None:
@@ -131,8 +145,9 @@ class CommandRunner:
             result = TrialResult(TrialState.EARLY_STOPPED, reason="early-stopped")
         elif self.process.returncode != 0:
             result = result_from_exit(self.process.returncode, log, what="command")
-        elif (metrics := last_json_metrics(log)) is None:
-            result = TrialResult(TrialState.FAILED, reason="command printed no JSON line with metrics")
+        elif (metrics := last_json_metrics(log) or _last_evaluation(self.trial)) is None:
+            result = TrialResult(TrialState.FAILED, reason="command printed no JSON line with metrics "
+                                 "(nor reported an evaluation through LoratuneCallback)")
         else:
             result = check_metrics(metrics, self.objectives)
         trial, self.trial = self.trial, None
@@ -142,10 +157,14 @@ class CommandRunner:
     def stop(self, trial_dir: Path) -> None:
         if self.trial is not None and not self.stop_sent:
             self.stop_sent = True
-            signal_group(self.process.pid, signal.SIGTERM)
+            (trial_dir / STOP_FILE).touch()
+            if not (trial_dir / PROGRESS_FILE).exists():  # no callback reads it: end the command's group
+                signal_group(self.process.pid, signal.SIGTERM)
 
     def go_on(self, trial_dir: Path) -> None:
-        """A command is never asked to wait for verdicts."""
+        """The verdict a command's ``LoratuneCallback`` waits for at a curve point: train on."""
+        if self.trial is not None:
+            go_on(trial_dir)
 
     def cancel(self, trial_dir: Path, reason: str) -> None:
         if self.trial is not None and self.cancelled is None:

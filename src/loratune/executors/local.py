@@ -105,11 +105,8 @@ class LocalExecutor:
         if d.exists():  # a re-run after an interruption starts clean
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        if self.command:
-            runner.start(d, spec.params)
-        else:
-            atomic_write_json(d / SPEC_FILE, spec.payload())
-            runner.start(d, config)
+        atomic_write_json(d / SPEC_FILE, spec.payload())  # a command's LoratuneCallback reads it too
+        runner.start(d, spec.params if self.command else config)
         self.running[spec.index] = _Running(runner, spec, ProgressReader(d))
 
     def poll(self, timeout: float) -> list[Event]:
