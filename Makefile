@@ -25,8 +25,9 @@ test: $(VENV)/.installed  # two pytest workers, a file each at a time (tests/con
 test-fast: $(VENV)/.installed  # a quick loop: the suite without its end-to-end runs (marked slow)
 	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
-docs: $(VENV)/.installed  # the README's config reference, from the config dataclasses
-	$(PY) docs/config_reference.py --write README.md
+docs: $(VENV)/.installed  # the site's generated references (docs/config.md, docs/commands.md) from the code, then the site
+	$(PY) docs/config_reference.py --write
+	$(PY) -m mkdocs build --strict
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -1,6 +1,6 @@
 """A packed study with early stopping: a stopped trial's slot left empty until its pack ends (loratune's
 batch fill) against the slot refilled at once with a new trial, Ax choosing its point with the pack's
-others pending (docs/BENCHMARKS.md, "Packed trials").
+others pending (docs/benchmarks-history.md, "Filling a pack: batch fill against refill").
 
     python benchmarks/pack_fill.py                          # the early-stopping config, 20 trials, pack 4, seeds 0 and 1
 

@@ -1,4 +1,4 @@
-"""Packed trials against the same trials one after another, on one loaded base (docs/BENCHMARKS.md, "Packed trials").
+"""Packed trials against the same trials one after another, on one loaded base (docs/benchmarks.md, "Packed trials").
 
 For each K: K trials of the default search space (rank, alpha, learning rate and batch size drawn from a
 fixed seed, dropout 0.05) trained one after another (a pack of one each, as a worker without packing

@@ -1,12 +1,13 @@
-"""Every benchmark of docs/BENCHMARKS.md, one after another, with the time each takes.
+"""Every benchmark of docs/benchmarks.md, one after another, with the time each takes.
 
     python benchmarks/run_all.py            # or: make bench
 
 The tabular grid (tabular_grid.py, about 45 minutes of fine-tunes) is not rerun: its data file is
 committed; curve_subset.py writes a data file the early-stopping benchmark reads, also committed.
-Nor are the longer follow-ups whose commands docs/BENCHMARKS.md gives in their sections (lora_scale
+Nor are the longer follow-ups whose commands docs/benchmarks.md gives in their sections (lora_scale
 with 60 seeds, the ablations against the current default: about 2 h more). About 1 h 50 min on 2
-cores. Output goes to the terminal; the tables are copied into docs/BENCHMARKS.md by hand.
+cores. Output goes to the terminal; the tables are copied into docs/benchmarks.md by hand
+(an earlier figure they replace moves to docs/benchmarks-history.md).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ it out. **ax**: a plain ``ax.Client`` with its defaults, the parameters written 
 (ordered int choices, log-scale learning rate); **ax_baseline**: the same with the baseline attached
 first, as loratune does. **loratune_ahead**: loratune's search with each point asked for while the
 trial before it still runs (pending in Ax), as a study that overlaps the suggestion with training
-would; measured and not adopted (docs/BENCHMARKS.md, "Choosing the next point while a trial
-trains"; not among the default methods). **loratune_pack4**: loratune's search as a study with
+would; measured and not adopted (docs/benchmarks-history.md, "Choosing the next point while a
+trial trains"; not among the default methods). **loratune_pack4**: loratune's search as a study with
 ``pack: 4`` runs it: four points chosen in one call, each pack once the last has completed.
 **loratune_lora**: loratune with ``parameterization: lora``
 (the learning rate searched as LoRA's effective step). **loratune_warm**: loratune warm-started from an

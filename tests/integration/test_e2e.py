@@ -75,7 +75,7 @@ def test_retrain_and_compare_on_the_demo(tiny_model, tmp_path):
 def test_same_seed_same_study_on_an_idle_and_a_loaded_machine(tiny_model, tmp_path, monkeypatch):
     """Every trial's parameters and loss, bit for bit, with nothing else running and beside a busy
     process on every core: nothing in the search or the training may depend on timing or load (one
-    worker, no early stopping, no time limit: what README's "What --seed N guarantees" promises)."""
+    worker, no early stopping, no time limit: what "What --seed N guarantees" in docs/search.md promises)."""
     # one thread a trial, the same in both runs: two threads beside a busy core spin at every barrier (ten times slower)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     import os

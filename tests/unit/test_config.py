@@ -85,24 +85,23 @@ def test_shipped_optimization_config_is_the_embedded_default():
     assert shipped == StudyConfig()
 
 
-def test_the_readmes_config_reference_is_the_schema():
-    """Every field of every section, with its default and docstring: generated, so never out of date."""
+def test_the_docs_config_reference_and_options_are_the_schema():
+    """Every field of every section, with its default and docstring, and every option: generated into the
+    documentation pages (docs/config.md, docs/commands.md), so never out of date."""
     import dataclasses
     import sys
 
     sys.path.insert(0, str(ROOT / "docs"))
-    from config_reference import END, START
+    from config_reference import CONFIG_PAGE, END, OPTIONS_END, OPTIONS_PAGE, OPTIONS_START, START
 
     from loratune import config
-
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(START)[1].split(END)[0].strip()
-    assert section == config.reference_markdown().strip(), "run `make docs`"
-    from config_reference import OPTIONS_END, OPTIONS_START
-
     from loratune.cli import options_markdown
 
-    assert readme.split(OPTIONS_START)[1].split(OPTIONS_END)[0].strip() == options_markdown().strip(), "run `make docs`"
+    assert CONFIG_PAGE == ROOT / "docs" / "config.md" and OPTIONS_PAGE == ROOT / "docs" / "commands.md"
+    section = CONFIG_PAGE.read_text().split(START)[1].split(END)[0].strip()
+    assert section == config.reference_markdown().strip(), "run `make docs`"
+    options = OPTIONS_PAGE.read_text().split(OPTIONS_START)[1].split(OPTIONS_END)[0].strip()
+    assert options == options_markdown().strip(), "run `make docs`"
     for cls in (config.StudyConfig, config.ModelConfig, config.LoraConfig, config.DataConfig, config.TrainingConfig,
                 config.EarlyStoppingConfig, config.FinetuneConfig):
         docs = config.field_docs(cls)
