@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import results as R
+from . import results
 from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, FinetuneConfig, StudyConfig, to_dict
 from .errors import LoratuneError
 from .search_space import SearchSpace, apply, study_space
@@ -147,7 +147,7 @@ class StoredStudy:
         return study_space(self.config)
 
     def best(self) -> TrialRecord | None:
-        return R.best_record(self.records, self.config.objectives, self.config.minimize)
+        return results.best_record(self.records, self.config.objectives, self.config.minimize)
 
     def record(self, index: int) -> TrialRecord | None:
         return next((r for r in self.records if r.index == index), None)
@@ -246,8 +246,8 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
     # a queued trial (known to Ax, not started: it runs first when the study resumes) is in the checkpoint only
     records = [r for r in stored.records if r.state is not TrialState.QUEUED]
     best = stored.best()
-    gain = R.improvement(records, cfg.objectives, cfg.minimize)
-    baseline = R.baseline_record(records)
+    gain = results.improvement(records, cfg.objectives, cfg.minimize)
+    baseline = results.baseline_record(records)
     finetune = stored.evaluation is Evaluation.FINETUNE
     return {
         "best_loss": best.metrics.get("loss") if best else None,
@@ -257,7 +257,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "baseline": baseline.to_dict() if baseline else None,
         "improvement": gain.to_dict() if gain else None,
         "pareto_front": [{"index": r.index, "params": r.params, "metrics": r.metrics}
-                         for r in R.pareto_front(records, cfg.objectives, cfg.minimize)]
+                         for r in results.pareto_front(records, cfg.objectives, cfg.minimize)]
         if len(cfg.objectives) > 1 else None,
         "objectives": cfg.objectives,
         "minimize": cfg.minimize,
@@ -270,7 +270,7 @@ def summary(stored: StoredStudy, paths: StudyPaths) -> dict:
         "evaluation": stored.evaluation,
         "study_id": stored.study_id,
         "n_trials": stored.finished(),
-        "early_stopping": R.early_stopping_savings(records),
+        "early_stopping": results.early_stopping_savings(records),
         "states": {s.value: sum(r.state is s for r in records) for s in TrialState if s is not TrialState.QUEUED},
         "wall_time_s": stored.elapsed_s,
         "optimizer_time_s": stored.optimizer_s,

@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import results as R
+from . import results
 from .trial import TrialRecord, TrialState
 
 
@@ -77,7 +77,7 @@ class StudyConsole:
             table.add_column(column)
         for live in self.running.values():
             left = live.left_s()
-            table.add_row(f"#{live.record.index}", R.format_params(live.record.params),
+            table.add_row(f"#{live.record.index}", results.format_params(live.record.params),
                           f"{live.step}/{live.steps}" if live.steps else "starting",
                           f"{live.val_loss:.4f}" if live.val_loss is not None else "",
                           clock(time.monotonic() - live.started), f"~{clock(left)}" if left is not None else "")
@@ -153,9 +153,9 @@ class StudyConsole:
             shown = f"stopped at {record.curve[-1]['progress']:.0%}" if record.curve else "stopped"
         elif record.state is not TrialState.COMPLETED:
             shown = f"{record.state.value}: {record.reason}"
-        mark = R.trial_marks(record, before, self.objective, self.minimize)
+        mark = results.trial_marks(record, before, self.objective, self.minimize)
         left = self.study_left_s()
-        self.print(f"Trial {self.done}/{self.total} (#{record.index}): {R.format_params(record.params)} → {shown} {mark}"
+        self.print(f"Trial {self.done}/{self.total} (#{record.index}): {results.format_params(record.params)} → {shown} {mark}"
                    f"  [dim]({clock(self.elapsed())} elapsed" + (f", ~{clock(left)} left)" if left is not None else ")")
                    + "[/]")
 
@@ -164,11 +164,11 @@ class StudyConsole:
     def summary(self, records: list[TrialRecord], names: list[str], objectives: list[str], result: dict,
                 report: str | None) -> None:
         """The top trials, the improvement over the baseline, where the time went, and what was written."""
-        top = R.ranked(records, self.objective, self.minimize)[:5]
+        top = results.ranked(records, self.objective, self.minimize)[:5]
         if top:
             table = Table(title="Top trials")
             shown = [*objectives, *(s for s in self.scores if s not in objectives)]
-            for col in ["#", *[R.SHORT_NAMES.get(n, n) for n in names], *shown, "time (s)"]:
+            for col in ["#", *[results.SHORT_NAMES.get(n, n) for n in names], *shown, "time (s)"]:
                 table.add_column(col)
             for r in top:
                 table.add_row(str(r.index) + (" baseline" if r.baseline else ""),
@@ -180,7 +180,7 @@ class StudyConsole:
         test = result.get("test") or {}
         if gain:
             which = "Validation (used to choose): " if test.get("improvement") else ""
-            gain = R.Gain.from_dict(gain)
+            gain = results.Gain.from_dict(gain)
             self.print(f"{which}best {self.objective} against the baseline: {gain.text()}" if gain.absolute >= 0 else
                        f"{which}best {self.objective} {gain.best:.4f}: the baseline ({gain.baseline:.4f}) was not beaten")
         for line in test_lines(test):
@@ -207,7 +207,7 @@ def test_lines(test: dict | None) -> list[str]:
     if not gains:
         best = test["best"]
         return [f"Test (never seen, {test['examples']} examples): best trial {best['trial']} loss {best['loss']:.4f}"]
-    parts = [f"{name} {R.Gain.from_dict(g).text()}" for name, g in gains.items()]
+    parts = [f"{name} {results.Gain.from_dict(g).text()}" for name, g in gains.items()]
     lines = [f"Test (never seen, {test['examples']} examples): " + "; ".join(parts)]
     held = test.get("held")
     if held is not None:

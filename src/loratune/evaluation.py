@@ -15,8 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from . import checkpoint
-from . import results as R
+from . import checkpoint, results
 from .checkpoint import StoredStudy, StudyPaths
 from .config import to_dict
 from .data import test_source
@@ -29,7 +28,7 @@ TEST_DIR = checkpoint.TEST_DIR
 
 def test_jobs(stored: StoredStudy, paths: StudyPaths) -> dict[str, TrialRecord]:
     """The trials the final test scores: the best (as ``best_config.yaml`` took it) and the baseline."""
-    best, baseline = stored.best(), R.baseline_record(stored.records)
+    best, baseline = stored.best(), results.baseline_record(stored.records)
     jobs = {"best": best} if best is not None else {}
     if baseline is not None and baseline.state is TrialState.COMPLETED:
         jobs["baseline"] = baseline
@@ -65,7 +64,8 @@ def final_test(stored: StoredStudy, paths: StudyPaths, scorers: list[Scorer], ex
                                   for m in metrics if m in section["best"] and m in section["baseline"]}
         section["validation"] = {m: _gain(jobs["best"].metrics[m], jobs["baseline"].metrics[m], _minimized(stored, m))
                                  for m in metrics if m in jobs["best"].metrics and m in jobs["baseline"].metrics}
-        held = _held(section["validation"].get("loss"), section["improvement"].get("loss"))
+        validation, test = section["validation"].get("loss"), section["improvement"].get("loss")
+        held = results.Gain.from_dict(validation).held_on(results.Gain.from_dict(test)) if validation and test else None
         if held is not None:
             section["held"] = held
     return section
@@ -89,15 +89,15 @@ def _run_jobs(stored: StoredStudy, paths: StudyPaths, jobs: dict[str, TrialRecor
         specs.append(TrialSpec(record.index, dict(record.params), directory, to_dict(config), test=True,
                                adapter=str(adapter.resolve()) if (adapter / "adapter_config.json").exists() else None,
                                answer=int(bool(scorers)), max_new_tokens=cfg.scoring.max_new_tokens))
-    results, waiting = {}, list(specs)
-    while len(results) < len(specs):
-        while waiting and (len(specs) - len(waiting)) - len(results) < executor.slots:  # a free slot
+    ended, waiting = {}, list(specs)
+    while len(ended) < len(specs):
+        while waiting and (len(specs) - len(waiting)) - len(ended) < executor.slots:  # a free slot
             executor.submit(waiting.pop(0))
         for event in executor.poll(1.0):
             if event.result is not None:
-                results[event.index] = event.result
+                ended[event.index] = event.result
     out = {}
-    for index, result in results.items():
+    for index, result in ended.items():
         name, directory = names[index], paths.directory / TEST_DIR / names[index]
         if result.state is not TrialState.COMPLETED:
             raise LoratuneError(f"the final test of the {name} trial ({index}) failed: {result.reason}; log in {directory}")
@@ -123,14 +123,7 @@ def _minimized(stored: StoredStudy, metric: str) -> bool:
 
 
 def _gain(best: float, baseline: float, minimize: bool) -> dict:
-    return R.Gain(best, baseline, minimize).to_dict()
-
-
-def _held(validation: dict | None, test: dict | None) -> float | None:
-    """The share of the validation gain that held on test (1: all of it; 0 or less: none)."""
-    if not validation or not test or validation["absolute"] <= 0:
-        return None
-    return test["absolute"] / validation["absolute"]
+    return results.Gain(best, baseline, minimize).to_dict()
 
 
 def evaluate_study(study_dir: str | Path, scorers: list[Scorer]) -> dict:

@@ -88,12 +88,12 @@ class AdapterPruning(StudyListener):
     def trial_ended(self, record: TrialRecord, records: list[TrialRecord]) -> None:
         import shutil
 
-        from . import results as R
+        from . import results
         from .data import test_source
 
         if self.cfg.keep_adapters != "best":
             return
-        keep = {r.index for r in R.pareto_front(records, self.cfg.objectives, self.cfg.minimize)}
+        keep = {r.index for r in results.pareto_front(records, self.cfg.objectives, self.cfg.minimize)}
         if test_source(self.cfg.data) is not None:
             keep |= {r.index for r in records if r.baseline}
         for r in records:

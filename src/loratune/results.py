@@ -68,6 +68,17 @@ class Gain:
                 f"{abs(self.relative):.1%} {word}"
         return f"{self.best:.4f} vs {self.baseline:.4f} ({change})"
 
+    def held_on(self, test: Gain) -> float | None:
+        """The share of this (validation) gain that held on ``test`` (1: all of it; 0 or less: none): the ratio
+        of the relative gains, the figures ``text`` prints beside each other (the two splits' baselines differ,
+        so their absolute gains are on different scales); the absolute ratio where a baseline is 0. None when
+        this gain is no gain."""
+        if self.absolute <= 0:
+            return None
+        if self.relative is None or test.relative is None:
+            return test.absolute / self.absolute
+        return test.relative / self.relative
+
     def to_dict(self) -> dict:
         return {"best": self.best, "baseline": self.baseline, "absolute": self.absolute, "relative": self.relative,
                 "minimize": self.minimize}

@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from . import checkpoint
-from . import results as R
+from . import checkpoint, results
 from .checkpoint import StoredStudy, StudyPaths
 from .config import get_field, to_dict
 from .console import StudyConsole
@@ -123,7 +122,7 @@ class Study:
         base = self.cfg.base()
         values = {p.name: get_field(base, p.target) for p in self.space.params}
         if not self.space.contains(values):
-            self.console.print(f"baseline ({R.format_params(values)}) is outside the search space: not run")
+            self.console.print(f"baseline ({results.format_params(values)}) is outside the search space: not run")
             return None
         values = self.space.cast(values, "baseline")
         return self._new_record(self.opt.attach(values, baseline=True), values, baseline=True)

@@ -38,3 +38,13 @@ def test_with_two_objectives_the_gain_is_about_the_trial_chosen_as_best():
     assert best.index == 2  # the knee, not the lowest loss (trial 1)
     gain = improvement(records, objectives, minimize)
     assert (gain.best, gain.baseline) == (0.6, 1.0)
+
+
+def test_the_share_held_on_test_compares_the_relative_gains_the_lines_print():
+    """Validation 0.60 vs 0.80 (25.0% better), test 0.90 vs 1.00 (10.0% better): 40% held, as the two lines read
+    (the absolute gains, 0.20 and 0.10, would say 50%)."""
+    validation, test = Gain(0.60, 0.80), Gain(0.90, 1.00)
+    assert validation.held_on(test) == pytest.approx(0.4)
+    assert Gain(0.5, 0.0).held_on(Gain(0.2, 0.0)) is None  # a validation "gain" that is no gain
+    assert Gain(-0.5, 0.0).held_on(Gain(-0.2, 0.0)) == pytest.approx(0.4)  # zero baselines: the absolute ratio
+    assert Gain(0.9, 0.8).held_on(test) is None

@@ -10,7 +10,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .. import results as R
+from .. import results
 from ..trial import TrialRecord
 
 LR, RANK, ALPHA, BS = "learning_rate", "lora_rank", "lora_alpha", "batch_size"
@@ -41,7 +41,7 @@ class ReportData:
     insights: list[Insight]
     best: TrialRecord | None
     baseline: TrialRecord | None
-    improvement: R.Gain | None
+    improvement: results.Gain | None
     early_stopping: dict
     pareto: list[TrialRecord] | None
     running: int
@@ -175,12 +175,12 @@ def compute(summary: dict) -> ReportData:
         discrete_insight("Batch size impact", BS, completed, objective, mini),
         alpha_ratio_insight(completed, objective, mini, rslora),
     ]
-    front = R.pareto_front(records, objectives, minimize) if len(objectives) > 1 else None
+    front = results.pareto_front(records, objectives, minimize) if len(objectives) > 1 else None
     return ReportData(
         objective=objective, minimize=mini, records=records, completed=completed,
         insights=[i for i in insights if i is not None],
-        best=R.best_record(records, objectives, minimize), baseline=R.baseline_record(records),
-        improvement=R.improvement(records, objectives, minimize), early_stopping=R.early_stopping_savings(records),
+        best=results.best_record(records, objectives, minimize), baseline=results.baseline_record(records),
+        improvement=results.improvement(records, objectives, minimize), early_stopping=results.early_stopping_savings(records),
         pareto=front, running=sum(not r.finished for r in records), rslora=rslora,
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import results as R
+from .. import results
 from ..checkpoint import REPORT_TITLE
 from ..trial import TrialState
 from .findings import ReportData, effective_scale
@@ -72,10 +72,10 @@ def _result(data: ReportData, summary: dict, comparison: dict | None) -> list[st
     else:
         rule = " (the knee of the Pareto front: the trial closest to the best of every objective at once)" \
             if data.pareto else ""
-        lines += [f"Best trial{rule}: **#{data.best.index}**, {R.format_params(data.best.params)}, "
+        lines += [f"Best trial{rule}: **#{data.best.index}**, {results.format_params(data.best.params)}, "
                   f"{obj} **{data.best.metrics[obj]:.4f}**."]
         if data.improvement:
-            lines += [f"Baseline (#{data.baseline.index}, {R.format_params(data.baseline.params)}): {obj} "
+            lines += [f"Baseline (#{data.baseline.index}, {results.format_params(data.baseline.params)}): {obj} "
                       f"{data.improvement.baseline:.4f}. Best against baseline: {data.improvement.text()}."]
         lines += [""]
     return lines + _test_section(summary.get("test")) + _recommendation(data, summary, comparison)
@@ -185,7 +185,7 @@ def _test_section(test: dict | None) -> list[str]:
     rows = []
     for name, g in gains.items():
         v = validation.get(name)
-        rows.append([name, R.Gain.from_dict(v).text() if v else "not measured", R.Gain.from_dict(g).text()])
+        rows.append([name, results.Gain.from_dict(v).text() if v else "not measured", results.Gain.from_dict(g).text()])
     lines += _table(["metric (best vs baseline)", "validation: used to choose", "test: never seen"], rows) + [""]
     held = test.get("held")
     if held is not None:
@@ -231,5 +231,5 @@ def _comparison(c: dict) -> list[str]:
     for metric, values in (c.get("scores") or {}).items():
         lines += ["", f"{metric} per seed: best {', '.join(f'{v:.4f}' for v in values['best'])}; baseline "
                       f"{', '.join(f'{v:.4f}' for v in values['baseline'])}."]
-    gain = R.Gain(c["best_mean"], c["baseline_mean"])
+    gain = results.Gain(c["best_mean"], c["baseline_mean"])
     return lines + ["", f"Mean loss, best against baseline: {gain.text()}: {c['verdict']}.", ""]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .. import results as R
+from .. import results
 from ..trial import TrialState
 from .findings import ReportData, trace
 
@@ -129,7 +129,7 @@ def plot_parallel(data: ReportData, names: list[str], path: Path) -> Path | None
     cmap = plt.get_cmap("viridis_r")
     for i, z in sorted(enumerate(zs), key=lambda p: -p[1] if data.minimize else p[1]):  # best drawn last
         ax.plot(range(len(names)), [c[i] for c in cols], color=cmap((z - zlo) / (zhi - zlo) if zhi > zlo else 0.5), alpha=0.85)
-    ax.set_xticks(range(len(names)), [R.SHORT_NAMES.get(n, n) for n in names])
+    ax.set_xticks(range(len(names)), [results.SHORT_NAMES.get(n, n) for n in names])
     ax.set_yticks([0, 1], ["low", "high"])
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(zlo, zhi))
     fig.colorbar(sm, ax=ax, label=data.objective)
