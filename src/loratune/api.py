@@ -147,8 +147,9 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
         raise _already_holds_a_study(paths)
     evaluation = Evaluation.of(evaluate, cfg.command)
     scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation is Evaluation.FINETUNE)
+    warnings = []
     if evaluation is Evaluation.FINETUNE:
-        preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
+        warnings = preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     listeners = _checked_listeners(listeners)
     prior = load_prior(cfg, space, [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)],
                        origin.at("warm_start"))
@@ -164,7 +165,7 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
                 paths.clear()
             stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}),
                                  warm_start={i: t.source for i, t in enumerate(prior.trials)})
-            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor)
+            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor, warnings)
     finally:  # the study shuts it down too; here for every way out before the study took it
         if executor is not None:
             executor.shutdown()
@@ -202,13 +203,16 @@ def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
 
 
 def _run(stored: StoredStudy, paths: StudyPaths, optimizer: Optimizer, evaluate: Callable | None, quiet: bool,
-         started: float, scorers: list, listeners: list | None = None, executor=None) -> dict:
-    """The loop, the final test, then the report (also after an aborted study: what ran is worth reading),
-    then the summary."""
+         started: float, scorers: list, listeners: list | None = None, executor=None,
+         warnings: Iterable[str] = ()) -> dict:
+    """The warnings of the checks (a study that will measure little), the loop, the final test, then the
+    report (also after an aborted study: what ran is worth reading), then the summary."""
     from .study import Study
 
     cfg = stored.config
     console = StudyConsole(quiet, cfg.objectives[0], cfg.minimize[0], cfg.trials, cfg.workers, [s.name for s in scorers])
+    for text in warnings:  # before the first trial, where a user still reads; the study runs all the same
+        console.print(f"[yellow]warning[/]: {text}")
     tracker = _tracker(cfg, paths, console)
     study = Study(stored, paths, optimizer, console, evaluate=evaluate, started=started, tracker=tracker, scorers=scorers,
                   listeners=listeners, executor=executor)
@@ -304,15 +308,16 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
                                             finetune=stored.evaluation is Evaluation.FINETUNE)
     space = study_space(cfg)
     preflight.check_evaluation(cfg, space, evaluate)
+    warnings = []
     if stored.evaluation is Evaluation.FINETUNE:
-        preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
+        warnings = preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
     listeners = _checked_listeners(listeners)
     executor = _prestarted(cfg, stored.evaluation)
     try:
         optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
         _check_records_match_ax(stored, optimizer, paths.checkpoint)
         with DirectoryLock(paths.directory):
-            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor)
+            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor, warnings)
     finally:  # the study shuts it down too; here for every way out before the study took it
         if executor is not None:
             executor.shutdown()

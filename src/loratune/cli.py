@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable
@@ -15,6 +16,9 @@ from typing import Literal
 
 from .config import StudyConfig
 from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, first_line
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: what systemd, Docker and Kubernetes expect of a stopped process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,17 +297,44 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that a study stopped by ``kill``, a
+    scheduler or a container runtime ends its trials, saves, and prints its "resume with" line as after
+    Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # one stop is asked for once: a second SIGTERM during the clean-up ends the process at once (its
+    # trials follow by their parent-death signal, processes.py)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def _sigterm_as_interrupt():
+    """Install ``_on_sigterm``; return the handler it replaced (None where none can be installed: a
+    thread other than the main one, as a test runner's may be)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+
+
 def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     """Call a command; turn every error into one line and an exit code (2: bad input, 1: a run that failed
-    or a bug; ``LORATUNE_DEBUG=1`` shows a bug's traceback)."""
+    or a bug; ``LORATUNE_DEBUG=1`` shows a bug's traceback). Ctrl-C exits with 130 and SIGTERM with 143
+    (128 + the signal, as a shell reports a process the signal ended); a study stopped either way saves,
+    ends its trials and prints how to resume it."""
     command = f"loratune {args.command_name}" if getattr(args, "command_name", None) else Path(sys.argv[0]).name
+    previous = _sigterm_as_interrupt()
     try:
         func(args)
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        return TERMINATED_EXIT_CODE
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED_EXIT_CODE
     except OSError as exc:  # the system refused a file: say which
         print(f"error: {exc.filename or command}: {exc.strerror or first_line(exc)}",
               file=sys.stderr)
@@ -314,6 +345,9 @@ def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) ->
         print(f"error: {command}: {type(exc).__name__}: {first_line(exc)} (a bug in loratune, not "
               "in your input: LORATUNE_DEBUG=1 shows where)", file=sys.stderr)
         return STUDY_FAILED_EXIT_CODE
+    finally:
+        if previous is not None:  # the caller's own handler again (the API in a long-lived process, tests)
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -68,16 +68,55 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
 
 
 def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,
-                          trials_run_here: bool = True) -> None:
+                          trials_run_here: bool = True) -> list[str]:
     """The model resolves, the data loads and renders with its chat template, and the model checks
     pass (``check_model``): what would otherwise fail every trial, one by one. Quantized loading is
-    checked where trials run: on this machine (in a child process), not for a Ray cluster's nodes."""
+    checked where trials run: on this machine (in a child process), not for a Ray cluster's nodes.
+    Returns the warnings of a study that would run but measure little (``data_warnings``), one line each."""
     from .data import load_examples
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    load_examples(tokenizer, cfg.data, cfg.training.seed)
+    train, validation = load_examples(tokenizer, cfg.data, cfg.training.seed)
     check_model(cfg, space, origin, quantization="child" if trials_run_here else "skip")
+    return data_warnings(cfg, train, validation, space, origin)
+
+
+TINY_VALIDATION = 2  # examples: at most this many, a trial's validation loss is mostly the examples' own noise
+
+
+def data_warnings(cfg: FinetuneConfig, train: list, validation: list, space: SearchSpace | None = None,
+                  origin: Origin | None = None) -> list[str]:
+    """What makes every trial measure little while it still runs, one line each naming the setting to
+    change: a validation split of one or two examples, answers whose end ``data.max_length`` cuts off."""
+    origin = origin or Origin()
+    lines = [_tiny_validation(cfg, len(validation), origin), _ends_cut(cfg, train, validation, space, origin)]
+    return [line for line in lines if line]
+
+
+def _tiny_validation(cfg: FinetuneConfig, n: int, origin: Origin) -> str | None:
+    if n > TINY_VALIDATION:
+        return None
+    d = cfg.data
+    field = "data.validation_split" if d.validation_split else "data.validation_path" if d.validation_path \
+        else "data.validation_size"
+    return (f"{origin.at(field)}: the validation split holds {n} example{'' if n == 1 else 's'}: a trial's "
+            "validation loss rests on so few that trials can hardly be told apart; give it more rows")
+
+
+def _ends_cut(cfg: FinetuneConfig, train: list, validation: list, space: SearchSpace | None,
+              origin: Origin) -> str | None:
+    """Examples (training, validation) whose last answer's end of turn lies beyond ``data.max_length``
+    tokens at its smallest value, searched or not: the model would learn answers that never end."""
+    length, at = min(_values(cfg, "data.max_length", space, origin), key=lambda value_at: value_at[0])
+    cut = [sum(e.end_cut(length) for e in split) for split in (train, validation)]
+    if not any(cut):
+        return None
+    longest = max(e.answer_end for e in [*train, *validation])
+    every = ", so no trial learns where an answer ends" if cut[0] == len(train) else ""
+    return (f"{at}: {length} tokens cuts off the answer's end (its end of turn) in {cut[0]} of {len(train)} "
+            f"training and {cut[1]} of {len(validation)} validation examples{every}; raise it to {longest} to keep "
+            "every answer's end")
 
 
 def check_model(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,

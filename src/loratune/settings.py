@@ -24,6 +24,7 @@ import yaml
 
 from .config import DEMO_TRAIN, SECTIONS, FinetuneConfig, StudyConfig, get_field, to_dict
 from .errors import LoratuneError
+from .textfile import read_text
 
 
 @dataclass
@@ -417,9 +418,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise LoratuneError(f"{path}: config file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LoratuneError(f"{path}: not a text file (a YAML config must be UTF-8 text)") from None
+        text = read_text(path, str(path))  # UTF-8 as editors save it (a byte-order mark, CRLF), else one line
     except OSError as exc:
         raise LoratuneError(f"{path}: cannot read it: {exc.strerror}") from None
     try:

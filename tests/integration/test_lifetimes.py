@@ -80,6 +80,40 @@ def test_kill_9_of_the_study_alone_ends_its_fine_tune_worker(tiny_model, tmp_pat
     wait_for(lambda: not alive(worker), "the worker to end", 10)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, as pgrep sees them now."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return {d for child in map(int, found) for d in {child, *descendants(child)}}
+
+
+@pytest.mark.parametrize("trials", ["command", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_sigterm_ends_the_study_as_ctrl_c_does_with_its_resume_line_and_no_process_left(tiny_model, tmp_path, trials):
+    """As a scheduler or container runtime stops it: the study ends its trials, saves, says how to resume,
+    and exits with 143 (128 + SIGTERM)."""
+    script, pids = tmp_path / "train.py", tmp_path / "pids"
+    script.write_text(TRAIN)
+    (tmp_path / "slow.yaml").write_text("trials: 2\ntraining: {epochs: 20}\n")  # long enough to be stopped
+    args = ["--command", f"{sys.executable} {script} {{lora_rank}} {pids} {tmp_path / 'marker'}"] \
+        if trials == "command" else ["--config", str(tmp_path / "slow.yaml")]
+    study = subprocess.Popen([sys.executable, "-m", "loratune.cli", "optimize", "--output", str(tmp_path / "study"),
+                              "--no-report", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "study" / "trials" / "0" / ".lock"  # the trial's directory, held by what runs it
+    wait_for(lambda: lock.exists() and lock.read_text().strip(), "the first trial to start", 120)
+    if trials == "command":  # its script and the script's own child too
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, "the trial's child", 60)
+    below = descendants(study.pid)
+    assert int(lock.read_text()) in below
+    study.send_signal(signal.SIGTERM)
+    out, err = study.communicate(timeout=60)
+    assert study.returncode == 143, err
+    assert f"interrupted; resume with: loratune resume {tmp_path / 'study'}" in out and "Traceback" not in err
+    wait_for(lambda: not any(alive(p) for p in below), "the trial's processes to end", 10)
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""
+    saved = json.loads((tmp_path / "study" / "optimization_checkpoint.json").read_text())
+    assert saved["records"][0]["state"] in ("running", "queued")
+
+
 def test_a_rerun_first_ends_an_older_process_still_on_the_trial(tmp_path):
     trial = tmp_path / "trials" / "3"
     older = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom loratune.processes import TrialLock\n"

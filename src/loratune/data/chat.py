@@ -29,6 +29,12 @@ class Example:
     labels: list[int]  # IGNORE everywhere but on the trained assistant tokens
     prompt: list[int] = field(default_factory=list)  # the last trained turn's generation prompt, tokenized alone
     reference: str = ""  # that turn's answer, as written: what a generated answer is scored against
+    answer_end: int = 0  # tokens up to the last trained one (the end of turn), before data.max_length cut them
+
+    def end_cut(self, max_length: int) -> bool:
+        """Whether ``max_length`` tokens cut off the end of its last trained answer, its end of turn
+        included: the model would learn an answer that does not end."""
+        return self.answer_end > max_length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -257,7 +263,8 @@ def encode(tokenizer, conversation: Rendered, max_length: int) -> Example:
     bos = _bos_to_add(tokenizer, conversation.text)
     if bos is not None:
         ids, labels, prompt = [bos, *ids], [IGNORE, *labels], [bos, *prompt]
-    return Example(ids[:max_length], labels[:max_length], prompt[:max_length], conversation.reference)
+    answer_end = max((i + 1 for i, label in enumerate(labels) if label != IGNORE), default=0)
+    return Example(ids[:max_length], labels[:max_length], prompt[:max_length], conversation.reference, answer_end)
 
 
 def tokenize_row(tokenizer, row: dict, fmt: str, cfg: DataConfig, at: str) -> list[Example]:

@@ -1,18 +1,24 @@
-"""Rows as users have them: a JSONL, JSON, CSV or parquet file, a dataset saved with ``save_to_disk``, or a
-Hugging Face hub dataset (its cache only, at once, when the hub is out of reach). Every file that cannot
-be read is one line naming its problem and, where a user would look, its line."""
+"""Rows as users have them: a JSONL, JSON, CSV, TSV or parquet file, a dataset saved with ``save_to_disk``,
+or a Hugging Face hub dataset (its cache only, at once, when the hub is out of reach). Text files are read
+as editors and spreadsheets save them (UTF-8 with or without a byte-order mark, LF or CRLF: see
+``textfile``). Every file that cannot be read is one line naming its problem and, where a user would look,
+its line."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
 from ..errors import LoratuneError, first_line
+from ..textfile import NotUTF8, check_start, decode
 
-FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+DELIMITERS = {".tsv": "\t"}  # a table's cell separator by suffix; else ","
+SPREADSHEET_HINT = " (in Excel: Save As, CSV UTF-8)"  # Excel's "Unicode Text" is UTF-16
 
 
 def load_rows(source: str, field: str, cfg: DataConfig, split: str | None = None,
@@ -58,11 +64,14 @@ def _read_file(file: Path, field: str) -> list[dict]:
     if file.stat().st_size == 0:
         raise LoratuneError(f"{field}: dataset {file} is empty")
     options: dict[str, Any] = {}
+    if kind != "parquet":  # a UTF-16 export would fail in datasets with a message about something else
+        check_start(file, f"{field}: cannot read {file}", SPREADSHEET_HINT if kind == "csv" else "")
     if kind == "csv":  # every cell is text exactly as written: "NA", "None", "null" and "" are not missing values
         problem = _diagnose(file, kind)  # pandas would shift a row with a field too many into the wrong columns
         if problem:
             raise LoratuneError(f"{field}: cannot read {file}: {problem}")
-        options = {"keep_default_na": False, "na_values": [],
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is no part of the first column's name
+        options = {"keep_default_na": False, "na_values": [], "encoding": "utf-8-sig", "sep": _delimiter(file),
                    "features": datasets.Features({c: datasets.Value("string") for c in _csv_header(file, field)})}
     try:
         rows = datasets.load_dataset(kind, data_files=str(file), split="train", **options).to_list()
@@ -80,22 +89,32 @@ def _has_no_rows(file: Path, kind: str) -> bool:
             import pyarrow.parquet
 
             return pyarrow.parquet.read_metadata(file).num_rows == 0
-        text = file.read_text(encoding="utf-8")
+        text = decode(file.read_bytes())
         if kind == "csv":
-            return not any(row for row in list(csv.reader(text.splitlines()))[1:])
+            return not any(row for row in list(_csv_rows(text, file))[1:])
         if file.suffix.lower() == ".json":
             return json.loads(text) in ([], {})
         return not text.strip()
-    except (OSError, ValueError, csv.Error, ImportError):
+    except (OSError, ValueError, csv.Error, ImportError):  # NotUTF8 is a ValueError
         return False
+
+
+def _delimiter(file: Path) -> str:
+    return DELIMITERS.get(file.suffix.lower(), ",")
+
+
+def _csv_rows(text: str, file: Path, strict: bool = False):
+    """A CSV or TSV file's rows as Python's csv module reads them; line ends as written (LF, CRLF, CR),
+    and a line break inside a quoted cell stays in its cell."""
+    return csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(file), strict=strict)
 
 
 def _csv_header(file: Path, field: str) -> list[str]:
     try:
-        with open(file, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-    except UnicodeDecodeError:
-        raise LoratuneError(f"{field}: cannot read {file}: not UTF-8 text") from None
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter=_delimiter(file)), [])
+    except UnicodeDecodeError:  # _diagnose found none in the whole file: only a race would see one
+        raise LoratuneError(f"{field}: cannot read {file}: not UTF-8 text; save it as UTF-8") from None
     if not header:
         raise LoratuneError(f"{field}: {file} has no header row")
     return header
@@ -106,11 +125,11 @@ def _diagnose(file: Path, kind: str) -> str | None:
     if kind == "parquet":
         return None
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not UTF-8 text (byte {exc.start})"
+        text = decode(file.read_bytes(), SPREADSHEET_HINT if kind == "csv" else "")
+    except NotUTF8 as exc:
+        return str(exc)
     if kind == "csv":
-        reader = csv.reader(text.splitlines(keepends=True), strict=True)
+        reader = _csv_rows(text, file, strict=True)
         try:
             header = next(reader)
             for row in reader:
@@ -119,6 +138,7 @@ def _diagnose(file: Path, kind: str) -> str | None:
         except csv.Error as exc:
             return f"line {reader.line_num}: {exc}"
         return None
+    text = text.replace("\r\n", "\n")  # JSON has no raw line break inside a string: CRLF files get LF's columns
     if file.suffix.lower() == ".json":
         try:
             value = json.loads(text)
@@ -131,7 +151,7 @@ def _diagnose(file: Path, kind: str) -> str | None:
         elif not isinstance(value, dict):
             return f"expected a list of rows (JSON objects), got {type(value).__name__}"
         return None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # JSON Lines ends lines with \n (str.splitlines splits at more)
         if line.strip():
             try:
                 value = json.loads(line)
