@@ -173,7 +173,7 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
 
 def _prestarted(cfg: StudyConfig, evaluation: Evaluation):
     """For loratune's own fine-tunes in kept workers on this machine: the executor, its workers started
-    now, so that their imports (about 4 s, docs/BENCHMARKS.md) overlap Ax's set-up. None otherwise (the
+    now, so that their imports (about 4 s, docs/benchmarks.md) overlap Ax's set-up. None otherwise (the
     study creates its executor)."""
     if evaluation is not Evaluation.FINETUNE or cfg.executor != "local" or not cfg.reuse_model:
         return None
@@ -295,10 +295,8 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
                             "to resume it (resume_optimization)")
     if stored.evaluation is not Evaluation.CALLABLE and evaluate is not None:
         raise LoratuneError(f"evaluate: this study ran {stored.evaluation} trials; resume it without evaluate=")
-    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
-    if missing:
-        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
-                            "functions; pass the same scorers= to resume it (resume_optimization)")
+    preflight.require_scorer_functions(stored, scorers, paths.checkpoint, "pass the same scorers= to resume it "
+                                       "(resume_optimization)")
     if data:
         merged = {**to_dict(stored.config), **data}
         stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation is not Evaluation.FINETUNE,
@@ -386,10 +384,7 @@ def evaluate(study_dir: str | Path = "configs/", *, scorers: dict[str, Callable]
     from .evaluation import evaluate_study
 
     paths, stored = checkpoint.load(_path_argument(study_dir, "study_dir"))
-    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
-    if missing:
-        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
-                            "functions; pass the same scorers= to evaluate it")
+    preflight.require_scorer_functions(stored, scorers, paths.checkpoint, "pass the same scorers= to evaluate it")
     scorer_list = preflight.resolve_scorers(stored.config, scorers, str(paths.checkpoint))
     with DirectoryLock(paths.directory):
         test = evaluate_study(paths.directory, scorer_list)

@@ -66,7 +66,7 @@ def _int(text: str) -> int:
 
 DEFAULT_OUTPUT = "configs/optimization_results.json"
 SET_HELP = "override any setting: section.field=value, read as YAML (repeatable), e.g. --set training.epochs=0.5"
-# the options that are not a study field of their own (those come from config.setting), for the README too:
+# the options that are not a study field of their own (those come from config.setting), for docs/commands.md too:
 # (option, meaning, what it does on resume)
 OPTIONS = [
     ("--config FILE", "optimization config (default: the embedded demo, the same as `configs/optimization_config.yaml`)",
@@ -122,7 +122,7 @@ def add_study_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
 
 
 def options_markdown() -> str:
-    """The README's table of the options of ``ax_optimization.py`` / ``loratune optimize``: the study fields'
+    """The options table (docs/commands.md) of ``ax_optimization.py`` / ``loratune optimize``: the study fields'
     flags (``config.setting``) and the other options, in the order of ``--help``, with the resume policy."""
     others = {flag: (meaning, resume) for flag, meaning, resume in OPTIONS}
     order = [*list(others)[:4], *study_flags(), *list(others)[4:]]

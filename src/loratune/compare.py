@@ -10,13 +10,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import LoratuneError, TrainingFailed
+from .executors.base import TrialSpec
 from .results import Gain
 from .storage import atomic_write_json
 from .trial import Evaluation, TrialState
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,14 +75,9 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
     trial) and return the comparison of their losses. The last comparison's retrains are kept aside until
     all the new ones succeeded: a comparison that fails, or is killed, leaves the last one as it was
     (restored by the next). ``scorers``: the study's score functions, when it was given some."""
-    import shutil
-
     from . import checkpoint
-    from .config import to_dict
     from .data import test_source
-    from .executors import TrialSpec, create_executor
-    from .preflight import resolve_scorers
-    from .scoring import ScoringError, score
+    from .preflight import require_scorer_functions, resolve_scorers
 
     directory = Path(study_dir)
     paths, stored = checkpoint.load(directory)
@@ -91,62 +91,93 @@ def retrain_and_compare(study_dir: str | Path, seeds: int = 3, epochs: float | N
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
                                or not math.isfinite(epochs) or epochs <= 0):
         raise LoratuneError(f"epochs: must be a number > 0, got {epochs!r}")
-    missing = sorted(set(stored.scorer_functions) - set(scorers or {}))
-    if missing:
-        raise LoratuneError(f"{paths.checkpoint}: this study scored with {', '.join(missing)}, given to the API as "
-                            "functions; compare it from Python with the same scorers=")
+    require_scorer_functions(stored, scorers, paths.checkpoint, "compare it from Python with the same scorers=")
     on_test = test_source(stored.config.data) is not None
     scorer_list = resolve_scorers(stored.config, scorers, str(paths.checkpoint)) if on_test else []
     runs = {"best": best, "baseline": base}
-    specs: list[tuple[str, int, TrialSpec]] = []
-    final, kept = paths.directory / checkpoint.COMPARISON_DIR, paths.directory / checkpoint.PREVIOUS_COMPARISON_DIR
+    jobs = _retrain_jobs(stored, paths, runs, seeds, epochs, on_test, bool(scorer_list))
+    ended = _keeping_the_last_comparison(paths, lambda: _retrain(stored, jobs, runs, seeds, scorer_list, quiet))
+    losses = {name: [ended[name][seed]["loss"] for seed in range(seeds)] for name in runs}  # in seed order
+    scores = {m: {name: [ended[name][seed][m] for seed in range(seeds) if m in ended[name][seed]] for name in runs}
+              for m in ended["best"][0] if m != "loss"}
+    result = dataclasses.replace(compare_runs(losses["best"], losses["baseline"]), data="test" if on_test else "validation")
+    atomic_write_json(paths.comparison, {
+        **asdict(result), "seeds": seeds, "epochs": jobs[0][2].config["training"]["epochs"], "scores": scores,
+        "study_id": stored.study_id, "best_trial": best.index, "baseline_trial": base.index, "verdict": result.verdict()})
+    return result
+
+
+def _retrain_jobs(stored, paths, runs: dict, seeds: int, epochs: float | None, on_test: bool,
+                  answer: bool) -> list[tuple[str, int, TrialSpec]]:
+    """(name, seed, job) for each retrain: the trial's training config with the seed, the epochs asked for
+    and its own directory under the comparison's."""
+    from . import checkpoint
+    from .config import to_dict
+
+    jobs = []
     for name, record in runs.items():
         for seed in range(seeds):
-            run_dir = final / f"{name}_seed{seed}"
+            run_dir = paths.directory / checkpoint.COMPARISON_DIR / f"{name}_seed{seed}"
             cfg = checkpoint.training_config(stored, paths, record)
             cfg.training.seed, cfg.output_dir = seed, str(run_dir.resolve())
             if epochs is not None:
                 cfg.training.epochs = epochs
-            specs.append((name, seed, TrialSpec(len(specs), dict(record.params), run_dir, to_dict(cfg), test=on_test,
-                                                 answer=int(bool(scorer_list)), max_new_tokens=stored.config.scoring.max_new_tokens)))
+            jobs.append((name, seed, TrialSpec(len(jobs), dict(record.params), run_dir, to_dict(cfg), test=on_test,
+                                               answer=int(answer), max_new_tokens=stored.config.scoring.max_new_tokens)))
+    return jobs
+
+
+def _retrain(stored, jobs: list[tuple[str, int, TrialSpec]], runs: dict, seeds: int, scorer_list: list,
+             quiet: bool) -> dict[str, dict[int, dict[str, float]]]:
+    """Run the retrains on one worker that keeps the base loaded: name -> seed -> loss and scores. Raises
+    TrainingFailed (a retrain failed) or LoratuneError (a scorer failed) at the first that does."""
+    from .executors import create_executor, run_to_end
+    from .scoring import ScoringError, score_answers
+
+    names = {spec.index: (name, seed) for name, seed, spec in jobs}
+    ended: dict[str, dict[int, dict[str, float]]] = {name: {} for name in runs}
+
+    def announce(spec: TrialSpec) -> None:
+        if not quiet:
+            name, seed = names[spec.index]
+            print(f"retraining {name} (trial {runs[name].index}), seed {seed + 1}/{seeds}", flush=True)
+
+    executor = create_executor(dataclasses.replace(stored.config, workers=1))
+    try:
+        for spec, result in run_to_end(executor, [spec for _, _, spec in jobs], announce):
+            name, seed = names[spec.index]
+            if result.state is not TrialState.COMPLETED:
+                raise TrainingFailed(f"retraining {name} (trial {runs[name].index}), seed {seed}, failed: {result.reason}; "
+                                     f"log in {spec.directory}")
+            try:
+                ended[name][seed] = {"loss": result.metrics["loss"],
+                                     **score_answers(scorer_list, result.extra.get("answers") or [])}
+            except ScoringError as exc:
+                raise LoratuneError(f"retraining {name}, seed {seed}: {exc}") from None
+    finally:
+        executor.shutdown()
+    return ended
+
+
+def _keeping_the_last_comparison(paths, retrain: Callable[[], T]) -> T:
+    """``retrain()`` with the last comparison's retrains set aside until it returns: restored if it raises
+    (or first thing next time, if this process is killed), removed once it succeeded."""
+    import shutil
+
+    from . import checkpoint
+
+    final, kept = paths.directory / checkpoint.COMPARISON_DIR, paths.directory / checkpoint.PREVIOUS_COMPARISON_DIR
     if kept.exists():  # a comparison killed while it ran: the one before it comes back first
         shutil.rmtree(final, ignore_errors=True)
         kept.rename(final)
     if final.exists():
         final.rename(kept)
-    losses: dict[str, list[float]] = {name: [] for name in runs}
-    scores: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
-    executor = create_executor(dataclasses.replace(stored.config, workers=1))
     try:
-        for name, seed, spec in specs:
-            if not quiet:
-                print(f"retraining {name} (trial {runs[name].index}), seed {seed + 1}/{seeds}", flush=True)
-            executor.submit(spec)
-            result = None
-            while result is None:
-                result = next((e.result for e in executor.poll(1.0) if e.result is not None), None)
-            if result.state is not TrialState.COMPLETED:
-                raise TrainingFailed(f"retraining {name} (trial {runs[name].index}), seed {seed}, failed: {result.reason}; "
-                                     f"log in {spec.directory}")
-            losses[name].append(result.metrics["loss"])
-            answers = result.extra.get("answers") or []
-            try:
-                for metric, value in score(scorer_list, [a["prediction"] for a in answers],
-                                           [a["reference"] for a in answers]).items():
-                    scores[name].setdefault(metric, []).append(value)
-            except ScoringError as exc:
-                raise LoratuneError(f"retraining {name}, seed {seed}: {exc}") from None
+        out = retrain()
     except BaseException:  # the last comparison stays as it was
         shutil.rmtree(final, ignore_errors=True)
         if kept.exists():
             kept.rename(final)
         raise
-    finally:
-        executor.shutdown()
     shutil.rmtree(kept, ignore_errors=True)
-    result = dataclasses.replace(compare_runs(losses["best"], losses["baseline"]), data="test" if on_test else "validation")
-    atomic_write_json(paths.comparison, {
-        **asdict(result), "seeds": seeds, "epochs": cfg.training.epochs,
-        "scores": {m: {"best": scores["best"][m], "baseline": scores["baseline"].get(m, [])} for m in scores["best"]},
-        "study_id": stored.study_id, "best_trial": best.index, "baseline_trial": base.index, "verdict": result.verdict()})
-    return result
+    return out

@@ -3,7 +3,7 @@
 A training config (``finetune_lora.py --config``, ``best_config.yaml``) is a ``FinetuneConfig``; an
 optimization config is a ``StudyConfig``: the same four sections (the fixed parameters every trial
 starts from) plus the study's own fields. ``settings.py`` builds and validates them from YAML,
-``--set`` overrides and API keyword arguments; the README's config reference is generated from here.
+``--set`` overrides and API keyword arguments; the config reference (docs/config.md) is generated from here.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = DEMO_TRAIN
-    """Training data: a .jsonl/.json/.csv/.parquet file, a directory saved with datasets' ``save_to_disk``, a
-    Hugging Face hub dataset id (``org/name``), or ``builtin:ai_director_train`` (the demo)."""
+    """Training data: a .jsonl/.json/.csv/.tsv/.parquet file (UTF-8, with or without a byte-order mark), a
+    directory saved with datasets' ``save_to_disk``, a Hugging Face hub dataset id (``org/name``), or
+    ``builtin:ai_director_train`` (the demo)."""
     split: str = "train"
     """The split to train on, for a hub dataset or a saved dataset with several splits."""
     subset: str | None = None
@@ -169,7 +170,7 @@ def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
             help: str | None = None, metavar: str | None = None, resume: bool = False) -> Any:
     """A study field that describes itself: its command-line ``flag`` (``--no-...`` for a switch that turns a
     true default off) with its ``help`` line, and whether it may change when a study ``resume``s: how trials
-    run may, what they measure may not. The CLI, the resume policy and the README's options are made from it."""
+    run may, what they measure may not. The CLI, the resume policy and the options table (docs/commands.md) are made from it."""
     return field(default=default, default_factory=default_factory,
                  metadata={"flag": flag, "help": help, "metavar": metavar, "resume": resume})
 
@@ -213,7 +214,7 @@ class StudyConfig:
     """Trials to run in all, the baseline included."""
     seed: int | None = setting(0, flag="--seed", metavar="N",
                                help="seed of the search and of every trial: the same seed gives the same trials and "
-                                    "losses on one machine with one worker (README: How a study searches)")
+                                    "losses on one machine with one worker (docs/search.md)")
     """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
     search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping
@@ -279,7 +280,7 @@ class StudyConfig:
     trials train on the CPU and the model has under 10M parameters (the demo model's 20-trial study: 46-47 s
     instead of 61-71 s, the same best loss; per trial, points chosen four at a time search worse: 3x the
     regret after 20 trials on one benchmark surface), else 1: SmolLM2-135M on a CPU gained nothing, and no
-    GPU has measured it yet (docs/BENCHMARKS.md "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
+    GPU has measured it yet (docs/benchmarks.md, "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
     without ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory
     (train_time, peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked
     for."""
@@ -363,7 +364,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def reference_markdown() -> str:
-    """The config reference of the README: one table per section, from the dataclasses themselves."""
+    """The config reference (docs/config.md): one table per section, from the dataclasses themselves."""
     import yaml
 
     def show(value: Any) -> str:

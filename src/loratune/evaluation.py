@@ -20,7 +20,7 @@ from .checkpoint import StoredStudy, StudyPaths
 from .config import to_dict
 from .data import test_source
 from .errors import LoratuneError, first_line
-from .scoring import Scorer, ScoringError, score
+from .scoring import Scorer, ScoringError, score_answers
 from .trial import Evaluation, TrialRecord, TrialState
 
 TEST_DIR = checkpoint.TEST_DIR
@@ -74,7 +74,7 @@ def final_test(stored: StoredStudy, paths: StudyPaths, scorers: list[Scorer], ex
 def _run_jobs(stored: StoredStudy, paths: StudyPaths, jobs: dict[str, TrialRecord], scorers: list[Scorer],
               executor) -> dict[int, dict]:
     """Each job's loss and scores on the test split, by trial index (the best may be the baseline)."""
-    from .executors import TrialSpec
+    from .executors import TrialSpec, run_to_end
 
     cfg = stored.config
     specs, names = [], {}
@@ -89,13 +89,7 @@ def _run_jobs(stored: StoredStudy, paths: StudyPaths, jobs: dict[str, TrialRecor
         specs.append(TrialSpec(record.index, dict(record.params), directory, to_dict(config), test=True,
                                adapter=str(adapter.resolve()) if (adapter / "adapter_config.json").exists() else None,
                                answer=int(bool(scorers)), max_new_tokens=cfg.scoring.max_new_tokens))
-    ended, waiting = {}, list(specs)
-    while len(ended) < len(specs):
-        while waiting and (len(specs) - len(waiting)) - len(ended) < executor.slots:  # a free slot
-            executor.submit(waiting.pop(0))
-        for event in executor.poll(1.0):
-            if event.result is not None:
-                ended[event.index] = event.result
+    ended = {spec.index: result for spec, result in run_to_end(executor, specs)}
     out = {}
     for index, result in ended.items():
         name, directory = names[index], paths.directory / TEST_DIR / names[index]
@@ -108,7 +102,7 @@ def _run_jobs(stored: StoredStudy, paths: StudyPaths, jobs: dict[str, TrialRecor
         if answers:
             out[index]["generation_s"] = result.metrics.get("generation_s")
         try:
-            out[index].update(score(scorers, [a["prediction"] for a in answers], [a["reference"] for a in answers]))
+            out[index].update(score_answers(scorers, answers))
         except ScoringError as exc:
             raise LoratuneError(f"the final test of the {name} trial ({index}): {exc}") from None
     return out

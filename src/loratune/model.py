@@ -34,7 +34,7 @@ def import_libraries(quantized: bool = False) -> None:
 
     Without quantization bitsandbytes is kept out of the process: peft imports it whenever it is
     installed, which costs every worker's start-up a second or so and put a note about an optional
-    ``kernels`` package in every trial's log (docs/BENCHMARKS.md, "Worker start-up with bitsandbytes
+    ``kernels`` package in every trial's log (docs/benchmarks.md, "Worker start-up with bitsandbytes
     installed")."""
     if quantized:
         _quiet_bitsandbytes()

@@ -75,7 +75,7 @@ def curve_subset(cfg: FinetuneConfig, validation: list[Example]) -> list[Example
     """The fixed validation examples of the curve's intermediate points: ``training.eval_subset`` of
     them (a share, at least ``MIN_SUBSET``, or a count above 1), drawn once from the seed; the last point
     uses all of them: a curve on the whole set costs a real model a large share of each trial
-    (docs/BENCHMARKS.md, "Trial runner")."""
+    (docs/benchmarks.md, "Trial runner")."""
     share = cfg.training.eval_subset
     n = round(share * len(validation)) if share <= 1 else int(share)
     n = max(min(MIN_SUBSET, len(validation)), min(len(validation), n))
@@ -146,7 +146,7 @@ class Pack:
         self.scored_only = can_score_only_responses(self.adapters.model)
         accumulation, steps, eval_at = t.plan(len(self.train))
         # the fused kernel updates every LoRA tensor in one call, as Trainer's default adamw_torch_fused does
-        # (docs/BENCHMARKS.md, "Trainer throughput")
+        # (docs/benchmarks.md, "Trainer throughput")
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                       fused=self.base.device in ("cuda", "cpu") or None)
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * steps),

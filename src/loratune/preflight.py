@@ -217,3 +217,12 @@ def resolve_scorers(cfg: StudyConfig, functions: dict | None, where: str = "scor
                for name in requested_scores(cfg, functions, finetune)]
     scoring.check(scorers, where)
     return scorers
+
+
+def require_scorer_functions(stored, functions: dict | None, checkpoint_path, how: str) -> None:
+    """Refuse to go on with a study that scored with functions given to the API (``scorers={name: fn}``,
+    which no file holds) unless the same names are given again; ``how``: what the line tells the user to do."""
+    missing = sorted(set(stored.scorer_functions) - set(functions or {}))
+    if missing:
+        raise LoratuneError(f"{checkpoint_path}: this study scored with {', '.join(missing)}, given to the API as "
+                            f"functions; {how}")

@@ -132,6 +132,12 @@ def score(scorers: list[Scorer], predictions: list[str], references: list[str]) 
     return out
 
 
+def score_answers(scorers: list[Scorer], answers: list[dict]) -> dict[str, float]:
+    """``score`` of the answers a worker generated (``{"prediction", "reference"}`` each): a trial's, a final
+    test's, a retrain's. Raises ScoringError as ``score``."""
+    return score(scorers, [a["prediction"] for a in answers], [a["reference"] for a in answers])
+
+
 def check(scorers: list[Scorer], where: str) -> None:
     """Call each scorer once on a made-up answer before a study starts: a scorer that raises or does not
     return a number is one line now, not a failure in every trial."""

@@ -23,7 +23,7 @@ from .errors import LoratuneError, StudyAborted
 from .executors import Event, Executor, TrialSpec, create_executor, pack_size
 from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
-from .scoring import Scorer, ScoringError, score
+from .scoring import Scorer, ScoringError, score_answers
 from .search_space import study_space
 from .settings import outcome_metric
 from .tracking import Tracker
@@ -130,7 +130,7 @@ class Study:
     def _fill(self, executor: Executor, running: dict) -> bool:
         """Keep every slot busy. Without packing, one suggestion at a time: each trial starts as soon as its
         own point is chosen (Ax knows the running ones), where a batch would keep every slot waiting for the
-        whole batch, which costs several times one (docs/BENCHMARKS.md, "Optimizer cost at scale"). Queued
+        whole batch, which costs several times one (docs/benchmarks.md, "Optimizer cost at scale"). Queued
         trials (the baseline, trials of an interrupted session) start first. A point is chosen once a slot
         is free, with every finished trial's result known: choosing it while the trial before it still ran
         was measured worse ("Choosing the next point while a trial trains"). Packed trials start together,
@@ -138,7 +138,7 @@ class Study:
         before it alone, never on the order in which its trials' ends were heard (``--seed``). Ax chooses the
         points of every free slot (each worker's pack) in one call: chosen one at a time, each competed for the cores with the pack's first
         trials, already training, and the 20-trial demo study spent 54 s in Ax instead of 5 s
-        (docs/BENCHMARKS.md, "Packed trials"). Saves before a trial starts; True when one did."""
+        (docs/benchmarks.md, "Packed trials"). Saves before a trial starts; True when one did."""
         if self.batch_fill and running:
             return False
         before = len(running)
@@ -297,7 +297,7 @@ class Study:
         if not self.scorers or result.state is not TrialState.COMPLETED or answers is None:
             return result
         try:
-            scores = score(self.scorers, [a["prediction"] for a in answers], [a["reference"] for a in answers])
+            scores = score_answers(self.scorers, answers)
         except ScoringError as exc:
             return dataclasses.replace(result, state=TrialState.FAILED, reason=str(exc))
         return dataclasses.replace(result, metrics={**result.metrics, **scores})

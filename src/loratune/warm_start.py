@@ -6,7 +6,7 @@ had its base config's value there; a parameter it searched that the new study do
 value the new study fixes, else the trial was another config and is left out, as is a trial outside the
 new search space. The earlier studies must optimize the same objectives in the same direction; one of
 another model or data is taken as it is (said as the study starts): modelling it as a task of its own (a
-multi-task GP) did worse after 20 trials on three of five related surfaces (docs/BENCHMARKS.md, "A search that knows LoRA"). Their
+multi-task GP) did worse after 20 trials on three of five related surfaces (docs/benchmarks-history.md, "An earlier study as a task of its own"). Their
 trials are attached to Ax as trials of their own (arms named ``warm_start_...``), never run again and
 never one of the new study's records: its best trial, baseline and history are its own. They count
 towards the initial design, so a warm start that covers the space starts Bayesian optimization at once.

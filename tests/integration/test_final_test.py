@@ -134,8 +134,9 @@ def test_without_kept_adapters_the_final_test_retrains_and_a_trial_that_read_the
     checked = preflight.check_training_inputs
 
     def check_then_delete(*args, **kwargs):
-        checked(*args, **kwargs)
+        warnings = checked(*args, **kwargs)
         test_file.unlink()
+        return warnings
 
     monkeypatch.setattr(preflight, "check_training_inputs", check_then_delete)
     results = run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False,

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 from ..config import StudyConfig
 from ..trial import Evaluation
-from .base import Event, Executor, TrialSpec
+from .base import Event, Executor, TrialSpec, run_to_end
 
-__all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size"]
+__all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size", "run_to_end"]
 
-# What pack: auto comes to, where packing measured faster (docs/BENCHMARKS.md, "Packed trials"): on a CPU, for
+# What pack: auto comes to, where packing measured faster (docs/benchmarks.md, "Packed trials"): on a CPU, for
 # a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study 46-47 s packed in
 # fours against 61-71 s one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
 # no GPU has measured packing yet: one trial per worker there.

@@ -4,6 +4,7 @@ parameters, training configs and directories."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,3 +79,22 @@ class Executor(Protocol):
 
     # An executor whose workers pack trials (``LocalExecutor``) also has ``limit_pack(size)``: at most
     # ``size`` trials together from then on. The study calls it only where trials pack.
+
+
+def run_to_end(executor: Executor, specs: list[TrialSpec],
+               on_submit: Callable[[TrialSpec], None] | None = None) -> Iterator[tuple[TrialSpec, TrialResult]]:
+    """Run jobs that no search waits on (the final test, a comparison's retrains) on ``executor``, as many at
+    once as it has slots, in order; yield each job with its result as it ends. Each job has an index of its
+    own. A caller that stops reading (a job failed) leaves the rest to ``executor.shutdown``."""
+    waiting, by_index, running = list(specs), {s.index: s for s in specs}, 0
+    while waiting or running:
+        while waiting and running < executor.slots:
+            spec = waiting.pop(0)
+            if on_submit is not None:
+                on_submit(spec)
+            executor.submit(spec)
+            running += 1
+        for event in executor.poll(1.0):
+            if event.result is not None:
+                running -= 1
+                yield by_index[event.index], event.result

@@ -1,7 +1,7 @@
 """A worker process, and what each way it can end makes of the trials in its hands (one, or a pack).
 
 The local executor keeps ``ServingWorker``s, a Ray actor one of its own, so these rules are written
-once (the README's "Failures" lists them for users):
+once (docs/failures.md lists them for users):
 
 - The worker reports the trial's end (``result.json``): the trial ends as reported. After a failure
   (an exception, a non-finite loss, out of memory) the worker is replaced before the next trial: the

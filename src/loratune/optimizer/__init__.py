@@ -88,7 +88,7 @@ def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
 
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
 # only. loratune keeps Ax's settings, with or without constraints: the lighter one is cheaper but its
-# regret was no better (docs/BENCHMARKS.md, "Against the current default", for the figures).
+# regret was no better (docs/benchmarks-history.md, "Against the current default", for the figures).
 LIGHTER_ACQUISITION_SEARCH = {"raw_samples": 512, "num_restarts": 10}
 
 
@@ -158,7 +158,7 @@ class Optimizer:
         # toward the initialization (the centre of the space, then Sobol points), which would shrink to
         # 4 points that cover less. On LoRA-shaped surfaces counting it lost to a plain Ax Client at
         # 10-20 trials on one of three; not counting it was at or below it on all three
-        # (docs/BENCHMARKS.md, "How the search's defaults were chosen").
+        # (docs/benchmarks-history.md, "How the search's defaults were chosen").
         # Early-stopped and failed trials do not count as observed: keep drawing quasi-random points
         # until enough have completed, instead of stalling before Bayesian optimization can start.
         self.client.configure_generation_strategy(initialization_budget=init_trials,
@@ -179,7 +179,7 @@ class Optimizer:
         ``TrialAsTask`` transform makes each study a task and BoTorch fits a ``MultiTaskGP``, which learns how
         far the earlier studies agree with this one, instead of taking their values as this study's.
         For the benchmarks only: on five related surfaces it was worse than the default after 20 trials on
-        three (docs/BENCHMARKS.md, "A search that knows LoRA"). Until this study has data of its own, the trials
+        three (docs/benchmarks.md, "A search that knows LoRA"). Until this study has data of its own, the trials
         are modelled together."""
         self._tasks = dict(tasks)
 

@@ -30,7 +30,7 @@ class Snapshots:
         experiment it decoded first and never reads that copy).
 
         Ax encodes every trial, its data and its generator run again at each save, which grows with the
-        study (docs/BENCHMARKS.md, "Optimizer cost at scale"). Here a trial in a terminal state
+        study (docs/benchmarks.md, "Optimizer cost at scale"). Here a trial in a terminal state
         (``TrialStatus.is_terminal``: Ax's Client moves none back) keeps its encoding while its data rows
         are the same objects (Ax replaces a row it updates), and a generator run keeps its encoding once its
         arms are named. The result equals Ax's own encoding (tested); it shares those parts with other
