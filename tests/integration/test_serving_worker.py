@@ -135,7 +135,7 @@ def test_a_reported_failure_is_recorded_and_the_next_trial_runs_on_a_fresh_worke
     assert states == [TrialState.FAILED, TrialState.OUT_OF_MEMORY, TrialState.COMPLETED, TrialState.COMPLETED]
     assert t.results[0].reason == "non-finite loss: validation loss is nan at step 1"
     pids = [pid_of(t.results[i]) for i in range(4)]
-    assert pids[0] != pids[1] != pids[2]  # after each failure a fresh worker
+    assert len(set(pids[:3])) == 3  # after each failure a fresh worker: three trials, three workers
     assert (pids[2] == pids[3]) == reuse  # a worker that completed a trial is kept, when reused
 
 

@@ -1,4 +1,10 @@
+import copy
+import dataclasses
+import re
+import typing
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -16,10 +22,20 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_defaults_are_the_demo():
-    cfg = FinetuneConfig()
-    assert cfg.model.name == "builtin:tiny-qwen2"
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.training.learning_rate, cfg.training.batch_size) == (16, 32, 2e-4, 1)
-    assert (cfg.training.warmup_ratio, cfg.training.weight_decay, cfg.training.optimizer) == (0.1, 0.01, "adamw")
+    """With nothing set, a fine-tune is the shipped demo's (configs/demo_finetune.yaml: the offline tiny model on the
+    AI Director data, validated on the demo's own split) with Module 4's hand-picked baseline hyperparameters
+    (configs/baseline_qwen2.5-7b.yaml)."""
+    from loratune.data import _validation_path, test_source
+
+    default = FinetuneConfig()
+    demo = load_finetune_config(ROOT / "configs" / "demo_finetune.yaml")
+    assert (default.model, default.lora, default.training) == (demo.model, demo.lora, demo.training)
+    assert replace(demo.data, validation_path=None) == default.data  # the demo file names the split the default finds
+    assert _validation_path(default.data) == demo.data.validation_path == "builtin:ai_director_validation"
+    assert test_source(default.data) == "builtin:ai_director_test"
+    module4 = load_finetune_config(ROOT / "configs" / "baseline_qwen2.5-7b.yaml")
+    hyperparameters = lambda c: (c.lora.rank, c.lora.alpha, c.training.learning_rate, c.training.batch_size)  # noqa: E731
+    assert hyperparameters(default) == hyperparameters(module4)
 
 
 def test_load_reads_nested_fields_and_yaml_1_1_floats(tmp_path):
@@ -88,7 +104,6 @@ def test_shipped_optimization_config_is_the_embedded_default():
 def test_the_docs_config_reference_and_options_are_the_schema():
     """Every field of every section, with its default and docstring, and every option: generated into the
     documentation pages (docs/config.md, docs/commands.md), so never out of date."""
-    import dataclasses
     import sys
 
     sys.path.insert(0, str(ROOT / "docs"))
@@ -102,44 +117,59 @@ def test_the_docs_config_reference_and_options_are_the_schema():
     assert section == config.reference_markdown().strip(), "run `make docs`"
     options = OPTIONS_PAGE.read_text().split(OPTIONS_START)[1].split(OPTIONS_END)[0].strip()
     assert options == options_markdown().strip(), "run `make docs`"
+    sections = {}
     for cls in (config.StudyConfig, config.ModelConfig, config.LoraConfig, config.DataConfig, config.TrainingConfig,
-                config.EarlyStoppingConfig, config.FinetuneConfig):
-        docs = config.field_docs(cls)
+                config.EarlyStoppingConfig, config.ScoringConfig, config.FinetuneConfig):
+        docs, hints = config.field_docs(cls), typing.get_type_hints(cls)  # the types, not the strings of annotations
         for f in dataclasses.fields(cls):
-            if not dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) and f.name not in SECTIONS_AND_RULE:
+            if dataclasses.is_dataclass(hints[f.name]):
+                sections.setdefault(cls.__name__, []).append(f.name)  # a section: a table of its own, not a row
+                assert re.search(rf"^\*\*`{f.name}`(\*\*| \()", section, re.M), f"{cls.__name__}.{f.name} has no table"
+            else:
                 assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
-                assert f"| `{f.name}` |" in section
+                assert f"| `{f.name}` |" in section, f"{cls.__name__}.{f.name} is not in the reference"
+    assert sections == {"StudyConfig": ["early_stopping", "scoring", "model", "lora", "data", "training"],
+                        "FinetuneConfig": ["model", "lora", "data", "training"]}
 
 
-SECTIONS_AND_RULE = ("model", "lora", "data", "training", "early_stopping", "scoring")
+RESUMABLE = {"workers", "gpus_per_trial", "gpus", "executor", "ray_address", "shared_dir", "reuse_model", "pack",
+             "trials_per_worker", "max_failures_in_a_row", "keep_adapters", "retrain_epochs", "report", "tracking",
+             "tracking_uri", "tracking_experiment", "trial_timeout"}  # how trials run and where their results go
+RESUME_FLAGS = {"--workers", "--gpus-per-trial", "--gpus", "--executor", "--ray-address", "--shared-dir",
+                "--no-reuse-model", "--pack", "--no-report", "--tracking", "--tracking-uri", "--trial-timeout"}
+FIXED_FLAGS = {"--seed": "1", "--parameterization": "lora", "--warm-start": "runs/v1", "--command": "python t.py"}
 
 
-def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsys):
+def resume_options() -> set[str]:
+    from loratune.cli import build_parser
+
+    parser = build_parser()._subparsers._group_actions[0].choices["resume"]
+    return {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsys, monkeypatch):
     """How trials run may change on resume, what they measure may not: each study field says which, and
     `loratune resume`, `ax_optimization.py --resume` and `resume_optimization` all ask the same function."""
-    import dataclasses
-    import typing
-
     import ax_optimization
-    from loratune.cli import build_parser, study_flags
-    from loratune.config import StudyConfig
     from loratune.settings import may_change_on_resume
 
-    for f in dataclasses.fields(StudyConfig):
-        assert may_change_on_resume(f.name) == bool(f.metadata.get("resume")), f.name
-        if dataclasses.is_dataclass(StudyConfig.__dataclass_fields__[f.name].default_factory()
-                                    if f.default_factory is not dataclasses.MISSING else None):
-            assert not may_change_on_resume(f.name) and not may_change_on_resume(f"{f.name}.anything")
+    assert {f.name for f in dataclasses.fields(StudyConfig) if may_change_on_resume(f.name)} == RESUMABLE
+    for fixed in ("trials", "seed", "command", "objectives", "search_space", "warm_start", "model", "model.name",
+                  "training.learning_rate", "early_stopping.threshold", "scoring.scores", "no_such_field"):
+        assert not may_change_on_resume(fixed), fixed
     assert may_change_on_resume("executor") and may_change_on_resume("ray_address")  # where trials run, not what
-    assert not may_change_on_resume("seed") and not may_change_on_resume("command")
-    resume = next(a for a in build_parser()._subparsers._group_actions[0].choices["resume"]._actions if a.dest == "workers")
-    offered = {a.option_strings[0] for a in build_parser()._subparsers._group_actions[0].choices["resume"]._actions
-               if a.option_strings and a.dest not in ("help", "trials", "assignments", "quiet")}
-    assert resume and offered == {f.metadata["flag"] for f in study_flags(resuming=True)}
-    for f in study_flags():
-        if not f.metadata["resume"] and f.name != "trials":
-            tp = typing.get_type_hints(StudyConfig)[f.name]
-            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
-            value = [] if f.metadata["flag"].startswith("--no-") else [str(choices[0])] if choices else ["1"]
-            assert ax_optimization.main(["--resume", "nowhere.json", f.metadata["flag"], *value]) == 2
-            assert f"error: {f.metadata['flag']}: cannot change when a study resumes" in capsys.readouterr().err
+    assert resume_options() == RESUME_FLAGS | {"--trials", "--set", "--quiet"}  # --trials: the additional ones
+    for flag, value in FIXED_FLAGS.items():
+        assert ax_optimization.main(["--resume", "nowhere.json", flag, value]) == 2
+        assert f"error: {flag}: cannot change when a study resumes" in capsys.readouterr().err
+    assert ax_optimization.main(["--resume", "nowhere.json", "--workers", "2"]) == 2  # taken: on to the checkpoint
+    assert capsys.readouterr().err.strip() == "error: nowhere.json: checkpoint not found"
+
+    # the field's own word is the whole policy: a field that said otherwise would be followed by every command
+    seed = StudyConfig.__dataclass_fields__["seed"]
+    changed = copy.copy(seed)
+    changed.metadata = MappingProxyType({**seed.metadata, "resume": True})
+    monkeypatch.setitem(StudyConfig.__dataclass_fields__, "seed", changed)
+    assert may_change_on_resume("seed") and "--seed" in resume_options()
+    assert ax_optimization.main(["--resume", "nowhere.json", "--seed", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: nowhere.json: checkpoint not found"
