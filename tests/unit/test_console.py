@@ -2,20 +2,12 @@
 nothing when quiet."""
 
 import io
-import sys
+from dataclasses import replace
 
-from conftest import ROOT, cli
 from rich.console import Console
 
 from loratune.console import StudyConsole
-from loratune.trial import TrialRecord
-
-TRAIN = """
-import json, sys, time
-for step in (1, 2):
-    time.sleep(0.2)
-print(json.dumps({"loss": 0.5 + int(sys.argv[1]) / 1000}))
-"""
+from loratune.trial import TrialRecord, TrialState
 
 
 def test_a_terminal_shows_each_running_trial_live():
@@ -36,24 +28,28 @@ def test_a_terminal_shows_each_running_trial_live():
     assert "study: 0/20 trials done, 1:15 elapsed, ~9:50 left" in shown  # 18 waiting x 60 s / 2 workers + 50 s
 
 
-def test_a_log_gets_a_plain_line_per_validation_point_and_quiet_gets_nothing(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(TRAIN)
-    common = ["--trials", "2", "--command", f"{sys.executable} {script} {{lora_rank}}", "--no-report"]
-    logged = cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "a"), cwd=tmp_path)
-    assert logged.returncode == 0, logged.stderr
-    assert "Trial 1/2 (#0): rank=16, alpha=32, lr=0.0002, bs=1 → loss=0.5160 (baseline)" in logged.stdout
-    assert "\x1b[" not in logged.stdout  # no terminal codes in a log file
-    quiet = cli(str(ROOT / "ax_optimization.py"), *common, "--output", str(tmp_path / "b"), "--quiet", cwd=tmp_path)
-    assert quiet.returncode == 0 and quiet.stdout == ""
 
 
-def test_plain_progress_lines_of_a_fine_tune(tiny_model, tmp_path):
-    proc = cli(str(ROOT / "ax_optimization.py"), "--trials", "1", "--output", str(tmp_path / "s"), "--no-report",
-               "--set", "training.epochs=0.2", "--set", "training.eval_points=2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("  trial #0: step ")]
-    assert len(lines) == 2 and "50% of training, val loss " in lines[0] and "100% of training" in lines[1]
+
+
+def test_a_log_gets_a_plain_line_per_validation_point_and_per_trial_and_quiet_gets_nothing(capsys):
+    """What a study in a log file prints, from the events a study's listeners hear (a study from the command line:
+    tests/integration/test_study_console.py)."""
+    params = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
+    printed = {}
+    for quiet in (False, True):
+        console = StudyConsole(quiet=quiet, objective="loss", total=2)  # stdout is no terminal here: plain lines
+        baseline = TrialRecord(0, params, baseline=True)
+        console.trial_started(baseline)
+        console.trial_progress(baseline, tick={"step": 3, "steps": 6, "elapsed_s": 1.5})
+        console.trial_progress(baseline, point={"step": 3, "progress": 0.5, "val_loss": 0.6123, "loss": 0.6123})
+        done = replace(baseline, state=TrialState.COMPLETED, metrics={"loss": 0.516}, duration_s=3.0)
+        console.trial_ended(done, [done])
+        printed[quiet] = capsys.readouterr().out
+    assert printed[False].splitlines() == [
+        "  trial #0: step 3/6, 50% of training, val loss 0.6123",
+        "Trial 1/2 (#0): rank=16, alpha=32, lr=0.0002, bs=1 → loss=0.5160 (baseline)  (0:00 elapsed, ~0:03 left)"]
+    assert printed[True] == ""
 
 
 def test_the_summary_gives_the_time_in_ax_and_in_all_in_one_unit():
