@@ -1,4 +1,5 @@
-"""Warm start: earlier studies' completed trials as prior data of a new study's Ax model."""
+"""Warm start: earlier studies' completed trials as prior data of a new study's Ax model. Every test but one
+runs real Ax studies (tests/unit holds none); the variant only the benchmarks use is marked slow."""
 
 import pytest
 from conftest import fake_loss
@@ -99,6 +100,7 @@ def test_the_command_line_takes_several_earlier_studies(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: --warm-start[0]: {tmp_path / 'nowhere'} does not exist"
 
 
+@pytest.mark.slow  # the benchmarks' variant: two fits of a multi-task GP
 def test_earlier_trials_modelled_as_a_task_of_their_own_fit_a_multi_task_model_once_this_study_has_data():
     """The variant the benchmarks compare (``Optimizer.model_earlier_studies_as_tasks``): Ax's TrialAsTask
     transform gives the earlier study's trials their own task, and BoTorch a MultiTaskGP."""

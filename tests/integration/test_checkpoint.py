@@ -1,6 +1,7 @@
 """What is on disk is never damaged: a checkpoint is read and checked whole before anything is written,
 ``--overwrite`` replaces a study and nothing else, and every refused command leaves a study's directory
-exactly as it was."""
+exactly as it was. The studies on disk are real ones (Ax and, for the module's study, the demo model's
+fine-tunes), which is why this is not in tests/unit."""
 
 import hashlib
 import json
