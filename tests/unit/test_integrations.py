@@ -57,10 +57,12 @@ def test_it_waits_for_the_verdict_and_trains_on_or_stops(tmp_path, monkeypatch):
         thread.start()
         return thread
 
-    thread, c, start = answer(0.3, lambda: go_on(tmp_path)), control(), time.monotonic()
+    told = []  # when the verdict is given: before it is written, so that the callback cannot see it sooner
+    thread, c = answer(0.3, lambda: (told.append(time.monotonic()), go_on(tmp_path))), control()
     callback.on_evaluate(None, state(10), c, metrics=METRICS)
+    returned = time.monotonic()
     thread.join()
-    assert time.monotonic() - start >= 0.3 and not c.should_training_stop  # waited, then went on
+    assert told and returned >= told[0] and not c.should_training_stop  # waited for the verdict, then went on
 
     thread, c = answer(0.1, lambda: (tmp_path / STOP_FILE).touch()), control()
     callback.on_evaluate(None, state(20), c, metrics=METRICS)
