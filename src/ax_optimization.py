@@ -9,7 +9,7 @@
 import sys
 
 from loratune import EarlyStoppingCallback, resume_optimization, run_optimization  # noqa: F401
-from loratune.cli import _Parser, add_optimize_arguments, cmd_optimize, cmd_resume, run, study_flags
+from loratune.cli import _Parser, add_optimize_arguments, cmd_optimize, cmd_resume, refused_on_resume, run
 from loratune.errors import USAGE_EXIT_CODE
 
 
@@ -21,15 +21,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.resume:
         return run(cmd_optimize, args)
-    # on resume: the flags of what may change then (the same policy as `loratune resume`), and --trials added
-    may = {f.name for f in study_flags(resuming=True)} | {"trials", "assignments", "quiet", "resume"}
-    given = [name for name, value in vars(args).items() if name not in may and value not in (None, False, [])]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        flag = next((f.metadata["flag"] for f in study_flags() if f.name == given[0]), flag)
-        can = ", ".join(f.metadata["flag"] for f in study_flags(resuming=True))
-        print(f"error: {flag}: cannot change when a study resumes; --resume takes --trials (additional), {can}, --set "
-              "for those, --quiet", file=sys.stderr)
+    refused = refused_on_resume(args, also=("resume",))  # what `loratune resume` takes, --resume takes
+    if refused:
+        print(refused, file=sys.stderr)
         return USAGE_EXIT_CODE
     args.checkpoint, args.trials = args.resume, args.trials or 0
     return run(cmd_resume, args)

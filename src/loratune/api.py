@@ -29,7 +29,7 @@ from .settings import (
     load_finetune_config,
     load_study_config,
     may_change_on_resume,
-    outcome_metric,
+    needed_metrics,
     override,
     resumable_fields,
     validate_study,
@@ -124,8 +124,6 @@ def _flag_argument(value: Any, name: str) -> bool:
 def _early_stopping_overrides(rule: Any) -> list[Override]:
     if not isinstance(rule, EarlyStoppingCallback):
         raise LoratuneError(f"early_stopping: expected an EarlyStoppingCallback, got {type(rule).__name__}")
-    if rule.metric != "loss":
-        raise LoratuneError("early_stopping: the threshold rule reads the first objective; leave metric as is")
     return [("early_stopping.threshold", rule.threshold, "early_stopping"),
             ("early_stopping.check_at", rule.check_at, "early_stopping")]
 
@@ -142,30 +140,52 @@ def optimize(config: str | Path | StudyConfig | None, overrides: Iterable[Overri
     paths = StudyPaths.from_output(output)
     preflight.check_output(paths, output)
     space = study_space(cfg, origin.at("search_space"), origin.at("constraints"))
-    preflight.check_evaluation(cfg, space, evaluate)
     if paths.holds_a_study() and not overwrite:
         raise _already_holds_a_study(paths)
     evaluation = Evaluation.of(evaluate, cfg.command)
+    checked = _checks(cfg, space, origin, evaluation, evaluate, scorers, listeners)
+    prior = load_prior(cfg, space, needed_metrics(cfg), origin.at("warm_start"))
+
+    def new_optimizer() -> Optimizer:
+        optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
+                                     cfg.init_trials, cfg.early_stopping, prior.trials)
+        optimizer.notes += prior.notes
+        return optimizer
+
+    def new_study() -> StoredStudy:  # under the directory's lock: no other study starts there meanwhile
+        if paths.holds_a_study():
+            if not overwrite:
+                raise _already_holds_a_study(paths)
+            paths.clear()
+        return StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}),
+                           warm_start={i: t.source for i, t in enumerate(prior.trials)})
+
+    return _start(cfg, evaluation, paths, new_optimizer, new_study, checked, evaluate, quiet, started)
+
+
+def _checks(cfg: StudyConfig, space, origin: Origin, evaluation: Evaluation, evaluate: Callable | None,
+            scorers: dict | None, listeners: Any) -> tuple[list, list[str], list]:
+    """The checks a study passes before it starts, new or resumed: (its scorers, the warnings of a study that
+    will measure little, its listeners). Raises LoratuneError at the first problem."""
+    preflight.check_evaluation(cfg, space, evaluate)
     scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation is Evaluation.FINETUNE)
     warnings = []
     if evaluation is Evaluation.FINETUNE:
         warnings = preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
-    listeners = _checked_listeners(listeners)
-    prior = load_prior(cfg, space, [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)],
-                       origin.at("warm_start"))
+    return scorer_list, warnings, _checked_listeners(listeners)
+
+
+def _start(cfg: StudyConfig, evaluation: Evaluation, paths: StudyPaths, make_optimizer: Callable[[], Optimizer],
+           make_study: Callable[[], StoredStudy], checked: tuple[list, list[str], list], evaluate: Callable | None,
+           quiet: bool, started: float) -> dict:
+    """Start a study that passed its checks, new or resumed: its workers first (their imports overlap Ax's
+    set-up), then its optimizer, then, holding the directory's lock, the study itself."""
+    scorer_list, warnings, listeners = checked
     executor = _prestarted(cfg, evaluation)
     try:
-        optimizer = Optimizer.create(space, cfg.objectives, cfg.minimize, cfg.outcome_constraints, cfg.seed,
-                                     cfg.init_trials, cfg.early_stopping, prior.trials)
-        optimizer.notes += prior.notes
+        optimizer = make_optimizer()
         with DirectoryLock(paths.directory):
-            if paths.holds_a_study():
-                if not overwrite:
-                    raise _already_holds_a_study(paths)
-                paths.clear()
-            stored = StoredStudy(cfg, [], evaluation, scorer_functions=sorted(scorers or {}),
-                                 warm_start={i: t.source for i, t in enumerate(prior.trials)})
-            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor, warnings)
+            return _run(make_study(), paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor, warnings)
     finally:  # the study shuts it down too; here for every way out before the study took it
         if executor is not None:
             executor.shutdown()
@@ -302,23 +322,15 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
         stored.config = validate_study(build(StudyConfig, merged, origin), origin, stored.evaluation is not Evaluation.FINETUNE,
                                        stored.scorer_functions)
     cfg = stored.config
-    scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"),
-                                            finetune=stored.evaluation is Evaluation.FINETUNE)
     space = study_space(cfg)
-    preflight.check_evaluation(cfg, space, evaluate)
-    warnings = []
-    if stored.evaluation is Evaluation.FINETUNE:
-        warnings = preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
-    listeners = _checked_listeners(listeners)
-    executor = _prestarted(cfg, stored.evaluation)
-    try:
+    checked = _checks(cfg, space, origin, stored.evaluation, evaluate, scorers, listeners)
+
+    def restored_optimizer() -> Optimizer:
         optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
         _check_records_match_ax(stored, optimizer, paths.checkpoint)
-        with DirectoryLock(paths.directory):
-            return _run(stored, paths, optimizer, evaluate, quiet, started, scorer_list, listeners, executor, warnings)
-    finally:  # the study shuts it down too; here for every way out before the study took it
-        if executor is not None:
-            executor.shutdown()
+        return optimizer
+
+    return _start(cfg, stored.evaluation, paths, restored_optimizer, lambda: stored, checked, evaluate, quiet, started)
 
 
 def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:

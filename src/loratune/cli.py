@@ -27,41 +27,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_EXIT_CODE)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(convert: type, expected: str, ok=lambda value: True, rule: str = ""):
+    """An argparse type: ``convert`` the text (``expected``: what the line says when it cannot), then
+    refuse a value that is not ``ok`` with ``rule``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+_int = _number(int, "an integer")
+_positive_int = _number(int, "a positive integer", lambda v: v >= 1, "must be a positive integer")
+_non_negative_int = _number(int, "an integer", lambda v: v >= 0, "must be >= 0")
+_positive_float = _number(float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a number > 0")
 
 
 DEFAULT_OUTPUT = "configs/optimization_results.json"
@@ -233,6 +217,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .api import export_config
 
     print(f"wrote {export_config(args.study, args.trial, args.output)}")
+
+
+def refused_on_resume(args: argparse.Namespace, also: tuple[str, ...] = ()) -> str | None:
+    """The error line for the first option given in ``args`` that resuming cannot take (``loratune resume``'s
+    options are the ones it can; ``also``: the caller's own, as ``--resume`` itself), else None."""
+    resume = _Parser(add_help=False)
+    add_resume_arguments(resume)
+    may = {*vars(resume.parse_args([])), "checkpoint", *also}
+    given = [name for name, value in vars(args).items() if name not in may and value not in (None, False, [])]
+    if not given:
+        return None
+    flag = next((f.metadata["flag"] for f in study_flags() if f.name == given[0]), "--" + given[0].replace("_", "-"))
+    can = ", ".join(f.metadata["flag"] for f in study_flags(resuming=True) if f.name != "trials")
+    return (f"error: {flag}: cannot change when a study resumes; it takes --trials (additional), {can}, --set for "
+            "those, --quiet")
 
 
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:

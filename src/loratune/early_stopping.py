@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import LoratuneError
+from .trial import with_loss
 
 
 @dataclass
@@ -27,7 +28,6 @@ class EarlyStoppingCallback:
 
     threshold: float | str
     check_at: float = 0.1
-    metric: str = "loss"
 
     def __post_init__(self) -> None:
         if isinstance(self.check_at, bool) or not (isinstance(self.check_at, int | float) and 0 < self.check_at <= 1):
@@ -46,7 +46,7 @@ class EarlyStoppingCallback:
         return value is not None and limit is not None and value > limit
 
     def _value(self, point: dict) -> float | None:
-        value = point.get(self.metric, point.get("val_loss"))
+        value = with_loss(dict(point)).get("loss")  # the validation loss, whatever the study's objectives
         return value if isinstance(value, int | float) else None
 
     def _at(self, curve: list[dict], progress: float) -> float | None:

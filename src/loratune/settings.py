@@ -266,9 +266,11 @@ OUTCOME_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+]
 KNOWN_METRICS = ("loss", "inference_time", "train_time", "peak_memory_gb", "trainable_params", "train_loss", "tokens_per_s")
 
 
-def outcome_metric(constraint: str) -> str:
-    """The metric an outcome constraint bounds (``peak_memory_gb <= 15`` -> ``peak_memory_gb``)."""
-    return OUTCOME_CONSTRAINT.match(constraint).group(1)
+def needed_metrics(cfg: StudyConfig) -> list[str]:
+    """The metrics a study needs of every trial: its objectives, then those its outcome constraints bound
+    (each once, in that order). Constraints not yet checked (``validate_study``) that do not parse are left out."""
+    bounded = (m.group(1) for c in cfg.outcome_constraints if (m := OUTCOME_CONSTRAINT.match(c)))
+    return list(dict.fromkeys([*cfg.objectives, *bounded]))
 
 
 def may_change_on_resume(dotted: str) -> bool:
@@ -289,8 +291,7 @@ def requested_scores(cfg: StudyConfig, scorer_names: Iterable[str] = (), finetun
     from .scoring import BUILTIN
 
     known = {*BUILTIN, *cfg.scoring.scorers, *scorer_names}
-    named = [*cfg.scoring.scores, *cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints
-                                                     if OUTCOME_CONSTRAINT.match(c))]
+    named = [*cfg.scoring.scores, *needed_metrics(cfg)]
     scores = list(dict.fromkeys(n for n in named if n in known or n in cfg.scoring.scores))
     if not scores and finetune and cfg.data.path == DEMO_TRAIN:
         scores = ["plan_accuracy"]
@@ -375,7 +376,7 @@ def _check_scoring(cfg: StudyConfig, origin: Origin, custom_metrics: bool, score
     if scores and custom_metrics:
         raise LoratuneError(f"{origin.at('scoring')}: task scores ({', '.join(scores)}) score loratune's own fine-tunes; "
                             "a Python evaluate or a --command returns its own metrics")
-    optimized = [n for n in [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)] if n in scores]
+    optimized = [n for n in needed_metrics(cfg) if n in scores]
     if optimized and sc.subset == 0:
         raise LoratuneError(f"{origin.at('scoring.subset')}: 0 answers no validation prompt during the search, so "
                             f"trials have no {optimized[0]} to optimize; give it a number of prompts")

@@ -25,9 +25,9 @@ from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
 from .scoring import Scorer, ScoringError, score_answers
 from .search_space import study_space
-from .settings import outcome_metric
+from .settings import needed_metrics
 from .tracking import Tracker
-from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message
+from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message, with_loss
 from .trial_dir import awaits_verdict
 
 
@@ -45,7 +45,7 @@ class Study:
         self.space = study_space(self.cfg)
         es = self.cfg.early_stopping
         self.threshold_rule = None if es.threshold is None else \
-            EarlyStoppingCallback(es.threshold, es.check_at, metric=self.cfg.objectives[0])
+            EarlyStoppingCallback(es.threshold, es.check_at)
         self.failures_in_a_row = 0
         self.session_start = started or time.time()  # this session's clock starts when the caller began
         self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s  # earlier sessions
@@ -192,7 +192,7 @@ class Study:
         if self.stored.evaluation is Evaluation.FINETUNE:
             config = to_dict(checkpoint.trial_config(self.cfg, self.space, record.params, self.paths.trial_dir(record.index)))
         record.started_at, record.curve, record.state = checkpoint.now(), [], TrialState.RUNNING
-        measure = "inference_time" in self.cfg.objectives + [outcome_metric(c) for c in self.cfg.outcome_constraints]
+        measure = "inference_time" in needed_metrics(self.cfg)
         answer = self.cfg.scoring.subset if self.scorers else 0
         # a trial the study may stop waits for the verdict at each curve point, so that where it stops
         # depends on its curve alone, never on how fast this loop answers
@@ -253,7 +253,7 @@ class Study:
         return not record.baseline and (self.threshold_rule is not None or self.cfg.early_stopping.percentile is not None)
 
     def _on_point(self, record: TrialRecord, point: dict, executor: Executor) -> None:
-        record.curve.append(_with_loss(point))
+        record.curve.append(with_loss(point))
         self.listeners.trial_progress(record, point=point)
         if not self._stoppable(record):
             return
@@ -282,7 +282,7 @@ class Study:
         record.ended_at, record.extra = checkpoint.now(), result.extra or {}
         record.duration_s = (datetime.fromisoformat(record.ended_at) - datetime.fromisoformat(record.started_at)).total_seconds()
         if result.curve:  # the trial's own account: a stopped trial's last point is on the whole validation set
-            record.curve = [_with_loss(p) for p in result.curve]
+            record.curve = [with_loss(p) for p in result.curve]
         if result.state is TrialState.EARLY_STOPPED:
             reached = record.curve[-1]["progress"] if record.curve else 0.0
             record.training_saved = round(1.0 - reached, 6)  # share of this trial's training not spent
@@ -305,8 +305,7 @@ class Study:
     def _tell_ax(self, record: TrialRecord) -> None:
         index, state = record.index, record.state
         if state is TrialState.COMPLETED:
-            names = [*self.cfg.objectives, *(m for c in self.cfg.outcome_constraints
-                                             if (m := outcome_metric(c)) in record.metrics and m not in self.cfg.objectives)]
+            names = [m for m in needed_metrics(self.cfg) if m in self.cfg.objectives or m in record.metrics]
             self.opt.complete(index, {m: record.metrics[m] for m in names})
         elif state is TrialState.EARLY_STOPPED:
             objective = self.cfg.objectives[0]
@@ -371,10 +370,3 @@ def _requeue(record: TrialRecord, restarted: bool) -> None:
     run left goes, the listeners hear it start again."""
     record.state, record.curve, record.reason, record.stop_requested_at = TrialState.QUEUED, [], None, None
     record.restarts += restarted
-
-
-def _with_loss(point: dict) -> dict:
-    """A validation point under the objective's name too: ``loss`` is the validation loss."""
-    if "loss" not in point and "val_loss" in point:
-        point["loss"] = point["val_loss"]
-    return point

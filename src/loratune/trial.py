@@ -140,6 +140,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def with_loss(point: dict) -> dict:
+    """A curve point (changed in place) under the objective's name too: ``loss`` is the validation loss,
+    ``val_loss``, wherever a point is read (the study, the threshold rule, Ax's curve)."""
+    if "loss" not in point and "val_loss" in point:
+        point["loss"] = point["val_loss"]
+    return point
+
+
 def is_out_of_memory(error: BaseException | str) -> bool:
     """An exception, or the text a dead process left in its log, that says memory ran out."""
     if isinstance(error, BaseException):

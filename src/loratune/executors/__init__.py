@@ -22,10 +22,10 @@ OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed tria
 def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) -> tuple[int, str | None]:
     """(trials each worker trains together, a note when fewer than asked for): ``pack``, or what ``auto``
     comes to on this machine; 1 wherever trials cannot pack."""
-    from ..settings import outcome_metric
+    from ..settings import needed_metrics
 
     asked = cfg.pack
-    measured = [m for m in [*cfg.objectives, *(outcome_metric(c) for c in cfg.outcome_constraints)] if m in OWN_MEASURES]
+    measured = [m for m in needed_metrics(cfg) if m in OWN_MEASURES]
     why = ("a --command study runs one trial per worker" if evaluation is Evaluation.COMMAND else
            "an evaluate= study runs one trial per worker" if evaluation is Evaluation.CALLABLE else
            "Ray actors run one trial each" if cfg.executor == "ray" else
