@@ -141,6 +141,7 @@ class StoredStudy:
     test: dict | None = None  # the final test of the best trial and the baseline (evaluation.py)
     scorer_functions: list[str] = field(default_factory=list)  # scores given to the API as functions
     warm_start: dict[int, str] = field(default_factory=dict)  # Ax trial -> the earlier study's trial it is (warm_start.py)
+    pack_limit: int | None = None  # trials a worker trains together at most, since a pack ran out of memory
 
     @property
     def space(self) -> SearchSpace:
@@ -193,6 +194,9 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     warm = data.get("warm_start_trials") or {}
     if not (isinstance(warm, dict) and all(k.isdigit() and isinstance(v, str) for k, v in warm.items())):
         raise LoratuneError(f"{path}: warm_start_trials must map Ax trial indices to sources, got {warm!r}")
+    pack_limit = data.get("pack_limit")
+    if pack_limit is not None and (not isinstance(pack_limit, int) or isinstance(pack_limit, bool) or pack_limit < 1):
+        raise LoratuneError(f"{path}: pack_limit must be a positive integer or null, got {pack_limit!r}")
     # a study saved before the LoRA parameterization existed searched its parameters as written
     cfg = build(StudyConfig, {"parameterization": "raw", **data["config"]}, origin, "config.")
     cfg.trials += additional_trials
@@ -212,7 +216,7 @@ def load(path: str | Path, additional_trials: int = 0) -> tuple[StudyPaths, Stor
     results_name = Path(str(data.get("results_file") or RESULTS_NAME)).name
     stored = StoredStudy(cfg, records, evaluation, data["ax"], _number(data.get("elapsed_s")),
                          _number(data.get("optimizer_s")), str(data.get("study_id") or uuid.uuid4().hex[:12]),
-                         test, functions, {int(k): v for k, v in warm.items()})
+                         test, functions, {int(k): v for k, v in warm.items()}, pack_limit)
     return StudyPaths(path.parent, path.parent / results_name), stored
 
 
@@ -288,7 +292,7 @@ def save(stored: StoredStudy, paths: StudyPaths) -> dict:
         "config": to_dict(stored.config), "results_file": paths.results.name, "evaluation": stored.evaluation,
         "elapsed_s": stored.elapsed_s, "optimizer_s": stored.optimizer_s, "test": stored.test,
         "scorer_functions": stored.scorer_functions, "records": [r.to_dict() for r in stored.records], "ax": stored.ax,
-        "warm_start_trials": {str(k): v for k, v in stored.warm_start.items()},
+        "warm_start_trials": {str(k): v for k, v in stored.warm_start.items()}, "pack_limit": stored.pack_limit,
     }
     atomic_write_json(paths.checkpoint, checkpoint, indent=None)  # read by loratune only: compact
     atomic_write_json(paths.results, result)

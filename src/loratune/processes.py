@@ -161,6 +161,18 @@ class TrialLock:
                     time.sleep(0.05)
 
 
+def fresh_trial_dir(directory: str | Path) -> Path:
+    """Make ``directory`` an empty trial directory: a process of an earlier, killed study still on the trial
+    ends first (``TrialLock.clear``), and what a last run left goes (a rerun starts clean)."""
+    import shutil
+
+    directory = Path(directory)
+    TrialLock.clear(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
 def run_guarded(trial_dir: str, argv: list[str]) -> int:
     """Run a user's training command as a trial: hold the trial's lock, and take the command's whole
     process group down when the study dies. ``python -m loratune.processes TRIAL_DIR -- CMD ...``."""

@@ -53,6 +53,10 @@ class Study:
         self.queue: list[TrialRecord] = []  # trials to run before Ax is asked for more, in order
         self.pack, self.pack_note = pack_size(self.cfg, stored.evaluation)
         self.batch_fill = self.pack > 1  # packs start together, even once an out-of-memory shrank them to one
+        if stored.pack_limit is not None and stored.pack_limit < self.pack:  # an earlier session's out-of-memory holds
+            self.pack_note = (f"packs hold at most {stored.pack_limit} trials: a larger one ran out of memory in an "
+                              "earlier session of this study")
+            self.pack = stored.pack_limit
         console.elapsed = lambda: self.elapsed_before + time.time() - self.session_start
 
     @property
@@ -65,6 +69,8 @@ class Study:
         """Run until the budget is spent; return the summary. Raises StudyAborted (everything saved) after
         ``max_failures_in_a_row`` failures with trials left to run, or when no trial completed."""
         executor = self.executor or create_executor(self.cfg, self.stored.evaluation, self.evaluate)
+        if self.stored.pack_limit is not None and self.batch_fill:  # trials pack here: the executor has limit_pack
+            executor.limit_pack(self.pack)
         running: dict[int, TrialRecord] = {}
         aborted = None
         try:
@@ -239,7 +245,7 @@ class Study:
         if result.state is not TrialState.OUT_OF_MEMORY or not isinstance(size, int) or size <= 1:
             return False
         if size // 2 < self.pack:
-            self.pack = max(1, size // 2)
+            self.pack = self.stored.pack_limit = max(1, size // 2)  # saved: a resumed study packs no more
             executor.limit_pack(self.pack)
             self.console.print(f"[yellow]note[/]: out of memory in a pack of {size} trials: its trials run again, "
                                f"and packs hold at most {self.pack} from now on")

@@ -61,7 +61,8 @@ def refused(argv: list[str], capsys, code: int = 2) -> str:
     (lambda d: d["records"][0]["params"].update(dropout=0.1), "records[0].params: dropout is not a searched parameter"),
     (lambda d: d["records"][0].update(curve=[{"step": "one"}]), "records[0]: curve[0].step must be a number, got 'one'"),
     (lambda d: d["records"].append(dict(d["records"][0])), "records[2]: trial 0 is recorded twice"),
-], ids=["param", "metric", "params-differ-from-ax", "unknown-param", "curve", "twice"])
+    (lambda d: d.update(pack_limit=0), "pack_limit must be a positive integer or null, got 0"),
+], ids=["param", "metric", "params-differ-from-ax", "unknown-param", "curve", "twice", "pack-limit"])
 def test_a_hand_edited_checkpoint_is_refused_naming_the_file_and_record_before_anything_is_written(
         finished_study, tmp_path, capsys, edit, message):
     copy = edited_copy(finished_study, tmp_path, edit)

@@ -147,6 +147,24 @@ def test_a_pack_out_of_memory_runs_its_trials_again_in_smaller_packs_under_the_s
     assert sum("out of memory in a pack of 4" in line and "at most 2" in line for line in lines) == 1
 
 
+def test_a_resumed_study_keeps_the_smaller_packs_an_out_of_memory_left(tmp_path):
+    from loratune import checkpoint
+    from loratune.console import StudyConsole
+    from loratune.study import Study
+
+    scripted_study(tmp_path, fits=2)
+    paths, stored = checkpoint.load(tmp_path / "study", additional_trials=2)
+    assert stored.pack_limit == 2
+    executor, lines = ScriptedPacks(4, fits=2), []
+    console = StudyConsole(quiet=True)
+    console.print = lambda text, *a, **k: lines.append(str(text))
+    optimizer = Optimizer.restore(stored.ax, stored.space, 0, stored.config.early_stopping)
+    Study(stored, paths, optimizer, console, executor=executor).run()
+    assert executor.packs[0] == [6, 7]  # not four at once, out of memory again (then the final test's job)
+    assert all(r.state is TrialState.COMPLETED for r in stored.records) and len(stored.records) == 8
+    assert any("at most 2 trials" in line and "earlier session" in line for line in lines)
+
+
 def test_an_out_of_memory_alone_is_the_points_own(tmp_path):
     study, executor, lines = scripted_study(tmp_path, fits=0, trials=4)
     assert executor.packs == [[0, 1, 2, 3], [0, 1], [0], [1], [2], [3]]  # halved down to one trial

@@ -13,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from ..processes import TrialLock
+from ..processes import fresh_trial_dir
 from ..storage import atomic_write_json
 from ..trial_dir import SPEC_FILE, VERDICT_POLL_S, ProgressReader, worker_env
 from .base import Event, TrialSpec, progress_events
@@ -100,11 +100,7 @@ class LocalExecutor:
             self.waiting.append(spec)
             return
         runner = next((r for r in takers if r.holds(config)), takers[0])
-        d = spec.directory
-        TrialLock.clear(d)  # a process of an earlier, killed study still on this trial ends first
-        if d.exists():  # a re-run after an interruption starts clean
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+        d = fresh_trial_dir(spec.directory)
         atomic_write_json(d / SPEC_FILE, spec.payload())  # a command's LoratuneCallback reads it too
         runner.start(d, spec.params if self.command else config)
         self.running[spec.index] = _Running(runner, spec, ProgressReader(d))

@@ -58,7 +58,7 @@ class _SlotActor:
 
         import ray
 
-        from loratune.processes import TrialLock
+        from loratune.processes import fresh_trial_dir
         from loratune.trial_dir import (
             EVAL,
             SPEC_FILE,
@@ -68,10 +68,7 @@ class _SlotActor:
         )
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
-        trial_dir = base / str(payload["index"])
-        TrialLock.clear(trial_dir)
-        shutil.rmtree(trial_dir, ignore_errors=True)
-        trial_dir.mkdir(parents=True)
+        trial_dir = fresh_trial_dir(base / str(payload["index"]))
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
         self.worker.start(trial_dir, config)
