@@ -162,14 +162,23 @@ class TrialLock:
 
 
 def fresh_trial_dir(directory: str | Path) -> Path:
-    """Make ``directory`` an empty trial directory: a process of an earlier, killed study still on the trial
-    ends first (``TrialLock.clear``), and what a last run left goes (a rerun starts clean)."""
+    """Make ``directory`` a fresh trial directory: a process of an earlier, killed study still on the trial
+    ends first (``TrialLock.clear``), and what a last run left goes (a rerun starts clean) but its log, kept
+    as ``previous_log.txt``: why it ran again (its pack out of memory, a killed study) stays readable."""
     import shutil
+
+    from .trial_dir import LOG_FILE, PREVIOUS_LOG_FILE
 
     directory = Path(directory)
     TrialLock.clear(directory)
+    try:
+        log = (directory / LOG_FILE).read_bytes()
+    except OSError:
+        log = None
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    if log:
+        (directory / PREVIOUS_LOG_FILE).write_bytes(log)
     return directory
 
 

@@ -17,7 +17,8 @@ a Ray actor read these files without the training libraries.
 - ``result.json``: how the trial ended, written by the worker on every ending it lives through;
 - ``last_eval.json``: a user's training command with ``LoratuneCallback``: its last evaluation's metrics,
   the trial's result when the command prints no JSON line of its own;
-- ``log.txt``: the process's output during the trial.
+- ``log.txt``: the process's output during the trial; ``previous_log.txt``: that of its last run, when it
+  ran again (its pack out of memory, an interrupted study).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
+PREVIOUS_LOG_FILE = "previous_log.txt"
 VERDICTS_FILE, CANCEL_FILE, LAST_EVAL_FILE = "verdicts", "CANCEL", "last_eval.json"
 TRIAL_DIR_ENV = "LORATUNE_TRIAL_DIR"  # a user's command finds its trial's directory here (integrations.py)
 VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it

@@ -231,3 +231,17 @@ def test_a_warm_start_refused_starts_no_worker(tiny_model, tmp_path, monkeypatch
         run_optimization(num_trials=2, output_dir=tmp_path / "study", quiet=True, report=False,
                          warm_start=[str(tmp_path / "nowhere")])
     assert started == [] and not (tmp_path / "study").exists()
+
+
+def test_a_rerun_starts_in_a_fresh_directory_that_keeps_its_last_runs_log(tmp_path):
+    from loratune.processes import fresh_trial_dir
+    from loratune.trial_dir import LOG_FILE, PREVIOUS_LOG_FILE
+
+    trial = tmp_path / "trials" / "2"
+    trial.mkdir(parents=True)
+    (trial / LOG_FILE).write_text("RuntimeError: CUDA out of memory\n")
+    (trial / "progress.jsonl").write_text('{"kind": "eval"}\n')
+    assert fresh_trial_dir(trial) == trial
+    assert sorted(p.name for p in trial.iterdir()) == [PREVIOUS_LOG_FILE]
+    assert "out of memory" in (trial / PREVIOUS_LOG_FILE).read_text()
+    assert sorted(p.name for p in fresh_trial_dir(tmp_path / "trials" / "3").iterdir()) == []  # a first run
