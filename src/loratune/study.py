@@ -69,7 +69,7 @@ class Study:
         """Run until the budget is spent; return the summary. Raises StudyAborted (everything saved) after
         ``max_failures_in_a_row`` failures with trials left to run, or when no trial completed."""
         executor = self.executor or create_executor(self.cfg, self.stored.evaluation, self.evaluate)
-        if self.stored.pack_limit is not None and self.batch_fill:  # trials pack here: the executor has limit_pack
+        if self.stored.pack_limit is not None:
             executor.limit_pack(self.pack)
         running: dict[int, TrialRecord] = {}
         aborted = None

@@ -77,8 +77,9 @@ class Executor(Protocol):
     def shutdown(self) -> None:
         """End every trial and worker process; safe to call more than once."""
 
-    # An executor whose workers pack trials (``LocalExecutor``) also has ``limit_pack(size)``: at most
-    # ``size`` trials together from then on. The study calls it only where trials pack.
+    def limit_pack(self, size: int) -> None:
+        """Train at most ``size`` trials together from now on (a pack ran out of memory); ``slots`` shrinks to
+        match. An executor whose workers never pack trials has nothing to change."""
 
 
 def run_to_end(executor: Executor, specs: list[TrialSpec],

@@ -89,6 +89,9 @@ class CallableExecutor:
         self.stop(index)
         self._events.put(Event(index, result=TrialResult(TrialState.FAILED, reason=reason)))
 
+    def limit_pack(self, size: int) -> None:
+        """Its trials never pack: nothing to limit."""
+
     def shutdown(self) -> None:
         for event in self._stop.values():
             event.set()

@@ -265,6 +265,9 @@ class RayExecutor:
             self.cancelled[index] = (reason, time.monotonic())
             self.signals.ask.remote(index, "cancel", reason)
 
+    def limit_pack(self, size: int) -> None:
+        """Its trials never pack: nothing to limit."""
+
     def shutdown(self) -> None:
         for actor in self.actors:
             if actor is not None:
