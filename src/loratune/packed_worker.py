@@ -55,9 +55,12 @@ from .trial_dir import (
 class _Tee:
     """The process's stdout and stderr, copied to the logs of the trials running as it is written."""
 
+    SYNC = b"\x00loratune-tee-sync\x00"  # written through the pipe: all before it has been copied once it is read
+
     def __init__(self):
         self.logs: dict[Path, IO] = {}
         self.lock = threading.Lock()
+        self.synced = threading.Semaphore(0)
         read, write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -67,11 +70,19 @@ class _Tee:
         threading.Thread(target=self._copy, args=(read,), name="loratune-tee", daemon=True).start()
 
     def _copy(self, fd: int) -> None:
+        held = b""  # the end of a read that may be the start of SYNC
         while chunk := os.read(fd, 65536):
+            data = held + chunk
+            syncs = data.count(self.SYNC)
+            data = data.replace(self.SYNC, b"")
+            keep = next((k for k in range(len(self.SYNC) - 1, 0, -1) if data.endswith(self.SYNC[:k])), 0)
+            data, held = (data[:-keep], data[-keep:]) if keep else (data, b"")
             with self.lock:
                 for log in self.logs.values():
-                    log.write(chunk.decode(errors="replace"))
+                    log.write(data.decode(errors="replace"))
                     log.flush()
+            for _ in range(syncs):
+                self.synced.release()
 
     def open(self, trial_dir: Path) -> None:
         with self.lock:
@@ -86,9 +97,11 @@ class _Tee:
             self.logs[trial_dir].flush()
 
     def close(self, trial_dir: Path) -> None:
+        """Stop copying to the trial's log once what was written before it ended has reached it."""
         sys.stdout.flush()
         sys.stderr.flush()
-        time.sleep(0.01)  # what was written before the trial ended reaches its log
+        os.write(1, self.SYNC)
+        self.synced.acquire(timeout=5.0)  # the copy thread lives as long as the process: it answers
         with self.lock:
             log = self.logs.pop(trial_dir, None)
         if log is not None:
