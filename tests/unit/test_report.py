@@ -97,6 +97,7 @@ def test_report_with_no_completed_trial(tmp_path):
     assert "## Result\n\nNo trial has completed yet, so there is no best configuration.\n" in text
     assert "Best trial" not in text and "\n| 0 |  |  | running | 1.0 |\n" in text  # listed, with no loss
     assert "## Key insights\n\nToo few completed trials to say anything yet.\n" in text
+    assert "Study of 1 trial, 1 still running or interrupted:" in text
 
 
 @pytest.mark.parametrize(("setup", "message"), [

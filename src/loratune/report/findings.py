@@ -49,27 +49,13 @@ class ReportData:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Rank correlation; None with fewer than 4 points or no spread."""
+    """Spearman's rank correlation (``scipy.stats.spearmanr``; ties share their mean rank); None with fewer
+    than 4 points or no spread."""
+    from scipy.stats import spearmanr
+
     if len(xs) < 4 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):  # ties share their mean rank
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return float(spearmanr(xs, ys).statistic)
 
 
 def group_by(keys: list, values: list[float], minimize: bool) -> list[GroupStat]:

@@ -40,7 +40,8 @@ def render(data: ReportData, summary: dict, images: dict[str, str], html: dict[s
 
 def _overview(data: ReportData, summary: dict) -> list[str]:
     objectives = summary.get("objectives", [data.objective])
-    state = f"{len(data.records)} trials" + (f", {data.running} still running or interrupted" if data.running else "")
+    n = len(data.records)
+    state = f"{n} trial{'' if n == 1 else 's'}" + (f", {data.running} still running or interrupted" if data.running else "")
     aims = ", ".join(("minimize " if m else "maximize ") + o
                      for o, m in zip(objectives, summary.get("minimize", [True]), strict=False))
     wall, ax_s = summary.get("wall_time_s", 0), summary.get("optimizer_time_s")
