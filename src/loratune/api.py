@@ -1,6 +1,6 @@
 """The Python API, as Module 4.5 writes it. The command line calls these same functions.
 
-Every entry point turns its arguments into settings (``settings.py``), checks everything it can
+Every entry point turns its arguments into settings (``settings.py``, ``schema.py``, ``rules.py``), checks everything it can
 (``preflight.py``) and only then takes the output directory, clears an earlier study (with
 ``overwrite``) and starts trials.
 """
@@ -21,19 +21,10 @@ from .console import StudyConsole, TrainingProgress
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError, StudyAborted, TrainingFailed
 from .optimizer import Optimizer
+from .rules import may_change_on_resume, needed_metrics, resumable_fields, validate_study
+from .schema import Origin, Override, build, override
 from .search_space import study_space
-from .settings import (
-    Origin,
-    Override,
-    build,
-    load_finetune_config,
-    load_study_config,
-    may_change_on_resume,
-    needed_metrics,
-    override,
-    resumable_fields,
-    validate_study,
-)
+from .settings import load_finetune_config, load_study_config
 from .storage import DirectoryLock, atomic_write_text, check_creatable
 from .trial import Evaluation, failure_message
 from .warm_start import load_prior
@@ -43,7 +34,6 @@ _ARGUMENTS = {"num_trials": "trials", "model_name": "model.name", "search_space"
               "objectives": "objectives", "minimize": "minimize", "constraints": "constraints", "seed": "seed",
               "workers": "workers", "command": "command", "outcome_constraints": "outcome_constraints",
               "report": "report"}
-
 
 
 def run_optimization(
@@ -285,7 +275,7 @@ def resume_optimization(
 ) -> dict:
     """Continue a study from its checkpoint: trials that were running are run again, then
     ``additional_trials`` more than the study had planned. How the trials run may change
-    (``workers=4``, ``trial_timeout=600``, ...: see ``settings.may_change_on_resume``); what they measure may not.
+    (``workers=4``, ``trial_timeout=600``, ...: see ``rules.may_change_on_resume``); what they measure may not.
 
     >>> from ax_optimization import resume_optimization
     >>> results = resume_optimization(checkpoint="configs/optimization_checkpoint.json",

@@ -20,8 +20,10 @@ from typing import Any
 from . import results
 from .config import EVAL_POINTS, EVAL_POINTS_FOR_EARLY_STOPPING, FinetuneConfig, StudyConfig, to_dict
 from .errors import LoratuneError
+from .rules import validate_study
+from .schema import Origin, build
 from .search_space import SearchSpace, apply, study_space
-from .settings import Origin, build, dump_yaml, validate_study
+from .settings import dump_yaml
 from .storage import atomic_write_json, atomic_write_text, read_json
 from .trial import Evaluation, TrialRecord, TrialState
 

@@ -70,7 +70,7 @@ OPTIONS = [
 def study_flags(resuming: bool = False) -> list[dataclasses.Field]:
     """The study fields with a flag of their own; on resume, those that may change then."""
     from .config import StudyConfig
-    from .settings import may_change_on_resume
+    from .rules import may_change_on_resume
 
     return [f for f in dataclasses.fields(StudyConfig) if f.metadata.get("flag")
             and (not resuming or may_change_on_resume(f.name))]
@@ -236,7 +236,7 @@ def refused_on_resume(args: argparse.Namespace, also: tuple[str, ...] = ()) -> s
 
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:
     """What can change when a study resumes: how its trials run, never what they measure
-    (``settings.may_change_on_resume``)."""
+    (``rules.may_change_on_resume``)."""
     p.add_argument("--trials", type=_non_negative_int, default=0, help="additional trials beyond those planned")
     add_study_flags(p, resuming=True)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="assignments",

@@ -2,8 +2,9 @@
 
 A training config (``finetune_lora.py --config``, ``best_config.yaml``) is a ``FinetuneConfig``; an
 optimization config is a ``StudyConfig``: the same four sections (the fixed parameters every trial
-starts from) plus the study's own fields. ``settings.py`` builds and validates them from YAML,
-``--set`` overrides and API keyword arguments; the config reference (docs/config.md) is generated from here.
+starts from) plus the study's own fields. ``schema.py`` builds them from YAML (``settings.py``), ``--set``
+overrides and API keyword arguments, ``rules.py`` validates them; the config reference (docs/config.md) is
+generated from here.
 """
 
 from __future__ import annotations

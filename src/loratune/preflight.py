@@ -16,9 +16,9 @@ from .checkpoint import StudyPaths
 from .config import FinetuneConfig, StudyConfig
 from .errors import LoratuneError
 from .executors.command import check_command
+from .schema import Origin
 from .scoring import Scorer
 from .search_space import SearchSpace
-from .settings import Origin
 from .storage import check_creatable
 
 
@@ -207,7 +207,7 @@ def resolve_scorers(cfg: StudyConfig, functions: dict | None, where: str = "scor
     answer: one that cannot be imported, raises or returns no number is one line before anything starts.
     ``functions``: scores given to the API as functions (``scorers={name: fn}``)."""
     from . import scoring
-    from .settings import requested_scores
+    from .rules import requested_scores
 
     if functions is not None and not (isinstance(functions, dict) and all(
             isinstance(k, str) and callable(v) for k, v in functions.items())):

@@ -23,9 +23,9 @@ from .errors import LoratuneError, StudyAborted
 from .executors import Event, Executor, TrialSpec, create_executor, pack_size
 from .listeners import AdapterPruning, Listeners
 from .optimizer import PROGRESSION_SCALE, Optimizer
+from .rules import needed_metrics
 from .scoring import Scorer, ScoringError, score_answers
 from .search_space import study_space
-from .settings import needed_metrics
 from .tracking import Tracker
 from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message, with_loss
 from .trial_dir import awaits_verdict

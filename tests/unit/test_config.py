@@ -151,7 +151,7 @@ def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsy
     """How trials run may change on resume, what they measure may not: each study field says which, and
     `loratune resume`, `ax_optimization.py --resume` and `resume_optimization` all ask the same function."""
     import ax_optimization
-    from loratune.settings import may_change_on_resume
+    from loratune.rules import may_change_on_resume
 
     assert {f.name for f in dataclasses.fields(StudyConfig) if may_change_on_resume(f.name)} == RESUMABLE
     for fixed in ("trials", "seed", "command", "objectives", "search_space", "warm_start", "model", "model.name",

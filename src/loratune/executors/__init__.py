@@ -22,7 +22,7 @@ OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed tria
 def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) -> tuple[int, str | None]:
     """(trials each worker trains together, a note when fewer than asked for): ``pack``, or what ``auto``
     comes to on this machine; 1 wherever trials cannot pack."""
-    from ..settings import needed_metrics
+    from ..rules import needed_metrics
 
     asked = cfg.pack
     measured = [m for m in needed_metrics(cfg) if m in OWN_MEASURES]

@@ -1,0 +1,201 @@
+"""The schema builder: typed configs (``config.py``'s dataclasses) from plain data, as YAML, ``--set
+section.field=value`` overrides, command-line flags and API keyword arguments give it. Every error names
+where the bad value came from and the dotted field: ``cfg.yaml: training.epochs: expected a number, got
+'x'``, ``--set: lora.rank: expected an integer, got 'big'``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .config import SECTIONS, FinetuneConfig
+from .errors import LoratuneError
+
+
+@dataclass
+class Origin:
+    """Where each setting came from: a file by default, a flag or an argument for overridden fields."""
+
+    default: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)  # dotted field (or section) -> label
+
+    def label(self, dotted: str) -> str | None:
+        parts = dotted.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in self.fields:
+                return self.fields[".".join(parts[:n])]
+        return self.default
+
+    def at(self, dotted: str) -> str:
+        """``"cfg.yaml: training.epochs"``, ``"--set: lora.rank"``, ``"--seed"`` or just the field."""
+        label = self.label(dotted)
+        if label and label.lstrip("-").replace("-", "_") == dotted:  # --seed, workers=: the label is the field
+            return label
+        return f"{label}: {dotted}" if label else dotted
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {' to '.join(_type_name(a).removeprefix('a ').removeprefix('an ') + 's' for a in typing.get_args(tp))}"
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Return value as type tp, or raise ValueError. Ints are accepted where floats are; a float is
+    never infinite or NaN; a whole float is accepted where an int is."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise ValueError
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg)
+            except ValueError:
+                pass
+        raise ValueError
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        key_type, value_type = typing.get_args(tp)
+        return {coerce(k, key_type): coerce(v, value_type) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ValueError
+        return [coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError from None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def unknown_field_message(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown field '{name}'{hint}"
+
+
+def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LoratuneError(f"{origin.at(prefix.rstrip('.') or 'config')}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise LoratuneError(f"{origin.at(prefix.rstrip('.') or 'config')}: {unknown_field_message(str(key), fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, origin, f"{dotted}.")
+            continue
+        try:
+            kwargs[key] = coerce(value, tp)
+        except ValueError:
+            raise LoratuneError(f"{origin.at(dotted)}: expected {_type_name(tp)}, got {value!r}") from None
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: --set, command-line flags, API keyword arguments
+
+
+def _check_path(cls: type, dotted: str, label: str) -> None:
+    """``dotted`` names a field (or a section) of ``cls``; a misspelt one gets the closest name."""
+    obj_cls, parts = cls, dotted.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(obj_cls)}
+        if part not in names:
+            known = [".".join([*parts[:i], n]) for n in names]
+            raise LoratuneError(f"{label}: {unknown_field_message('.'.join(parts[:i + 1]), known)}")
+        tp = typing.get_type_hints(obj_cls)[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise LoratuneError(f"{label}: {'.'.join(parts[:i + 1])} has no fields")
+            obj_cls = tp
+
+
+def override(data: dict, cls: type, dotted: str, value: Any, label: str, origin: Origin) -> None:
+    """Set ``dotted`` in the plain settings ``data`` (to be built as ``cls``), remembering ``label`` as
+    where the value came from. A section given as a mapping sets each of its fields."""
+    _check_path(cls, dotted, label)
+    target = get_field_type(cls, dotted)
+    if dataclasses.is_dataclass(target) and isinstance(value, dict):
+        for key, inner in value.items():
+            override(data, cls, f"{dotted}.{key}", inner, label, origin)
+        return
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    origin.fields[dotted] = label
+
+
+def get_field_type(cls: type, dotted: str) -> Any:
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+
+Override = tuple[str, Any, str]  # (dotted field, value, where it came from: "--set", "--trials", ...)
+
+
+def section_fields() -> dict[str, list[str]]:
+    """The training config's field names per section: ``{"lora": ["rank", ...], ...}``."""
+    return {s: [f.name for f in dataclasses.fields(getattr(FinetuneConfig(), s))] for s in SECTIONS}
