@@ -7,7 +7,6 @@ Every entry point turns its arguments into settings (``settings.py``, ``schema.p
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from .config import FinetuneConfig, StudyConfig, to_dict
 from .console import StudyConsole, TrainingProgress
 from .early_stopping import EarlyStoppingCallback
 from .errors import LoratuneError, StudyAborted, TrainingFailed
+from .listeners import checked_listeners
 from .optimizer import Optimizer
 from .rules import may_change_on_resume, needed_metrics, resumable_fields, validate_study
 from .schema import Origin, Override, build, override
@@ -162,7 +162,7 @@ def _checks(cfg: StudyConfig, space, origin: Origin, evaluation: Evaluation, eva
     warnings = []
     if evaluation is Evaluation.FINETUNE:
         warnings = preflight.check_training_inputs(cfg.base(), space, origin, trials_run_here=cfg.executor == "local")
-    return scorer_list, warnings, _checked_listeners(listeners)
+    return scorer_list, warnings, checked_listeners(listeners)
 
 
 def _start(cfg: StudyConfig, evaluation: Evaluation, paths: StudyPaths, make_optimizer: Callable[[], Optimizer],
@@ -192,19 +192,6 @@ def _prestarted(cfg: StudyConfig, evaluation: Evaluation):
     executor = create_executor(cfg, evaluation)
     executor.prestart(to_dict(cfg.base()))
     return executor
-
-
-def _checked_listeners(listeners: Any) -> list:
-    """Listeners of the user's: objects with one or more of a ``StudyListener``'s methods."""
-    from .listeners import EVENTS
-
-    if listeners is None:
-        return []
-    if not isinstance(listeners, list | tuple) or not all(any(callable(getattr(x, e, None)) for e in EVENTS)
-                                                           for x in listeners):
-        raise LoratuneError(f"listeners: expected a list of objects with a StudyListener's methods ({', '.join(EVENTS)}), "
-                            f"got {listeners!r}")
-    return list(listeners)
 
 
 def _already_holds_a_study(paths: StudyPaths) -> LoratuneError:
@@ -317,28 +304,10 @@ def resume(path: str | Path, additional_trials: int, overrides: Iterable[Overrid
 
     def restored_optimizer() -> Optimizer:
         optimizer = Optimizer.restore(stored.ax, space, cfg.seed, cfg.early_stopping)
-        _check_records_match_ax(stored, optimizer, paths.checkpoint)
+        checkpoint.check_records_match_ax(stored, optimizer.trial_parameters(), paths.checkpoint)
         return optimizer
 
     return _start(cfg, stored.evaluation, paths, restored_optimizer, lambda: stored, checked, evaluate, quiet, started)
-
-
-def _check_records_match_ax(stored: StoredStudy, optimizer: Optimizer, where: Path) -> None:
-    """A checkpoint's records and its Ax experiment tell of the same trials with the same parameters (a hand
-    edit of one and not the other would mix two studies)."""
-    known = optimizer.trial_parameters()
-    for index in stored.warm_start:  # earlier studies' trials, which are no record of this one
-        if known.pop(index, None) is None:
-            raise LoratuneError(f"{where}: warm-start trial {index} ({stored.warm_start[index]}) is not in the Ax experiment")
-    for i, record in enumerate(stored.records):
-        ax = known.pop(record.index, None)
-        same = ax is not None and ax.keys() == record.params.keys() and all(
-            math.isclose(v, ax[k], rel_tol=1e-9) if isinstance(v, float) else v == ax[k] for k, v in record.params.items())
-        if not same:
-            raise LoratuneError(f"{where}: records[{i}]: trial {record.index} has parameters {record.params}, but the "
-                                f"Ax experiment in the same file {'has ' + str(ax) if ax else 'has no such trial'}")
-    if known:
-        raise LoratuneError(f"{where}: the Ax experiment holds trial {min(known)}, which no record has")
 
 
 def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = None, overwrite: bool = False,

@@ -11,6 +11,7 @@ under the same Ax trial index.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -340,3 +341,22 @@ def config_yaml(stored: StoredStudy, paths: StudyPaths, record: TrialRecord, pat
     header = (f"# python finetune_lora.py --config {path}\n"
               f"# {which} ({metric}), {stored.config.retrain_epochs:g} epochs for the full retrain.\n")
     return dump_yaml(to_dict(cfg), header)
+
+
+def check_records_match_ax(stored: StoredStudy, known: dict[int, dict], where: Path) -> None:
+    """A checkpoint's records and its Ax experiment tell of the same trials with the same parameters (a hand
+    edit of one and not the other would mix two studies). ``known``: the experiment's trials' parameters, by
+    index (``Optimizer.trial_parameters``)."""
+    known = dict(known)
+    for index in stored.warm_start:  # earlier studies' trials, which are no record of this one
+        if known.pop(index, None) is None:
+            raise LoratuneError(f"{where}: warm-start trial {index} ({stored.warm_start[index]}) is not in the Ax experiment")
+    for i, record in enumerate(stored.records):
+        ax = known.pop(record.index, None)
+        same = ax is not None and ax.keys() == record.params.keys() and all(
+            math.isclose(v, ax[k], rel_tol=1e-9) if isinstance(v, float) else v == ax[k] for k, v in record.params.items())
+        if not same:
+            raise LoratuneError(f"{where}: records[{i}]: trial {record.index} has parameters {record.params}, but the "
+                                f"Ax experiment in the same file {'has ' + str(ax) if ax else 'has no such trial'}")
+    if known:
+        raise LoratuneError(f"{where}: the Ax experiment holds trial {min(known)}, which no record has")

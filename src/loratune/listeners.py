@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from .errors import LoratuneError, first_line
 from .trial import TrialRecord
 
 
@@ -99,3 +99,14 @@ class AdapterPruning(StudyListener):
         for r in records:
             if r.finished and r.index not in keep:
                 shutil.rmtree(self.directory / r.directory / "adapter", ignore_errors=True)
+
+
+def checked_listeners(listeners: Any) -> list:
+    """Listeners of the user's: objects with one or more of a ``StudyListener``'s methods."""
+    if listeners is None:
+        return []
+    if not isinstance(listeners, list | tuple) or not all(any(callable(getattr(x, e, None)) for e in EVENTS)
+                                                           for x in listeners):
+        raise LoratuneError(f"listeners: expected a list of objects with a StudyListener's methods ({', '.join(EVENTS)}), "
+                            f"got {listeners!r}")
+    return list(listeners)
