@@ -6,10 +6,8 @@ by ``early_stopping.percentile``. Both can be used together.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .errors import LoratuneError
 from .trial import with_loss
 
 
@@ -29,11 +27,14 @@ class EarlyStoppingCallback:
     threshold: float | str
     check_at: float = 0.1
 
-    def __post_init__(self) -> None:
-        if isinstance(self.check_at, bool) or not (isinstance(self.check_at, int | float) and 0 < self.check_at <= 1):
-            raise LoratuneError(f"EarlyStoppingCallback: check_at must be in (0, 1], got {self.check_at!r}")
-        if self.threshold != "baseline" and not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold)):
-            raise LoratuneError(f"EarlyStoppingCallback: threshold must be a number or 'baseline', got {self.threshold!r}")
+    def __post_init__(self) -> None:  # the rules of the early_stopping section, checked where it is built
+        from .config import EarlyStoppingConfig
+        from .rules import check_early_stopping
+        from .schema import Origin, build
+
+        where = "EarlyStoppingCallback"
+        section = build(EarlyStoppingConfig, {"threshold": self.threshold, "check_at": self.check_at}, Origin(where))
+        check_early_stopping(section, where)
 
     def should_stop(self, curve: list[dict], baseline_curve: list[dict] | None = None) -> bool:
         """Decide at the first validation point at or past ``check_at``; never again after it.

@@ -9,7 +9,7 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from .config import DEMO_TRAIN, FinetuneConfig, StudyConfig, get_field
+from .config import DEMO_TRAIN, EarlyStoppingConfig, FinetuneConfig, StudyConfig, get_field
 from .errors import LoratuneError
 from .schema import Origin, unknown_field_message
 
@@ -97,6 +97,22 @@ def requested_scores(cfg: StudyConfig, scorer_names: Iterable[str] = (), finetun
     return scores
 
 
+def early_stopping_checks(es: EarlyStoppingConfig) -> list[tuple[str, bool, str]]:
+    """The early-stopping section's rules, as (field, holds, rule): a study's config and the API's
+    ``EarlyStoppingCallback`` are checked by these same ones."""
+    return [("check_at", 0 < es.check_at <= 1, "must be in (0, 1]"),
+            ("percentile", es.percentile is None or 0 < es.percentile < 100, "must be in (0, 100)"),
+            ("min_progression", 0 <= es.min_progression <= 1, "must be in [0, 1]"),
+            ("min_curves", es.min_curves >= 1, "must be at least 1")]
+
+
+def check_early_stopping(es: EarlyStoppingConfig, where: str) -> None:
+    """Raise LoratuneError, naming ``where`` and the field, at the first rule ``es`` breaks."""
+    for name, ok, rule in early_stopping_checks(es):
+        if not ok:
+            raise LoratuneError(f"{where}: {name}: {rule}, got {getattr(es, name)!r}")
+
+
 def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metrics: bool = False,
                    scorer_names: Iterable[str] = ()) -> StudyConfig:
     """Check a study config once; ``custom_metrics`` (or a ``command``) allows any metric name: the user's
@@ -124,10 +140,7 @@ def validate_study(cfg: StudyConfig, origin: Origin | None = None, custom_metric
          "must list GPU indices such as 0,1 (or GPU UUIDs)"),
         ("objectives", len(cfg.objectives) >= 1, "needs at least one metric"),
         ("minimize", len(cfg.minimize) == len(cfg.objectives), f"needs one flag per objective ({len(cfg.objectives)})"),
-        ("early_stopping.check_at", 0 < es.check_at <= 1, "must be in (0, 1]"),
-        ("early_stopping.percentile", es.percentile is None or 0 < es.percentile < 100, "must be in (0, 100)"),
-        ("early_stopping.min_progression", 0 <= es.min_progression <= 1, "must be in [0, 1]"),
-        ("early_stopping.min_curves", es.min_curves >= 1, "must be at least 1"),
+        *((f"early_stopping.{name}", ok, rule) for name, ok, rule in early_stopping_checks(es)),
         ("scoring.subset", sc.subset >= 0, "must be >= 0 (0: no answers generated during the search)"),
         ("scoring.max_new_tokens", sc.max_new_tokens is None or sc.max_new_tokens >= 1, "must be a positive integer or null"),
     ]

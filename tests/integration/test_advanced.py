@@ -171,7 +171,7 @@ def test_bad_advanced_settings(tmp_path, kwargs, message):
 
 @pytest.mark.parametrize("check_at", [0, 1.5, -0.1])
 def test_check_at_outside_the_unit_interval(check_at):
-    with pytest.raises(LoratuneError, match=r"check_at must be in \(0, 1\]"):
+    with pytest.raises(LoratuneError, match=r"^EarlyStoppingCallback: check_at: must be in \(0, 1\]"):
         EarlyStoppingCallback(threshold=0.7, check_at=check_at)
 
 
