@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from .config import StudyConfig
+from .config import StudyConfig, flag_help
 from .errors import STUDY_FAILED_EXIT_CODE, USAGE_EXIT_CODE, LoratuneError, first_line
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -102,7 +102,7 @@ def add_study_flags(p: argparse.ArgumentParser, resuming: bool = False) -> None:
         kind = _flag_type(f)
         if f.metadata.get("metavar"):
             kind["metavar"] = f.metadata["metavar"]
-        p.add_argument(f.metadata["flag"], dest=f.name, help=f.metadata["help"], **kind)
+        p.add_argument(f.metadata["flag"], dest=f.name, help=flag_help(f), **kind)
 
 
 def options_markdown() -> str:
@@ -116,7 +116,7 @@ def options_markdown() -> str:
             (meaning, resume), flag = others[item], item
         else:
             flag = f"{item.metadata['flag']} {item.metadata.get('metavar') or ''}".strip()
-            meaning = item.metadata["help"]
+            meaning = flag_help(item, markdown=True)
             resume = "adds N trials" if item.name == "trials" else "may change" if item.metadata.get("resume") else "no"
         lines.append(f"| `{flag}` | {meaning} | {resume} |")
     lines.append("| `--resume CHECKPOINT` | (`ax_optimization.py` only) continue a study: it runs the trials still "

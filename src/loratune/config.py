@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -169,9 +171,10 @@ def default_search_space() -> dict:
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, flag: str | None = None,
             help: str | None = None, metavar: str | None = None, resume: bool = False) -> Any:
-    """A study field that describes itself: its command-line ``flag`` (``--no-...`` for a switch that turns a
-    true default off) with its ``help`` line, and whether it may change when a study ``resume``s: how trials
-    run may, what they measure may not. The CLI, the resume policy and the options table (docs/commands.md) are made from it."""
+    """A study field that describes itself: its command-line ``flag``, and whether it may change when a study
+    ``resume``s: how trials run may, what they measure may not. The flag's help is the first sentence of the
+    field's docstring (``flag_help``); only a ``--no-...`` switch, which turns a true default off, says in
+    ``help`` what it does. The CLI, the resume policy and the options table (docs/commands.md) are made from it."""
     return field(default=default, default_factory=default_factory,
                  metadata={"flag": flag, "help": help, "metavar": metavar, "resume": resume})
 
@@ -211,12 +214,11 @@ class ScoringConfig:
 
 @dataclass
 class StudyConfig:
-    trials: int = setting(20, flag="--trials", metavar="N", help="trials in all, the baseline included")
+    trials: int = setting(20, flag="--trials", metavar="N")
     """Trials to run in all, the baseline included."""
-    seed: int | None = setting(0, flag="--seed", metavar="N",
-                               help="seed of the search and of every trial: the same seed gives the same trials and "
-                                    "losses on one machine with one worker (docs/search.md)")
-    """Seed of the search (Ax) and of every trial's training; null for a random search seed."""
+    seed: int | None = setting(0, flag="--seed", metavar="N")
+    """Seed of the search (Ax) and of every trial's training: the same seed gives the same trials and losses on
+    one machine with one worker (docs/search.md); null for a random search seed."""
     search_space: dict = field(default_factory=default_search_space)
     """Parameter -> range ``[low, high]`` (floats), choice ``[a, b, c]``, fixed ``[v]``, or a mapping
     ``{low, high, log}`` / ``{values: [...]}``. Names are training-config fields."""
@@ -235,56 +237,44 @@ class StudyConfig:
     """Trials of the initial design (the centre of the space, then Sobol points) before Bayesian
     optimization starts; the baseline comes on top (when it is the centre, the centre is not run twice).
     null: Ax's default, 5."""
-    parameterization: Literal["lora", "raw"] = setting("raw", flag="--parameterization", metavar="{lora,raw}",
-                                                       help="how Ax sees the learning rate: lora, as LoRA's effective "
-                                                            "step lr x alpha / rank; raw, as written")
-    """``lora``: Ax searches the learning rate as LoRA's effective step, lr x alpha / rank (alpha / sqrt(rank)
-    with rsLoRA), with alpha and rank as base-2 exponents; trials, results and plots keep your parameters, and
-    no learning rate outside its bounds is proposed. ``raw``: every parameter as written. Where the space does
-    not allow ``lora`` (the learning rate is not a range, or alpha and rank are choices that are not consecutive
-    powers of two) the study searches as written and says why."""
-    warm_start: list[str] = setting(default_factory=list, flag="--warm-start", metavar="DIR[,DIR]",
-                                    help="earlier studies whose completed trials Ax learns from before the first "
-                                         "suggestion (same objectives)")
-    """Directories of earlier studies (of the same objectives) whose completed trials the new study's Ax model
-    learns from before its first suggestion; they replace as many points of the initial design, are never run
-    again and are not the new study's trials. A trial outside the new search space is left out, and said."""
-    workers: int = setting(1, flag="--workers", metavar="N", resume=True,
-                           help="trials at once (each gets its own GPU set where there are GPUs)")
-    """Trials running at once."""
-    gpus_per_trial: int = setting(1, flag="--gpus-per-trial", metavar="N", resume=True,
-                                  help="GPUs each trial gets (CUDA_VISIBLE_DEVICES; default 1)")
+    parameterization: Literal["lora", "raw"] = setting("raw", flag="--parameterization", metavar="{lora,raw}")
+    """How Ax sees the learning rate: ``lora``, as LoRA's effective step lr x alpha / rank; ``raw``, as written.
+    With ``lora`` (alpha / sqrt(rank) with rsLoRA), alpha and rank are searched as base-2 exponents; trials,
+    results and plots keep your parameters, and no learning rate outside its bounds is proposed. Where the
+    space does not allow ``lora`` (the learning rate is not a range, or alpha and rank are choices that are not
+    consecutive powers of two) the study searches as written and says why."""
+    warm_start: list[str] = setting(default_factory=list, flag="--warm-start", metavar="DIR[,DIR]")
+    """Earlier studies (directories, of the same objectives) whose completed trials Ax learns from before its
+    first suggestion. They replace as many points of the initial design, are never run again and are not the
+    new study's trials. A trial outside the new search space is left out, and said."""
+    workers: int = setting(1, flag="--workers", metavar="N", resume=True)
+    """Trials running at once (each gets its own GPU set where there are GPUs)."""
+    gpus_per_trial: int = setting(1, flag="--gpus-per-trial", metavar="N", resume=True)
     """GPUs handed to each trial (CUDA_VISIBLE_DEVICES) when the machine has GPUs."""
-    gpus: list[str] | None = setting(None, flag="--gpus", metavar="0,1,2,3", resume=True,
-                                     help="which local GPUs trials may use (default: all visible)")
+    gpus: list[str] | None = setting(None, flag="--gpus", metavar="0,1,2,3", resume=True)
     """Which local GPUs trials may use (ids as CUDA_VISIBLE_DEVICES takes them); null: all visible."""
-    executor: Literal["local", "ray"] = setting("local", flag="--executor", metavar="{local,ray}", resume=True,
-                                                help="where trials run: local processes, or a Ray cluster "
-                                                     "(pip install 'loratune[ray]')")
-    """Where trials run: child processes here, or Ray actors on a cluster. It may change when a study resumes
-    (a study started here can go on on a cluster): where a trial runs does not change what it measures."""
-    ray_address: str | None = setting(None, flag="--ray-address", metavar="ADDR", resume=True,
-                                      help="the Ray cluster to join (default: start Ray on this machine)")
+    executor: Literal["local", "ray"] = setting("local", flag="--executor", metavar="{local,ray}", resume=True)
+    """Where trials run: child processes here, or Ray actors on a cluster (``pip install 'loratune[ray]'``). It
+    may change when a study resumes (a study started here can go on on a cluster): where a trial runs does not
+    change what it measures."""
+    ray_address: str | None = setting(None, flag="--ray-address", metavar="ADDR", resume=True)
     """Ray cluster to join (e.g. ``ray://head:10001`` or ``auto``); null starts Ray on this machine."""
-    shared_dir: str | None = setting(None, flag="--shared-dir", metavar="PATH", resume=True,
-                                     help="with Ray: a path every node shares, where trials write their files")
+    shared_dir: str | None = setting(None, flag="--shared-dir", metavar="PATH", resume=True)
     """With Ray: a path every node shares where trials write their files; null ships them back to the driver."""
     reuse_model: bool = setting(True, flag="--no-reuse-model", resume=True,
                                 help="a fresh process per trial instead of workers that keep the base model loaded")
     """Each worker keeps the base model loaded and runs trial after trial on it with a fresh adapter
     (same results as a fresh process per trial, without reloading the model); false: a fresh process per trial."""
-    pack: int | Literal["auto"] = setting("auto", flag="--pack", metavar="K", resume=True,
-                                          help="trials a worker trains together on one loaded base model "
-                                               "(auto: 4 for a small model on CPU, where it measured faster; else 1)")
-    """Trials each worker trains together, in one pass over one loaded base model (packed trials: each keeps
-    its own adapter, optimizer, seed, data order and curve, and gets the loss it gets alone). ``auto``: 4 where
-    trials train on the CPU and the model has under 10M parameters (the demo model's 20-trial study: 46-47 s
-    instead of 61-71 s, the same best loss; per trial, points chosen four at a time search worse: 3x the
-    regret after 20 trials on one benchmark surface), else 1: SmolLM2-135M on a CPU gained nothing, and no
-    GPU has measured it yet (docs/benchmarks.md, "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray,
-    without ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory
-    (train_time, peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked
-    for."""
+    pack: int | Literal["auto"] = setting("auto", flag="--pack", metavar="K", resume=True)
+    """Trials each worker trains together, in one pass over one loaded base model (``auto``: 4 for a small model
+    on the CPU, where it measured faster; else 1). Packed trials each keep their own adapter, optimizer, seed,
+    data order and curve, and get the loss they get alone. ``auto`` is 4 where trials train on the CPU and the
+    model has under 10M parameters (the demo model's 20-trial study: 46-47 s instead of 61-71 s, the same best
+    loss; per trial, points chosen four at a time search worse: 3x the regret after 20 trials on one benchmark
+    surface), else 1: SmolLM2-135M on a CPU gained nothing, and no GPU has measured it yet (docs/benchmarks.md,
+    "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray, without
+    ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory (train_time,
+    peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked for."""
     trials_per_worker: int = setting(50, resume=True)
     """Trials a worker runs before a fresh one replaces it (with ``reuse_model``); a failed trial replaces it at once."""
     max_failures_in_a_row: int = setting(3, resume=True)
@@ -296,26 +286,21 @@ class StudyConfig:
     report: bool = setting(True, flag="--no-report", resume=True,
                            help="skip OPTIMIZATION_RESULTS.md at the end (`loratune report` writes it any time)")
     """Write OPTIMIZATION_RESULTS.md and its plots when the study ends."""
-    command: str | None = setting(None, flag="--command", metavar="CMD",
-                                  help="your own training command instead of loratune's trainer, with {parameter} "
-                                       "placeholders (or loratune.integrations.trial_params()); its metrics: its last JSON "
-                                       "line, else the last evaluation its trainer's LoratuneCallback reported")
+    command: str | None = setting(None, flag="--command", metavar="CMD")
     """External training command with {parameter} placeholders (or ``loratune.integrations.trial_params()``); its
     metrics: its last JSON line on stdout, else the last evaluation its trainer's ``LoratuneCallback`` reported
     (which also makes each evaluation a curve point that early stopping judges)."""
-    tracking: Literal["none", "mlflow"] = setting("none", flag="--tracking", metavar="{none,mlflow}", resume=True,
-                                                  help="log the study to MLflow (a parent run, a child run per trial)")
-    """Log the study to an experiment tracker: ``mlflow`` (``pip install 'loratune[mlflow]'``)."""
-    tracking_uri: str | None = setting(None, flag="--tracking-uri", metavar="URI", resume=True,
-                                       help="the MLflow tracking URI (default: a local store in the output directory)")
+    tracking: Literal["none", "mlflow"] = setting("none", flag="--tracking", metavar="{none,mlflow}", resume=True)
+    """Log the study to an experiment tracker: ``mlflow``, a parent run and a child run per trial (``pip install
+    'loratune[mlflow]'``)."""
+    tracking_uri: str | None = setting(None, flag="--tracking-uri", metavar="URI", resume=True)
     """The MLflow tracking URI (a server such as ``http://mlflow.internal:5000``); null: a local store in the
     output directory (``sqlite:///<output>/mlflow.db``, artifacts in ``mlartifacts/``)."""
     tracking_experiment: str = setting("loratune", resume=True)
     """The MLflow experiment the study's runs go to."""
-    trial_timeout: float | None = setting(None, flag="--trial-timeout", metavar="SECONDS", resume=True,
-                                          help="a trial still running then is stopped and recorded as failed "
-                                               "(\"timeout\"); the study goes on")
-    """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"). Null: no limit."""
+    trial_timeout: float | None = setting(None, flag="--trial-timeout", metavar="SECONDS", resume=True)
+    """Seconds a trial may run; a trial still running then is stopped and recorded as failed ("timeout"), and
+    the study goes on. Null: no limit."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -346,6 +331,7 @@ def get_field(obj: Any, dotted: str) -> Any:
 # The reference: every field with its type, default and docstring
 
 
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass ``cls`` (Python keeps none at run time)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -356,6 +342,18 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+def flag_help(f: dataclasses.Field, markdown: bool = False) -> str:
+    """The help of a study field's flag: its ``help`` (a ``--no-`` switch), else the first sentence of its
+    docstring, with ``code`` as plain text (or as Markdown code): ``--help`` and the options table cannot drift
+    from the field's own words."""
+    text = f.metadata.get("help")
+    if text is None:  # a sentence of the docstring, written as the other options' help: lower case, no full stop
+        text = re.split(r"(?<=\.)\s+(?=[A-Z])", field_docs(StudyConfig)[f.name], maxsplit=1)[0].removesuffix(".")
+        first = text.split(" ", 1)[0]
+        text = text if first in ("Ray", "GPUs", "MLflow") else text[0].lower() + text[1:]
+    return text.replace("``", "`" if markdown else "")
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -1,3 +1,4 @@
+import argparse
 import copy
 import dataclasses
 import re
@@ -173,3 +174,25 @@ def test_the_resume_policy_is_each_fields_own_and_every_command_follows_it(capsy
     assert may_change_on_resume("seed") and "--seed" in resume_options()
     assert ax_optimization.main(["--resume", "nowhere.json", "--seed", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: nowhere.json: checkpoint not found"
+
+
+def test_a_flags_help_is_its_fields_own_words():
+    """--help, the options table and the config reference say the same of each flag (a switch that turns a
+    true default off says what the switch does): a help line written beside the docstring would drift."""
+    import dataclasses
+
+    from loratune.cli import add_optimize_arguments
+    from loratune.config import StudyConfig, field_docs
+
+    parser = argparse.ArgumentParser()
+    add_optimize_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    docs = field_docs(StudyConfig)
+    flagged = [f for f in dataclasses.fields(StudyConfig) if f.metadata.get("flag")]
+    assert len(flagged) > 10
+    for f in flagged:
+        if f.metadata["flag"].startswith("--no-"):
+            assert f.metadata["help"] and helps[f.name] == f.metadata["help"]
+            continue
+        words = docs[f.name].replace("``", "")
+        assert words.lower().startswith(helps[f.name].lower()), (f.name, helps[f.name], words)
