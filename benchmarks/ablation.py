@@ -60,8 +60,9 @@ VARIANTS: dict[str, dict] = {
 
 def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> list[tuple[dict, float]]:
     from loratune.config import FinetuneConfig, default_search_space
+    from loratune.constraints import parse_constraint
     from loratune.optimizer import Optimizer, seam
-    from loratune.search_space import SearchSpace, _encode_for_products, parse_constraint, parse_search_space
+    from loratune.search_space import SearchSpace, _encode_for_products, parse_search_space
 
     v = VARIANTS[variant]
     gs, attach, exponents, sem = v.get("gs"), v.get("attach"), v.get("exponents", False), v.get("sem")
@@ -89,7 +90,7 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
         space = parse_search_space(default_search_space(), constraints, FinetuneConfig())
     else:
         params = [se._loratune_param(p) for p in problem.params]
-        space = SearchSpace(params, [parse_constraint(c, params) for c in constraints])
+        space = SearchSpace(params, [parse_constraint(c, [p.name for p in params]) for c in constraints])
         _encode_for_products(space)
     if exponents:  # power-of-two choices as base-2 exponents, as a product constraint would have them
         for p in space.params:

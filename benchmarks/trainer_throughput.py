@@ -34,8 +34,8 @@ def hf_run(cfg, pad_to_max: bool) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from loratune.data import load_examples
+    from loratune.losses import mean_losses
     from loratune.model import attach_adapter, load_base
-    from loratune.pack import mean_losses
 
     base = load_base(cfg)
     train, validation = load_examples(base.tokenizer, cfg.data, cfg.training.seed)

@@ -1,19 +1,17 @@
-"""Our parameter specs and constraints, and how they map to what Ax accepts.
+"""Our parameter specs: what a study searches, in the user's values.
 
 Users write the short form of Module 4.5 (``lora_rank: [8, 16, 32, 64]``, ``learning_rate: [1e-5, 5e-4]``)
 or a mapping (``{low: 1e-5, high: 5e-4, log: true}``, ``{values: [...]}``). Each parameter names a
 training-config field: ``lora_rank`` -> ``lora.rank``, ``learning_rate`` -> ``training.learning_rate``,
-or a dotted ``section.field``.
+or a dotted ``section.field``. Constraints between parameters are read in ``constraints.py``.
 
-Ax only takes linear parameter constraints. A product of positive parameters, such as Module 4.5's
-``lora_rank * batch_size <= 128``, is linear in log2 space: the parameters it names are given to Ax
-as their base-2 exponents (``log2(lora_rank) + log2(batch_size) <= 7``) and decoded on the way back,
-so Ax never proposes a point that breaks the constraint.
+The space also says which parameters Ax should see as base-2 exponents (those of a product constraint,
+LoRA's alpha and rank under the LoRA parameterization) and whether the learning rate is searched as
+LoRA's effective step; ``optimizer/encoding.py`` maps values to Ax's parameters and back accordingly.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import math
 import typing
@@ -21,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SECTIONS, FinetuneConfig, StudyConfig
+from .constraints import Constraint, check_feasible, parse_constraint, satisfies
 from .errors import LoratuneError
-from .settings import coerce, section_fields, unknown_field_message, validate
+from .rules import validate
+from .schema import coerce, section_fields, unknown_field_message
 
 Value = int | float | str | bool
 
@@ -42,12 +42,6 @@ class Param:
     # lr x alpha / rank = log2(lr) + step_offset + sum(k * log2(value of parameter)), k per parameter name
     step_scale: dict[str, float] | None = None
     step_offset: float = 0.0
-
-    @property
-    def ax_name(self) -> str:
-        if self.step_scale is not None:
-            return f"log2_effective_{self.name}"
-        return f"log2_{self.name}" if self.log2_encoded else self.name
 
     def candidates(self) -> list[Value]:
         return self.values if self.kind != "range" else [self.low, self.high]
@@ -71,16 +65,6 @@ class Param:
 
 
 @dataclass
-class Constraint:
-    text: str
-    terms: dict[str, float]  # linear: coefficient per parameter; product: exponent per parameter
-    op: str  # "<=" or ">="
-    bound: float
-    product: bool
-    label: str = ""  # where it was written, for messages: "c.yaml: constraints[0]: 'a * b <= 128'"
-
-
-@dataclass
 class SearchSpace:
     params: list[Param]
     constraints: list[Constraint] = field(default_factory=list)
@@ -92,16 +76,6 @@ class SearchSpace:
         """The learning rate, where it is searched as LoRA's effective step (see ``lora_parameterization``)."""
         return next((p for p in self.params if p.step_scale is not None), None)
 
-    def step_bounds(self) -> tuple[float, float]:
-        """Bounds of the effective step's base-2 exponent: the learning rate's, plus the lowest and the highest
-        log2 of LoRA's scale over the space's box (alpha and rank apart)."""
-        step, by_name = self.step, {p.name: p for p in self.params}
-        low, high = math.log2(step.low) + step.step_offset, math.log2(step.high) + step.step_offset
-        for name, k in step.step_scale.items():
-            ends = [k * math.log2(v) for v in by_name[name].candidates()]
-            low, high = low + min(ends), high + max(ends)
-        return low, high
-
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.params]
@@ -112,26 +86,6 @@ class SearchSpace:
         if missing:
             raise LoratuneError(f"{where}: no value for {', '.join(missing)}")
         return {p.name: p.cast(values[p.name], where) for p in self.params}
-
-    def encode(self, values: dict[str, Value]) -> dict[str, Value]:
-        """User values -> Ax parameters, each in the type Ax declared for it."""
-        values = self.cast(values)
-        encoded = {p.ax_name: _to_exponent(p, values[p.name]) if p.log2_encoded else values[p.name] for p in self.params}
-        if (step := self.step) is not None:
-            encoded[step.ax_name] = math.log2(values[step.name]) + _log2_scale(step, values)
-        return encoded
-
-    def decode(self, ax_values: dict[str, Value]) -> dict[str, Value]:
-        """Ax parameters -> user values. The learning rate of an effective step is the step divided by the
-        scale of the decoded alpha and rank; Ax's constraints keep it inside its bounds, up to rounding,
-        which the clip takes away."""
-        step = self.step
-        values = {p.name: _from_exponent(p, ax_values[p.ax_name]) if p.log2_encoded else ax_values[p.ax_name]
-                  for p in self.params if p is not step}
-        if step is not None:  # 12 digits: a learning rate given as 2e-4 comes back as 2e-4, not 2.0000000000000001e-4
-            lr = float(f"{2 ** (float(ax_values[step.ax_name]) - _log2_scale(step, values)):.12g}")
-            values[step.name] = min(max(lr, step.low), step.high)
-        return self.cast({p.name: values[p.name] for p in self.params}, "Ax's suggestion")
 
     def contains(self, values: dict[str, Value]) -> bool:
         for p in self.params:
@@ -152,32 +106,6 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float):
         return float(a) == float(b)
     return type(a) is type(b) and a == b
-
-
-def _log2_scale(step: Param, values: dict[str, Value]) -> float:
-    """log2 of LoRA's update scale (alpha / rank, or alpha / sqrt(rank)) at these values."""
-    return step.step_offset + sum(k * math.log2(values[name]) for name, k in step.step_scale.items())
-
-
-def _to_exponent(p: Param, value: Value) -> float | int:
-    exponent = math.log2(value)
-    return int(round(exponent)) if p.kind == "choice" else exponent
-
-
-def _from_exponent(p: Param, exponent: Value) -> Value:
-    if p.kind == "choice":
-        return 2 ** int(exponent)
-    # floor keeps an integer inside a "<=" product bound that its exponent satisfies
-    return int(math.floor(2 ** exponent + 1e-9)) if p.integer else 2 ** exponent
-
-
-def satisfies(c: Constraint, values: dict[str, Value]) -> bool:
-    if c.product:
-        lhs = math.prod(float(values[n]) ** e for n, e in c.terms.items())
-    else:
-        lhs = sum(k * float(values[n]) for n, k in c.terms.items())
-    tol = 1e-9 * max(1.0, abs(c.bound))
-    return lhs <= c.bound + tol if c.op == "<=" else lhs >= c.bound - tol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,9 +221,10 @@ def parse_search_space(spec: Any, constraints: list[str], base: FinetuneConfig, 
         if targets.count(p.target) > 1:
             raise LoratuneError(f"{where}.{p.name}: {p.target} is searched twice")
     _check_values(params, base, where)
-    space = SearchSpace(params, [parse_constraint(c, params, f"{constraints_at}[{i}]") for i, c in enumerate(constraints)])
+    names = [p.name for p in params]
+    space = SearchSpace(params, [parse_constraint(c, names, f"{constraints_at}[{i}]") for i, c in enumerate(constraints)])
     _encode_for_products(space)
-    check_feasible(space)
+    check_feasible(space.constraints, {p.name: p.candidates() for p in space.params})
     if parameterization == "lora":
         lora_parameterization(space, base)
     return space
@@ -376,93 +305,6 @@ def _exponent_axis(p: Param, space: SearchSpace, in_constraints: set[str]) -> st
     return None
 
 
-def _check_values(params: list[Param], base: FinetuneConfig, where: str) -> None:
-    """Every value of every parameter makes a valid training config: alone (the others as in the base
-    config), so that a message names the value at fault whatever the order; then in pairs."""
-    def problem(values: dict[str, Value]) -> str | None:
-        trial = apply(base, values, SearchSpace([p for p in params if p.name in values]), where)  # names its value
-        try:
-            validate(trial)
-        except LoratuneError as exc:
-            return str(exc).split(": ", 1)[-1]
-        return None
-
-    for p in params:
-        for value in p.candidates():
-            if (why := problem({p.name: value})) is not None:
-                raise LoratuneError(f"{where}.{p.name}: value {value!r}: {why}")
-    for i, p in enumerate(params):
-        for q in params[i + 1:]:
-            for a in p.candidates():
-                for b in q.candidates():
-                    if (why := problem({p.name: a, q.name: b})) is not None:
-                        raise LoratuneError(f"{where}: {p.name} = {a!r} with {q.name} = {b!r}: {why}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Constraints
-
-
-def parse_constraint(text: str, params: list[Param], at: str = "constraints") -> Constraint:
-    """Parse ``a * b <= 128`` or ``2*a + b >= 3`` without evaluating user text; ``at``: where it was written."""
-    where = f"{at}: '{text}'"
-    try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        raise LoratuneError(f"{where}: syntax error; write e.g. 'lora_rank * batch_size <= 128'") from None
-    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in (ast.LtE, ast.GtE, ast.Lt, ast.Gt)):
-        raise LoratuneError(f"{where}: must be one comparison with <= or >=")
-    op = "<=" if isinstance(tree.ops[0], ast.LtE | ast.Lt) else ">="
-    names = {p.name: p for p in params}
-    lhs, rhs = _polynomial(tree.left, names, where), _polynomial(tree.comparators[0], names, where)
-    poly = dict(lhs)
-    for mono, k in rhs.items():
-        poly[mono] = poly.get(mono, 0.0) - k
-    bound = -poly.pop((), 0.0)
-    poly = {m: k for m, k in poly.items() if k != 0}
-    if not poly:
-        raise LoratuneError(f"{where}: names no parameter")
-    if all(len(m) <= 1 for m in poly):
-        linear = {m[0]: k for m, k in poly.items()}
-        return Constraint(text, {n: linear[n] for n in names if n in linear}, op, bound, product=False, label=where)
-    if len(poly) == 1:
-        (mono, k), = poly.items()
-        if k < 0:
-            op, k, bound = ("<=" if op == ">=" else ">="), -k, -bound
-        if bound <= 0:
-            raise LoratuneError(f"{where}: a product of parameters must be compared with a positive number")
-        terms = {n: float(mono.count(n)) for n in names if n in mono}
-        return Constraint(text, terms, op, bound / k, product=True, label=where)
-    raise LoratuneError(f"{where}: only linear constraints or a single product of parameters are supported")
-
-
-def _polynomial(node: ast.AST, names: dict[str, Param], where: str) -> dict[tuple[str, ...], float]:
-    """A sum of monomials: {(sorted names...): coefficient}."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
-        return {(): float(node.value)}
-    if isinstance(node, ast.Name):
-        if node.id not in names:
-            raise LoratuneError(f"{where}: {unknown_field_message(node.id, names)}: not a searched parameter")
-        return {(node.id,): 1.0}
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return {m: -k for m, k in _polynomial(node.operand, names, where).items()}
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult):
-        a, b = _polynomial(node.left, names, where), _polynomial(node.right, names, where)
-        if isinstance(node.op, ast.Mult):
-            out: dict[tuple[str, ...], float] = {}
-            for ma, ka in a.items():
-                for mb, kb in b.items():
-                    m = tuple(sorted(ma + mb))
-                    out[m] = out.get(m, 0.0) + ka * kb
-            return out
-        sign = 1.0 if isinstance(node.op, ast.Add) else -1.0
-        out = dict(a)
-        for m, k in b.items():
-            out[m] = out.get(m, 0.0) + sign * k
-        return out
-    raise LoratuneError(f"{where}: only numbers, parameter names, +, - and * are allowed")
-
-
 def _encode_for_products(space: SearchSpace) -> None:
     """Parameters in a product constraint go to Ax as base-2 exponents."""
     by_name = {p.name: p for p in space.params}
@@ -485,12 +327,25 @@ def _encode_for_products(space: SearchSpace) -> None:
                                 "write it as a product (e.g. 'a * b <= 128') or make the parameters ranges")
 
 
-def check_feasible(space: SearchSpace) -> None:
-    """Refuse a constraint that no point of the space satisfies (checked at the corners and choices)."""
-    grid = [[]]
-    for p in space.params:
-        grid = [g + [v] for g in grid for v in p.candidates()][:20000]
-    names = space.names
-    for c in space.constraints:
-        if not any(satisfies(c, dict(zip(names, g, strict=True))) for g in grid):
-            raise LoratuneError(f"{c.label}: no point of the search space satisfies it")
+
+def _check_values(params: list[Param], base: FinetuneConfig, where: str) -> None:
+    """Every value of every parameter makes a valid training config: alone (the others as in the base
+    config), so that a message names the value at fault whatever the order; then in pairs."""
+    def problem(values: dict[str, Value]) -> str | None:
+        trial = apply(base, values, SearchSpace([p for p in params if p.name in values]), where)  # names its value
+        try:
+            validate(trial)
+        except LoratuneError as exc:
+            return str(exc).split(": ", 1)[-1]
+        return None
+
+    for p in params:
+        for value in p.candidates():
+            if (why := problem({p.name: value})) is not None:
+                raise LoratuneError(f"{where}.{p.name}: value {value!r}: {why}")
+    for i, p in enumerate(params):
+        for q in params[i + 1:]:
+            for a in p.candidates():
+                for b in q.candidates():
+                    if (why := problem({p.name: a, q.name: b})) is not None:
+                        raise LoratuneError(f"{where}: {p.name} = {a!r} with {q.name} = {b!r}: {why}")

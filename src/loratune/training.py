@@ -25,8 +25,9 @@ from .data import load_examples
 from .data.batching import padding_fraction, sorted_batches
 from .data.chat import Example
 from .errors import LoratuneError
+from .losses import autocast, mean_losses
 from .model import Base, detach_adapter, load_base
-from .pack import CurvePoint, Hooks, Pack, PackTrial, autocast, mean_losses
+from .pack import CurvePoint, Hooks, Pack, PackTrial
 from .storage import atomic_write_json, check_creatable
 from .trial import TrialState
 

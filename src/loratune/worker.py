@@ -73,58 +73,59 @@ class Cache:
         return self.data[1]
 
 
+class _Progress:
+    """A trial's progress file as it trains: its curve points, its steps (at most one a
+    ``STEP_INTERVAL_S``), and the verdicts it waits for at a point the study judges."""
+
+    def __init__(self, trial_dir: Path, spec: dict):
+        self.trial_dir, self.spec = trial_dir, spec
+        self.file = open(trial_dir / PROGRESS_FILE, "a")
+        self.last_step = 0.0
+        self.judged = 0  # curve points before the last that the study has been asked to judge
+
+    def write(self, event: dict) -> None:
+        self.file.write(json.dumps(event) + "\n")
+        self.file.flush()
+
+    def on_eval(self, point) -> bool:
+        self.write({"kind": EVAL, **asdict(point)})
+        if not self.spec.get("await_verdict") or not awaits_verdict(asdict(point)):
+            return False
+        self.judged += 1
+        return await_verdict(self.trial_dir, self.judged)  # stop exactly here when the study says so
+
+    def on_step(self, step: int, steps: int, elapsed: float, train_loss: float) -> None:
+        if time.monotonic() - self.last_step >= STEP_INTERVAL_S or step == steps:
+            self.last_step = time.monotonic()
+            self.write({"kind": STEP, "step": step, "steps": steps, "elapsed_s": round(elapsed, 3),
+                        "train_loss": train_loss})
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float | None = None) -> TrialResult:
     """Run the trial in ``trial_dir`` (on the cached base when its key matches); never raises.
     ``process_start``: for a process's first trial, which pays for importing torch, transformers and
     peft; the time from it to the end of those imports is the trial's ``startup_s``."""
     from . import training
-    from .model import import_libraries
     from .settings import finetune_config_from_dict
 
     try:
-        spec = json.loads((trial_dir / SPEC_FILE).read_text())
-        # here, not where first used, so that a fresh process's start-up is timed as such
-        import_libraries(quantized=(spec["config"].get("model") or {}).get("quantization", "none") != "none")
+        spec = _read_spec(trial_dir)
     except BaseException as exc:
         return result_from_exception(exc)
     started = time.time()
-    progress = open(trial_dir / PROGRESS_FILE, "a")
-    last_step = [0.0]
-
-    def write(event: dict) -> None:
-        progress.write(json.dumps(event) + "\n")
-        progress.flush()
-
-    judged = [0]  # curve points before the last that the study has been asked to judge
-
-    def on_eval(point) -> bool:
-        write({"kind": EVAL, **asdict(point)})
-        if not spec.get("await_verdict") or not awaits_verdict(asdict(point)):
-            return False
-        judged[0] += 1
-        return await_verdict(trial_dir, judged[0])  # stop exactly here when the study says so
-
-    def on_step(step: int, steps: int, elapsed: float, train_loss: float) -> None:
-        if time.monotonic() - last_step[0] >= STEP_INTERVAL_S or step == steps:
-            last_step[0] = time.monotonic()
-            write({"kind": STEP, "step": step, "steps": steps, "elapsed_s": round(elapsed, 3),
-                   "train_loss": train_loss})
-
+    progress = _Progress(trial_dir, spec)
     try:
         cfg = finetune_config_from_dict(spec["config"], str(trial_dir / SPEC_FILE))
         test = spec.get("test", False)
         if cache is None and test:
             cache = Cache()  # a test job with a base of its own: loaded once for the examples and the adapter
-        base = data = None
-        load_s = 0.0
-        if cache is not None:
-            load_s = cache.load_base(cfg, base_key(spec["config"]))
-            base = cache.base[1]
-            if not (test and spec.get("adapter")):  # scoring a saved adapter needs no training data
-                data = cache.load_data(cfg)
+        base, data, load_s = _cached_base_and_data(cache, cfg, spec)
         if test:
             return _test_job(cfg, spec, base, data, started)
-        m = training.run_training(cfg, overwrite=True, on_eval=on_eval, on_step=on_step,
+        m = training.run_training(cfg, overwrite=True, on_eval=progress.on_eval, on_step=progress.on_step,
                                   stop_requested=(trial_dir / STOP_FILE).exists,
                                   measure_inference=spec.get("measure_inference", False), base=base, data=data,
                                   answer=spec.get("answer", 0), max_new_tokens=spec.get("max_new_tokens"))
@@ -132,8 +133,37 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
         return result_from_exception(exc)
     finally:
         progress.close()
+    return _training_result(m, load_s if cache is not None else m.load_time_s, started, process_start)
+
+
+def _read_spec(trial_dir: Path) -> dict:
+    """The trial's spec, with the libraries it needs imported: here, not where first used, so that a fresh
+    process's start-up is timed as such."""
+    from .model import import_libraries
+
+    spec = json.loads((trial_dir / SPEC_FILE).read_text())
+    import_libraries(quantized=(spec["config"].get("model") or {}).get("quantization", "none") != "none")
+    return spec
+
+
+def _cached_base_and_data(cache: Cache | None, cfg, spec: dict) -> tuple[Any, Any, float]:
+    """(base, data, seconds loading the base took) from ``cache``; (None, None, 0.0) without one, for the
+    training to load its own."""
+    if cache is None:
+        return None, None, 0.0
+    load_s = cache.load_base(cfg, base_key(spec["config"]))
+    data = None
+    if not (spec.get("test", False) and spec.get("adapter")):  # scoring a saved adapter needs no training data
+        data = cache.load_data(cfg)
+    return cache.base[1], data, load_s
+
+
+def _training_result(m, load_s: float, started: float, process_start: float | None) -> TrialResult:
+    """A trained trial's result: its state, metrics and curve, with its timings, memory and what it ran on."""
+    from . import training
+
     memory = training.memory_after_trial()
-    timings = {"load_s": load_s if cache is not None else m.load_time_s, "data_s": m.data_time_s,
+    timings = {"load_s": load_s, "data_s": m.data_time_s,
                "train_s": m.train_time_s, "eval_s": m.eval_time_s, "inference_s": m.inference_measure_s,
                "trial_s": time.time() - started}
     if process_start is not None:

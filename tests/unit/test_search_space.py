@@ -4,9 +4,10 @@ import math
 import pytest
 
 from loratune.config import FinetuneConfig, default_search_space
+from loratune.constraints import satisfies
 from loratune.errors import LoratuneError
-from loratune.optimizer import to_ax
-from loratune.search_space import apply, parse_search_space, resolve_target, satisfies
+from loratune.optimizer.encoding import decode, encode, to_ax
+from loratune.search_space import apply, parse_search_space, resolve_target
 
 
 def space(spec=None, constraints=()):
@@ -71,9 +72,9 @@ def test_product_constraint_goes_to_ax_in_log2_space():
     assert constraints == ["1*log2_lora_rank + 1*log2_batch_size <= 7"]
     # the encoding is exact: every decoded point that Ax may propose satisfies the product
     for r, b in itertools.product(range(3, 7), range(0, 3)):
-        values = s.decode({"log2_lora_rank": r, "lora_alpha": 16, "learning_rate": 1e-4, "log2_batch_size": b})
+        values = decode(s, {"log2_lora_rank": r, "lora_alpha": 16, "learning_rate": 1e-4, "log2_batch_size": b})
         assert satisfies(s.constraints[0], values) == (r + b <= 7)
-        assert s.encode(values)["log2_lora_rank"] == r
+        assert encode(s, values)["log2_lora_rank"] == r
 
 
 def test_linear_constraint_passes_through():
@@ -101,7 +102,7 @@ def test_values_are_cast_to_their_parameters_types_before_they_reach_ax():
     cast = s.cast({"lora_rank": 16.0, "lora_alpha": 32.0, "learning_rate": 2e-4, "batch_size": 1})
     assert cast == {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
     assert all(type(v) is int for k, v in cast.items() if k != "learning_rate")
-    assert type(s.encode({**cast, "learning_rate": 1})["learning_rate"]) is float
+    assert type(encode(s, {**cast, "learning_rate": 1})["learning_rate"]) is float
     with pytest.raises(LoratuneError, match="baseline: 24 is not one of lora_rank's values"):
         s.cast({**cast, "lora_rank": 24}, "baseline")
     with pytest.raises(LoratuneError, match="baseline: no value for batch_size"):
@@ -133,10 +134,10 @@ def test_the_lora_parameterization_maps_the_users_box_both_ways():
                           f"1*log2_effective_learning_rate + -1*log2_lora_alpha + 1*log2_lora_rank >= {math.log2(1e-5):.12g}",
                           f"1*log2_effective_learning_rate + -1*log2_lora_alpha + 1*log2_lora_rank <= {math.log2(5e-4):.12g}"]
     baseline = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch_size": 1}
-    assert s.encode(baseline) == pytest.approx({"log2_lora_rank": 4, "log2_lora_alpha": 5,
+    assert encode(s, baseline) == pytest.approx({"log2_lora_rank": 4, "log2_lora_alpha": 5,
                                                 "log2_effective_learning_rate": math.log2(2e-4 * 32 / 16), "log2_batch_size": 0})
     for values in box_points(s):
-        assert s.decode(s.encode(values)) == values  # exactly: a learning rate of 2e-4 comes back as 2e-4
+        assert decode(s, encode(s, values)) == values  # exactly: a learning rate of 2e-4 comes back as 2e-4
 
 
 def test_every_point_ax_may_propose_under_the_lora_parameterization_is_inside_the_users_box():
@@ -148,7 +149,7 @@ def test_every_point_ax_may_propose_under_the_lora_parameterization_is_inside_th
     for r, a, e, b in itertools.product(range(3, 7), range(4, 8), steps, (1, 2, 4)):
         if not lo - 1e-9 <= e - a + r <= hi + 1e-9:
             continue  # Ax's constraints never propose it
-        values = s.decode({"log2_lora_rank": r, "log2_lora_alpha": a, "log2_effective_learning_rate": e, "batch_size": b})
+        values = decode(s, {"log2_lora_rank": r, "log2_lora_alpha": a, "log2_effective_learning_rate": e, "batch_size": b})
         assert s.contains(values) and values["learning_rate"] * values["lora_alpha"] / values["lora_rank"] == pytest.approx(2 ** e)
         inside += 1
     assert inside > 900  # of the 1,968 points of the grid
@@ -168,7 +169,7 @@ def test_the_effective_step_follows_what_is_searched_and_what_is_fixed(spec, lor
     step = s.step
     assert (step.step_scale, step.step_offset) == (scale, pytest.approx(offset))
     for values in box_points(s, lrs=(1e-5, 7e-5, 5e-4)):
-        assert s.decode(s.encode(values)) == {**values, "learning_rate": pytest.approx(values["learning_rate"])}
+        assert decode(s, encode(s, values)) == {**values, "learning_rate": pytest.approx(values["learning_rate"])}
 
 
 @pytest.mark.parametrize(("spec", "constraints", "why"), [

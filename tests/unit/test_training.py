@@ -96,7 +96,8 @@ def test_response_only_logits_give_the_models_own_loss(tiny_model, tmp_path):
     import torch
 
     from loratune.data.batching import collate
-    from loratune.pack import Pack, can_score_only_responses, row_losses
+    from loratune.losses import can_score_only_responses, row_losses
+    from loratune.pack import Pack
 
     cfg = config(tmp_path)
     base, data = base_and_data(cfg)

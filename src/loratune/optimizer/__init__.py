@@ -1,6 +1,6 @@
 """The only package that imports Ax: a thin layer over ``ax.Client`` in loratune's terms.
 
-It speaks user parameter values (decoded from Ax's encoding, see search_space.py) and metric names,
+It speaks user parameter values (Ax's parameters decoded, see ``encoding``) and metric names,
 and keeps what Ax does not persist (the random seed, the early-stopping strategy) reapplied on load.
 Ax's private names live in ``seam``; its state's JSON in ``snapshot``; its analyses in ``analyses``.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 import warnings
 from typing import Any
 
 from ..errors import LoratuneError, first_line
-from ..search_space import Param, SearchSpace
+from ..search_space import SearchSpace
 from . import seam
+from .encoding import decode, encode, to_ax
 from .kernel import bounded_fused_kernel
 from .snapshot import Snapshots
 
@@ -39,51 +39,6 @@ def quiet_ax() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(ax|botorch|gpytorch|linear_operator)(\.|$)")
-
-
-def ax_parameter(p: Param, space: SearchSpace) -> Any:
-    from ax import ChoiceParameterConfig, RangeParameterConfig
-
-    if p.step_scale is not None:
-        return RangeParameterConfig(name=p.ax_name, bounds=space.step_bounds(), parameter_type="float")
-    if p.log2_encoded:
-        if p.kind == "choice":
-            exps = sorted(int(round(math.log2(v))) for v in p.values)
-            if exps == list(range(exps[0], exps[-1] + 1)):
-                return RangeParameterConfig(name=p.ax_name, bounds=(exps[0], exps[-1]), parameter_type="int")
-            return ChoiceParameterConfig(name=p.ax_name, values=exps, parameter_type="int", is_ordered=True)
-        return RangeParameterConfig(name=p.ax_name, bounds=(math.log2(p.low), math.log2(p.high)), parameter_type="float")
-    if p.kind == "range":
-        return RangeParameterConfig(name=p.name, bounds=(p.low, p.high), parameter_type="int" if p.integer else "float",
-                                    scaling="log" if p.log else "linear")
-    values = p.values
-    kind = "bool" if isinstance(values[0], bool) else "str" if isinstance(values[0], str) else "int" if p.integer else "float"
-    return ChoiceParameterConfig(name=p.name, values=values, parameter_type=kind,
-                                 is_ordered=kind in ("int", "float") and len(values) > 1)
-
-
-def to_ax(space: SearchSpace) -> tuple[list[Any], list[str]]:
-    """Ax parameter configs and constraint strings. Fixed parameters of a constraint move to its
-    right-hand side; a product constraint is linear over the base-2 exponents Ax is given."""
-    constraints = []
-    by_name = {p.name: p for p in space.params}
-    for c in space.constraints:
-        scale = math.log2 if c.product else float
-        bound, terms = scale(c.bound), []
-        for name, k in c.terms.items():
-            p = by_name[name]
-            if p.kind == "fixed":  # a fixed value moves to the right-hand side
-                bound -= k * scale(p.values[0])
-            else:
-                terms.append(f"{k:g}*{p.ax_name}")
-        if terms:
-            constraints.append(f"{' + '.join(terms)} {c.op} {bound:.12g}")
-    if (step := space.step) is not None:  # the learning rate inside its own bounds: linear in Ax's axes
-        terms = " + ".join([f"1*{step.ax_name}"] + [f"{-k:g}*{by_name[name].ax_name}" for name, k in step.step_scale.items()])
-        constraints += [f"{terms} >= {math.log2(step.low) + step.step_offset:.12g}",
-                        f"{terms} <= {math.log2(step.high) + step.step_offset:.12g}"]
-    return [ax_parameter(p, space) for p in space.params], constraints
-
 
 
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
@@ -145,7 +100,7 @@ class Optimizer:
         opt._configure_generation(init_trials)
         opt._set_early_stopping(early_stopping)
         for k, trial in enumerate(prior or []):
-            encoded = space.encode(trial.params)
+            encoded = encode(space, trial.params)
             index = opt.client.attach_trial(encoded, arm_name=opt._arm_name(encoded) or f"warm_start_{k}")
             opt.client.complete_trial(index, raw_data=trial.metrics)
         if len(objectives) > 1:
@@ -224,16 +179,16 @@ class Optimizer:
         except SearchSpaceExhausted:
             self.exhausted = True
             return {}
-        return {i: self.space.decode(dict(p)) for i, p in trials.items()}
+        return {i: decode(self.space, dict(p)) for i, p in trials.items()}
 
     def trial_parameters(self) -> dict[int, dict]:
         """Every trial Ax knows, as {index: user parameters}."""
-        return {i: self.space.decode(dict(t.arm.parameters)) for i, t in seam.experiment(self.client).trials.items()}
+        return {i: decode(self.space, dict(t.arm.parameters)) for i, t in seam.experiment(self.client).trials.items()}
 
     @_timed
     def attach(self, values: dict, baseline: bool = False) -> int:
         """Add a trial that Ax did not suggest (the baseline); values are cast to their parameters' types first."""
-        encoded = self.space.encode(values)
+        encoded = encode(self.space, values)
         try:
             if baseline:
                 return self.client.attach_baseline(encoded, arm_name=self._arm_name(encoded))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import first_line
 from . import quiet_ax, seam
+from .encoding import ax_name
 
 if TYPE_CHECKING:
     from . import Optimizer
@@ -38,7 +39,7 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
     # importance is reported under that name, and Ax's contours over the learning rate are left to the
     # report's own contour plots, which are drawn in the user's parameters
     step = opt.space.step
-    names = {p.ax_name: p.name for p in opt.space.params if p is not step}
+    names = {ax_name(p): p.name for p in opt.space.params if p is not step}
     for x, y in contour_pairs:
         ax_x = next((a for a, n in names.items() if n == x), None)
         ax_y = next((a for a, n in names.items() if n == y), None)
@@ -58,7 +59,7 @@ def analyses(opt: Optimizer, objectives: list[str], contour_pairs: list[tuple[st
             card = analysis.compute(experiment=experiment, generation_strategy=strategy)
             figures[name] = card.get_figure()
             if name == "sensitivity":
-                labels = {**names, **({step.ax_name: f"effective_{step.name}"} if step else {})}
+                labels = {**names, **({ax_name(step): f"effective_{step.name}"} if step else {})}
                 importance = {labels.get(p, p): abs(float(v)) for p, v in zip(card.df["parameter_name"], card.df["sensitivity"], strict=True)}
         except Exception as exc:  # an analysis Ax cannot run yet (too few trials, no model) is skipped
             model_based = name == "sensitivity" or name.startswith("contour_")
