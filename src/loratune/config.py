@@ -272,7 +272,8 @@ class StudyConfig:
     model has under 10M parameters (the demo model's 20-trial study: 46-47 s instead of 61-71 s, the same best
     loss; per trial, points chosen four at a time search worse: 3x the regret after 20 trials on one benchmark
     surface), else 1: SmolLM2-135M on a CPU gained nothing, and no GPU has measured it yet (docs/benchmarks.md,
-    "Packed trials"). A study of a ``command`` or an ``evaluate=`` function, one on Ray, without
+    "Packed trials"). On Ray, each actor trains up to ``pack`` trials together; ``auto`` is 1 there (the nodes'
+    devices are not known to the driver). A study of a ``command`` or an ``evaluate=`` function, one without
     ``reuse_model``, or one whose objectives or constraints measure a trial's own time or memory (train_time,
     peak_memory_gb, tokens_per_s) runs one trial per worker, and says so when more were asked for."""
     trials_per_worker: int = setting(50, resume=True)

@@ -128,3 +128,16 @@ def test_a_small_study_on_local_ray(tiny_model, tmp_path, local_ray):
         assert len(t["curve"]) == 5 and t["metrics"]["loss"] == t["curve"][-1]["val_loss"]
     best = results["best_trial"]
     assert (tmp_path / "trials" / str(best) / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ray_actors_train_packs_with_the_losses_of_trials_alone(tiny_model, tmp_path, local_ray):
+    """One actor, packs of two: the trials train together on its one worker and lose what they lose alone."""
+    settings = dict(num_trials=2, quiet=True, report=False, seed=0, training={"epochs": 0.1}, scoring={"subset": 0})
+    packed = run_optimization(output_dir=tmp_path / "ray", executor="ray", pack=2, **settings)
+    alone = run_optimization(output_dir=tmp_path / "alone", pack=1, **settings)
+    assert [t["extra"]["pack"] for t in packed["trials"]] == [2, 2]
+    assert max_overlap(intervals(packed)) == 2
+    assert [t["params"] for t in packed["trials"]] == [t["params"] for t in alone["trials"]]
+    for p, a in zip(packed["trials"], alone["trials"], strict=True):
+        assert p["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-4)

@@ -28,14 +28,13 @@ def pack_size(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETUNE) ->
     measured = [m for m in needed_metrics(cfg) if m in OWN_MEASURES]
     why = ("a --command study runs one trial per worker" if evaluation is Evaluation.COMMAND else
            "an evaluate= study runs one trial per worker" if evaluation is Evaluation.CALLABLE else
-           "Ray actors run one trial each" if cfg.executor == "ray" else
            "without reuse_model every trial has a process of its own" if not cfg.reuse_model else
            f"{measured[0]} of a packed trial would be its pack's" if measured else None)
     if why:
         return 1, (f"pack: {asked} asked for, but {why}: trials run one per worker"
                    if isinstance(asked, int) and asked > 1 else None)
-    if asked == "auto":
-        return auto_pack(cfg.base().model.name, cfg.base().model.trust_remote_code), None
+    if asked == "auto":  # on Ray, the nodes' devices are not known here: one trial per actor unless asked
+        return (1 if cfg.executor == "ray" else auto_pack(cfg.base().model.name, cfg.base().model.trust_remote_code)), None
     return asked, None
 
 
@@ -75,7 +74,8 @@ def create_executor(cfg: StudyConfig, evaluation: Evaluation = Evaluation.FINETU
         from .ray import RayExecutor
 
         return RayExecutor(cfg.workers, address=cfg.ray_address, gpus_per_trial=cfg.gpus_per_trial,
-                           shared_dir=cfg.shared_dir, reuse_model=cfg.reuse_model, trials_per_worker=cfg.trials_per_worker)
+                           shared_dir=cfg.shared_dir, reuse_model=cfg.reuse_model, trials_per_worker=cfg.trials_per_worker,
+                           pack=pack_size(cfg, evaluation)[0])
     from .local import LocalExecutor
 
     command = cfg.command if evaluation is Evaluation.COMMAND else None

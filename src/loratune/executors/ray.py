@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import LoratuneError, first_line
 from ..storage import atomic_write_json
 from ..trial import TrialResult, TrialState
-from ..trial_dir import STARTED
+from ..trial_dir import STARTED, pack_key
 from .base import Event, TrialSpec, progress_events
 from .serving import WORKER_COMMAND
 
@@ -39,16 +39,45 @@ CANCEL_GRACE_S = 10.0  # a cancelled trial's actor has this long to end it and s
 
 
 class _SlotActor:
-    """One slot on some node: runs its trials one at a time on a ``ServingWorker`` of its own, which
-    owns every way the worker process can end (see serving.py)."""
+    """One slot on some node: runs up to ``pack`` trials at once (a threaded actor, one ``run`` call a trial)
+    on a ``ServingWorker`` of its own, which owns every way the worker process can end (see serving.py) and
+    trains them together. The calls share the worker under one lock; a trial's result, read by whichever
+    call polled, waits in ``ended`` for its own."""
 
-    def __init__(self, reuse: bool, trials_per_worker: int, threads: int, worker_command: list[str]):
+    def __init__(self, reuse: bool, trials_per_worker: int, threads: int, worker_command: list[str], pack: int = 1):
+        import threading
+
         from loratune.executors.serving import ServingWorker
         from loratune.trial_dir import worker_env
 
         # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPUs
-        self.worker = ServingWorker(worker_env(threads), reuse, trials_per_worker, worker_command)
+        self.worker = ServingWorker(worker_env(threads), reuse, trials_per_worker, worker_command, pack)
+        self.lock, self.ended = threading.Lock(), {}
         _remove_orphaned_trial_dirs()
+
+    def limit_pack(self, size: int) -> None:
+        with self.lock:
+            self.worker.limit_pack(size)
+
+    def _result(self, trial_dir: Path):
+        """The trial's result once it has ended, else None (the others' results that come meanwhile are kept)."""
+        with self.lock:
+            self.ended.update(self.worker.poll())
+            return self.ended.pop(trial_dir, None)
+
+    def _start_when_free(self, trial_dir: Path, config: dict) -> None:
+        """Hand the trial to the worker once it can take it (a free place in its pack, or an ending worker gone)."""
+        while True:
+            with self.lock:
+                self.ended.update(self.worker.poll())
+                if self.worker.free > 0 and self.worker.can_take(config):
+                    self.worker.start(trial_dir, config)
+                    return
+            time.sleep(0.05)
+
+    def _call(self, method: str, *args) -> None:
+        with self.lock:
+            getattr(self.worker, method)(*args)
 
     def run(self, payload: dict, shared_dir: str | None, progress, signals) -> dict:
         import json
@@ -71,9 +100,9 @@ class _SlotActor:
         trial_dir = fresh_trial_dir(base / str(payload["index"]))
         config = dict(payload["config"], output_dir=str(trial_dir))
         (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
-        self.worker.start(trial_dir, config)
+        self._start_when_free(trial_dir, config)
         reader, last_check, points, went_on = ProgressReader(trial_dir), 0.0, 0, 0
-        while (result := self.worker.poll().get(trial_dir)) is None:
+        while (result := self._result(trial_dir)) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
                 progress.put((payload["index"], event))
                 points += event.get("kind") == EVAL and awaits_verdict(event)
@@ -82,11 +111,11 @@ class _SlotActor:
                 last_check = time.monotonic()
                 asked, go = ray.get(signals.asked.remote(payload["index"]))
                 if asked is not None and asked[0] == "cancel":
-                    self.worker.cancel(trial_dir, asked[1])
+                    self._call("cancel", trial_dir, asked[1])
                 elif asked is not None:
-                    self.worker.stop(trial_dir)
+                    self._call("stop", trial_dir)
                 for _ in range(go - went_on):
-                    self.worker.go_on(trial_dir)
+                    self._call("go_on", trial_dir)
                 went_on = max(went_on, go)
             time.sleep(VERDICT_POLL_S if awaiting else 0.1)
         for event in reader.read():
@@ -144,14 +173,16 @@ class _Call:
 
 
 class RayExecutor:
-    """Up to ``slots`` trials at once, each on an actor with ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs.
+    """``actors`` actors, each with ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs, each training up to
+    ``pack`` trials together (the same base, data and seed): ``slots`` = actors x pack trials at once.
 
-    An actor that dies (its node lost, its process killed) fails the trial it was running, with the
+    An actor that dies (its node lost, its process killed) fails the trials it was running, with the
     reason; a trial whose actor died before a worker took it runs again on a fresh actor."""
 
-    def __init__(self, slots: int, address: str | None = None, gpus_per_trial: float = 0,
+    def __init__(self, actors: int, address: str | None = None, gpus_per_trial: float = 0,
                  cpus_per_trial: float | None = None, shared_dir: str | None = None, reuse_model: bool = True,
-                 trials_per_worker: int = 50, worker_command: list[str] | tuple[str, ...] = WORKER_COMMAND):
+                 trials_per_worker: int = 50, worker_command: list[str] | tuple[str, ...] = WORKER_COMMAND,
+                 pack: int = 1):
         ray = _ray()
         from ray.util.queue import Queue
 
@@ -162,29 +193,40 @@ class RayExecutor:
             except Exception as exc:
                 raise LoratuneError(f"--ray-address: cannot connect to Ray at {address or 'a new local instance'}: "
                                     f"{first_line(exc, 160)}") from None
-        self.ray, self.slots, self.shared_dir = ray, slots, shared_dir
+        self.ray, self.shared_dir = ray, shared_dir
+        self.pack = max(1, pack) if reuse_model else 1
+        self.slots = actors * self.pack
         if not ray.cluster_resources().get("GPU"):
             gpus_per_trial = 0  # a CPU-only cluster: a GPU request would never be scheduled
-        if cpus_per_trial is None:  # divide this cluster's CPUs between the concurrent trials
-            cpus_per_trial = max(1, int(ray.cluster_resources().get("CPU", 1) // slots))
+        if cpus_per_trial is None:  # divide this cluster's CPUs between the concurrent actors
+            cpus_per_trial = max(1, int(ray.cluster_resources().get("CPU", 1) // actors))
         self.progress = Queue()
         self.signals = ray.remote(_Signals).options(num_cpus=0).remote()
         self.actor_class = ray.remote(_SlotActor).options(num_gpus=gpus_per_trial, num_cpus=cpus_per_trial,
-                                                          max_restarts=0)
+                                                          max_restarts=0, max_concurrency=self.pack)
         self.actor_args = (reuse_model, trials_per_worker, int(cpus_per_trial), list(worker_command))
-        self.actors: list = [None] * slots
+        self.actors: list = [None] * actors
         self.running: dict[int, _Call] = {}
+        self.waiting: list[TrialSpec] = []  # submitted while no actor could take them (another base or data)
         self.cancelled: dict[int, tuple[str, float]] = {}  # index -> (reason, when the cancel was asked)
         self._events: list[Event] = []  # heard from the queue, not yet returned
 
     def submit(self, spec: TrialSpec) -> None:
-        busy = {call.slot for call in self.running.values()}
-        self._send(spec, next(i for i in range(self.slots) if i not in busy))
+        """Send the trial to an actor packing trials of its base, data and seed with room left, else to one
+        that runs nothing; else it waits for one."""
+        key = pack_key(spec.config or {})
+        on = {i: [c for c in self.running.values() if c.slot == i] for i in range(len(self.actors))}
+        takers = [i for i, calls in on.items() if len(calls) < self.pack and all(pack_key(c.spec.config or {}) == key
+                                                                               for c in calls)]
+        if not takers:
+            self.waiting.append(spec)
+            return
+        self._send(spec, max(takers, key=lambda i: len(on[i])))  # fill a pack before starting another
 
     def _send(self, spec: TrialSpec, slot: int) -> None:
         fresh = self.actors[slot] is None
         if fresh:
-            self.actors[slot] = self.actor_class.remote(*self.actor_args)
+            self.actors[slot] = self.actor_class.remote(*self.actor_args, self.pack)
         ref = self.actors[slot].run.remote(spec.payload(), self.shared_dir, self.progress, self.signals)
         self.running[spec.index] = _Call(spec, ref, slot, fresh)
 
@@ -210,6 +252,9 @@ class RayExecutor:
                 if result is not None:
                     self._events.append(Event(refs[ref], result=result))
             self._kill_overdue_cancels()
+            waiting, self.waiting = self.waiting, []
+            for spec in waiting:
+                self.submit(spec)
             if self._events or time.monotonic() >= deadline:
                 events, self._events = self._events, []
                 return events
@@ -264,13 +309,20 @@ class RayExecutor:
         if index in self.running and index not in self.cancelled:
             self.cancelled[index] = (reason, time.monotonic())
             self.signals.ask.remote(index, "cancel", reason)
+        self.waiting = [s for s in self.waiting if s.index != index]  # never started: nothing to end
 
     def limit_pack(self, size: int) -> None:
-        """Its trials never pack: nothing to limit."""
+        """Train at most ``size`` trials together on an actor from now on (a pack ran out of memory)."""
+        self.pack = max(1, min(self.pack, size))
+        self.slots = len(self.actors) * self.pack
+        for actor in self.actors:
+            if actor is not None:
+                actor.limit_pack.remote(self.pack)
 
     def shutdown(self) -> None:
         for actor in self.actors:
             if actor is not None:
                 self.ray.kill(actor)
-        self.actors = [None] * self.slots
+        self.actors = [None] * len(self.actors)
         self.running.clear()
+        self.waiting.clear()
