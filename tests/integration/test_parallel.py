@@ -117,27 +117,21 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_a_small_study_on_local_ray(tiny_model, tmp_path, local_ray):
-    results = run_optimization(num_trials=2, output_dir=tmp_path, workers=2, executor="ray", quiet=True,
-                               report=False, seed=0)
+def test_a_small_study_on_local_ray_packs_on_an_actor_and_loses_what_its_trials_lose_alone(tiny_model, tmp_path,
+                                                                                        local_ray):
+    """One actor training packs of two: the trials train together on its one worker, their files come back
+    to the driver, and each loses what it loses alone on this machine."""
+    settings = dict(num_trials=2, quiet=True, report=False, seed=0, training={"epochs": 0.2})
+    results = run_optimization(output_dir=tmp_path / "ray", executor="ray", pack=2, **settings)
     trials = results["trials"]
     assert [t["state"] for t in trials] == ["completed", "completed"]
-    assert max_overlap(intervals(results)) == 2
+    assert [t["extra"]["pack"] for t in trials] == [2, 2] and max_overlap(intervals(results)) == 2
     for t in trials:  # the trial's files came back from the Ray task to the driver's output directory
-        assert (tmp_path / "trials" / str(t["index"]) / "metrics.json").exists()
-        assert len(t["curve"]) == 5 and t["metrics"]["loss"] == t["curve"][-1]["val_loss"]
+        assert (tmp_path / "ray" / "trials" / str(t["index"]) / "metrics.json").exists()
+        assert t["curve"] and t["metrics"]["loss"] == t["curve"][-1]["val_loss"]
     best = results["best_trial"]
-    assert (tmp_path / "trials" / str(best) / "adapter" / "adapter_model.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_ray_actors_train_packs_with_the_losses_of_trials_alone(tiny_model, tmp_path, local_ray):
-    """One actor, packs of two: the trials train together on its one worker and lose what they lose alone."""
-    settings = dict(num_trials=2, quiet=True, report=False, seed=0, training={"epochs": 0.1}, scoring={"subset": 0})
-    packed = run_optimization(output_dir=tmp_path / "ray", executor="ray", pack=2, **settings)
-    alone = run_optimization(output_dir=tmp_path / "alone", pack=1, **settings)
-    assert [t["extra"]["pack"] for t in packed["trials"]] == [2, 2]
-    assert max_overlap(intervals(packed)) == 2
-    assert [t["params"] for t in packed["trials"]] == [t["params"] for t in alone["trials"]]
-    for p, a in zip(packed["trials"], alone["trials"], strict=True):
-        assert p["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-4)
+    assert (tmp_path / "ray" / "trials" / str(best) / "adapter" / "adapter_model.safetensors").exists()
+    alone = run_optimization(output_dir=tmp_path / "alone", pack=1, scoring={"subset": 0}, **settings)["trials"]
+    assert [t["params"] for t in trials] == [t["params"] for t in alone]
+    for packed, single in zip(trials, alone, strict=True):
+        assert packed["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-4)
