@@ -238,6 +238,25 @@ def study_space(cfg: StudyConfig, where: str = "search_space", constraints_at: s
 LR, ALPHA, RANK, RSLORA = "training.learning_rate", "lora.alpha", "lora.rank", "lora.use_rslora"
 
 
+def rank_exponent(rslora: bool) -> float:
+    """LoRA's update scale is alpha x rank ** this: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+    return -0.5 if rslora else -1.0
+
+
+def lora_scale(alpha: float, rank: float, rslora: bool = False) -> float:
+    """LoRA's update scale (what multiplies the adapter's B @ A): alpha / rank, alpha / sqrt(rank) with rsLoRA."""
+    return alpha * rank ** rank_exponent(rslora)
+
+
+def target_of(name: str) -> str | None:
+    """The training-config field a search-space name sets (``lora_rank``, ``lora.rank``, ``rank`` ->
+    ``lora.rank``), or None for a name that sets none."""
+    try:
+        return resolve_target(name, "search_space")
+    except LoratuneError:
+        return None
+
+
 def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
     """Search the learning rate as LoRA's effective step, lr x alpha / rank (lr x alpha / sqrt(rank) with
     rsLoRA), on a base-2 log axis whatever the learning rate's own scale, with alpha and rank as base-2
@@ -270,7 +289,7 @@ def lora_parameterization(space: SearchSpace, base: FinetuneConfig) -> None:
         return
     use_rslora = bool(rslora.values[0]) if rslora is not None else base.lora.use_rslora
     lr.step_scale, lr.step_offset = {}, 0.0
-    for p, exponent, fixed in ((alpha, 1.0, base.lora.alpha), (rank, -0.5 if use_rslora else -1.0, base.lora.rank)):
+    for p, exponent, fixed in ((alpha, 1.0, base.lora.alpha), (rank, rank_exponent(use_rslora), base.lora.rank)):
         if p is not None and p.kind != "fixed":
             p.log2_encoded = True
             lr.step_scale[p.name] = exponent

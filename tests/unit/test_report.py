@@ -113,3 +113,19 @@ def test_report_on_a_directory_without_a_study(tmp_path, setup, message):
         write_report(target)
     assert str(err.value) == message.format(target=target)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["optimization_results.json"] if setup == "foreign" else [])
+
+
+def test_insights_read_parameters_by_the_field_they_set_whatever_the_study_called_them():
+    """A search space that names its parameters lora.rank, lora.alpha and training.learning_rate gets the
+    same insights as one that names them lora_rank, lora_alpha and learning_rate."""
+    from loratune.report.findings import compute
+
+    def summary(rank, alpha, lr):
+        trials = [record(i, 0.5 + 0.01 * i, **{rank: r, alpha: 2 * r, lr: 1e-4 * (i + 1)}).to_dict()
+                  for i, r in enumerate([8, 16, 32, 64, 8, 16])]
+        return {"trials": trials, "search_space": {rank: [8, 16, 32, 64], alpha: [16, 128], lr: [1e-5, 1e-3]}}
+
+    plain = compute(summary("lora_rank", "lora_alpha", "learning_rate")).insights
+    dotted = compute(summary("lora.rank", "lora.alpha", "training.learning_rate")).insights
+    assert [i.title for i in dotted] == [i.title for i in plain] and len(plain) >= 3
+    assert [(i.finding, i.correlation) for i in dotted] == [(i.finding, i.correlation) for i in plain]

@@ -6,14 +6,19 @@ with the evidence it rests on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
 
 from .. import results
+from .. import search_space as space_names
 from ..trial import TrialRecord
 
+# the parameters the insights read, by the names they are read under here; a study may name them
+# otherwise (lora.rank, rank, training.learning_rate): ``by_role`` renames them by the field they set
 LR, RANK, ALPHA, BS = "learning_rate", "lora_rank", "lora_alpha", "batch_size"
+ROLES = {space_names.LR: LR, space_names.RANK: RANK, space_names.ALPHA: ALPHA, "training.batch_size": BS}
 
 
 @dataclass
@@ -68,10 +73,18 @@ def group_by(keys: list, values: list[float], minimize: bool) -> list[GroupStat]
 
 
 def effective_scale(params: dict, rslora: bool = False) -> float | None:
-    """LoRA's update scale: alpha/rank, or alpha/sqrt(rank) with rsLoRA."""
+    """LoRA's update scale (``search_space.lora_scale``) at a trial's parameters, None without both."""
     if RANK not in params or ALPHA not in params:
         return None
-    return params[ALPHA] / (math.sqrt(params[RANK]) if rslora else params[RANK])
+    return space_names.lora_scale(params[ALPHA], params[RANK], rslora)
+
+
+def by_role(records: list[TrialRecord], names: list[str]) -> list[TrialRecord]:
+    """The records with each searched parameter under the name the insights read it by (``ROLES``)."""
+    renamed = {n: ROLES[t] for n in names if (t := space_names.target_of(n)) in ROLES}
+    if all(n == r for n, r in renamed.items()):
+        return records
+    return [dataclasses.replace(r, params={renamed.get(k, k): v for k, v in r.params.items()}) for r in records]
 
 
 def _trend(objective: str, rho: float | None, what: str = "it") -> str:
@@ -149,9 +162,9 @@ def compute(summary: dict) -> ReportData:
     records = [TrialRecord.from_dict(r, f"trials[{i}]") for i, r in enumerate(summary.get("trials") or [])]
     objectives, minimize = summary.get("objectives") or ["loss"], summary.get("minimize") or [True]
     objective, mini = objectives[0], minimize[0]
-    completed = [r for r in records if r.objective_values([objective]) is not None]
     space = summary.get("search_space") or {}
-    lr_spec = space.get(LR)
+    completed = by_role([r for r in records if r.objective_values([objective]) is not None], list(space))
+    lr_spec = next((spec for name, spec in space.items() if space_names.target_of(name) == space_names.LR), None)
     bounds = tuple(lr_spec) if isinstance(lr_spec, list) and len(lr_spec) == 2 else \
         (lr_spec.get("low"), lr_spec.get("high")) if isinstance(lr_spec, dict) and "low" in lr_spec else None
     rslora = bool(summary.get("rslora"))
