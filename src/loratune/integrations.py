@@ -5,7 +5,7 @@ live view, the report and MLflow see it as they see loratune's own fine-tunes::
 
     from loratune.integrations import LoratuneCallback, trial_params
 
-    params = trial_params()  # {"learning_rate": 0.0003, "lora_r": 16, ...} in a trial; {} outside one
+    params = trial_params()  # {"learning_rate": 0.0003, "lora_rank": 16, ...} in a trial; {} outside one
     trainer = Trainer(..., callbacks=[LoratuneCallback()])
 
 The trial's directory reaches the script in ``LORATUNE_TRIAL_DIR``; outside a study the callback does
@@ -31,13 +31,13 @@ from .trial_dir import (
     PROGRESS_FILE,
     SPEC_FILE,
     STEP,
+    STEP_INTERVAL_S,
     STOP_FILE,
     TRIAL_DIR_ENV,
     await_verdict,
     awaits_verdict,
 )
 
-STEP_INTERVAL_S = 1.0  # training ticks for the live view, at most this often
 # what Trainer.evaluate adds to every evaluation: timings, not metrics of the model
 _TIMINGS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 

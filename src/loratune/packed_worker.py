@@ -44,6 +44,7 @@ from .trial_dir import (
     SPEC_FILE,
     STARTED,
     STEP,
+    STEP_INTERVAL_S,
     STOP_FILE,
     VERDICT_POLL_S,
     awaits_verdict,
@@ -111,7 +112,6 @@ class _Tee:
 class _Hooks:
     """A trial's side of the files (trial_dir.py), as its pack calls it."""
 
-    STEP_INTERVAL_S = 1.0
 
     def __init__(self, trial_dir: Path, await_verdicts: bool):
         self.dir, self.await_verdicts = trial_dir, await_verdicts
@@ -137,7 +137,7 @@ class _Hooks:
         self.write({"kind": EVAL, **asdict(point)})
 
     def on_step(self, step: int, steps: int, elapsed_s: float, train_loss: float) -> None:
-        if time.monotonic() - self.last_step >= self.STEP_INTERVAL_S or step == steps:
+        if time.monotonic() - self.last_step >= STEP_INTERVAL_S or step == steps:
             self.last_step = time.monotonic()
             self.write({"kind": STEP, "step": step, "steps": steps, "elapsed_s": round(elapsed_s, 3),
                         "train_loss": train_loss})

@@ -32,6 +32,7 @@ STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.j
 PREVIOUS_LOG_FILE = "previous_log.txt"
 VERDICTS_FILE, CANCEL_FILE, LAST_EVAL_FILE = "verdicts", "CANCEL", "last_eval.json"
 TRIAL_DIR_ENV = "LORATUNE_TRIAL_DIR"  # a user's command finds its trial's directory here (integrations.py)
+STEP_INTERVAL_S = 1.0  # ``step`` events are written at most this often (and at a trial's last step)
 VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it
 STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
 

@@ -34,13 +34,12 @@ from .trial_dir import (  # noqa: E402
     SPEC_FILE,
     STARTED,
     STEP,
+    STEP_INTERVAL_S,
     STOP_FILE,
     await_verdict,
     awaits_verdict,
     base_key,
 )
-
-STEP_INTERVAL_S = 1.0  # step events are written at most this often
 
 
 class Cache:
