@@ -22,8 +22,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed  # two pytest workers, a file each at a time (tests/conftest.py gives each trial one thread)
 	$(PY) -m pytest -n 2 --dist loadfile
 
-test-fast: $(VENV)/.installed  # a quick loop: the suite without its end-to-end runs (marked slow)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+test-fast: $(VENV)/.installed  # a quick loop: the unit tests (no study, no trial process), about a minute
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests/unit
 
 docs: $(VENV)/.installed  # the site's generated references (docs/config.md, docs/commands.md) from the code, then the site
 	$(PY) docs/config_reference.py --write

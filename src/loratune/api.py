@@ -8,6 +8,7 @@ Every entry point turns its arguments into settings (``settings.py``, ``schema.p
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -329,14 +330,17 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
     if output_dir is not None:
         output_dir = str(_path_argument(output_dir, "output_dir"))
     overrides = list(overrides) + ([("output_dir", output_dir, "--output-dir")] if output_dir is not None else [])
-    cfg = load_finetune_config(config, overrides)
+    cfg, origin = load_finetune_config(config, overrides)
     if own_process:
         import_libraries(quantized=cfg.model.quantization != "none")
-    preflight.check_model(cfg)
+    preflight.check_model(cfg, origin=origin)
     check_output_dir(cfg.output_dir, overwrite)  # before the progress bar draws anything
+    data = preflight.load_checked_data(cfg)
+    for text in [] if quiet else preflight.data_warnings(cfg, *data, origin=origin):
+        print(f"warning: {text}", file=sys.stderr)  # a run that will measure little runs all the same
     try:
         with TrainingProgress(quiet) as on_step:
-            return run_training(cfg, overwrite=overwrite, on_step=on_step).to_dict()
+            return run_training(cfg, overwrite=overwrite, on_step=on_step, data=data).to_dict()
     except (LoratuneError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a run that failed: one line with what to change

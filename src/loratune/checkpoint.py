@@ -82,7 +82,7 @@ class StudyPaths:
     def holds_a_study(self) -> bool:
         return self.checkpoint.exists() or self.results.exists()
 
-    def not_a_studys(self) -> list[Path]:
+    def foreign_files(self) -> list[Path]:
         """Files and folders here of a study's names that no loratune study wrote: a study, and
         ``--overwrite``, would replace them, so they are refused instead. A file is a study's by its
         content (a checkpoint's format, a results file's study id, a best config's header); a folder,
@@ -96,7 +96,7 @@ class StudyPaths:
                 and not (owned[p](p) if p in owned and p.is_file() else p.is_dir() and study_here)]
 
     def clear(self) -> None:
-        """Remove what an earlier study wrote here (``--overwrite``); ``not_a_studys`` must be empty."""
+        """Remove what an earlier study wrote here (``--overwrite``); ``foreign_files`` must be empty."""
         import shutil
 
         for path in self.written_by_a_study():

@@ -1,14 +1,19 @@
-"""The threshold rule for stopping poor trials early (Module 4.5's ``EarlyStoppingCallback``).
-
-Ax's learning-curve (percentile) stopping is the other kind; it lives in the optimizer, configured
-by ``early_stopping.percentile``. Both can be used together.
+"""Stopping poor trials early: the threshold rule (Module 4.5's ``EarlyStoppingCallback``) and the
+study's arbitration of each curve point between it and Ax's learning-curve (percentile) rule, which
+lives in the optimizer (``early_stopping.percentile``). Both can be used together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .trial import with_loss
+from .optimizer import PROGRESSION_SCALE
+from .trial import TrialRecord, with_loss
+
+if TYPE_CHECKING:
+    from .config import StudyConfig
+    from .optimizer import Optimizer
 
 
 @dataclass
@@ -61,3 +66,44 @@ class EarlyStoppingCallback:
             if progress <= x1:
                 return y0 + (y1 - y0) * (progress - x0) / (x1 - x0) if x1 > x0 else y1
         return points[-1][1]
+
+
+class EarlyStopping:
+    """The study's early-stopping rules, judging each curve point of a trial they may stop: the threshold
+    rule (``early_stopping.threshold``) and Ax's percentile rule (``early_stopping.percentile``), which
+    sees the curves as Ax data at progressions of ``PROGRESSION_SCALE``. Either may stop a trial."""
+
+    def __init__(self, cfg: StudyConfig, optimizer: Optimizer):
+        es = cfg.early_stopping
+        self.threshold_rule = None if es.threshold is None else EarlyStoppingCallback(es.threshold, es.check_at)
+        self.percentile = es.percentile is not None
+        self.objective, self.opt = cfg.objectives[0], optimizer
+
+    def may_stop(self, record: TrialRecord) -> bool:
+        """Whether a rule may stop the trial (never the baseline: the reference every trial is measured
+        against always runs to the end)."""
+        return not record.baseline and (self.threshold_rule is not None or self.percentile)
+
+    def judge(self, record: TrialRecord, point: dict, baseline_curve: list[dict] | None) -> bool:
+        """Whether to stop the trial at ``point``, the last of ``record.curve``; Ax's rule hears the point too."""
+        stop = bool(self.threshold_rule and self.threshold_rule.should_stop(record.curve, baseline_curve))
+        if self.percentile and isinstance(point.get(self.objective), int | float):
+            self.opt.progress(record.index, {self.objective: point[self.objective]}, _progression(point))
+            stop = stop or self.opt.should_stop(record.index)
+        return stop
+
+    def tell_stopped(self, record: TrialRecord) -> None:
+        """Tell Ax how a stopped trial ended: early-stopped at its last point, which Ax already has where the
+        percentile rule streamed its curve; abandoned where it stopped before its first point (nothing to
+        learn from)."""
+        points = [p for p in record.curve if isinstance(p.get(self.objective), int | float)]
+        if not points:
+            self.opt.abandoned(record.index)
+            return
+        if not self.percentile:  # the curve was not streamed to Ax: send its last point
+            self.opt.progress(record.index, {self.objective: points[-1][self.objective]}, _progression(points[-1]))
+        self.opt.early_stopped(record.index)
+
+
+def _progression(point: dict) -> int:
+    return max(1, round(point["progress"] * PROGRESSION_SCALE))

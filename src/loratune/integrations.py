@@ -29,11 +29,11 @@ from .trial_dir import (
     EVAL,
     LAST_EVAL_FILE,
     PROGRESS_FILE,
-    SPEC_FILE,
     STEP,
     STEP_INTERVAL_S,
     STOP_FILE,
     TRIAL_DIR_ENV,
+    TrialSpec,
     await_verdict,
     awaits_verdict,
 )
@@ -54,7 +54,8 @@ def trial_params() -> dict[str, Any]:
     directory = trial_dir()
     if directory is None:
         return {}
-    return dict(_spec(directory).get("params") or {})
+    spec = _spec(directory)
+    return dict(spec.params) if spec else {}
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -70,11 +71,11 @@ def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _spec(directory: Path) -> dict:
+def _spec(directory: Path) -> TrialSpec | None:
     try:
-        return json.loads((directory / SPEC_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+        return TrialSpec.read(directory)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 class LoratuneCallback(TrainerCallback):
@@ -90,8 +91,8 @@ class LoratuneCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.directory = trial_dir()
-        spec = _spec(self.directory) if self.directory else {}
-        self.awaits = bool(spec.get("await_verdict"))
+        spec = _spec(self.directory) if self.directory else None
+        self.awaits = bool(spec and spec.await_verdict)
         self.judged = 0  # curve points the study has been asked to judge
         self.stopped = False
         self.train_loss: float | None = None

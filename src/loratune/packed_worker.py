@@ -47,6 +47,7 @@ from .trial_dir import (
     STEP_INTERVAL_S,
     STOP_FILE,
     VERDICT_POLL_S,
+    TrialSpec,
     awaits_verdict,
     pack_key,
     verdict,
@@ -149,7 +150,7 @@ class _Hooks:
 @dataclass
 class _Running:
     dir: Path
-    spec: dict
+    spec: TrialSpec
     lock: TrialLock
     hooks: _Hooks
     trial: Any  # pack.PackTrial
@@ -217,11 +218,11 @@ class PackedWorker:
         while self.waiting and len(self.running) < self.capacity and not self.failed:
             trial_dir = self.waiting[0]
             try:
-                spec = json.loads((trial_dir / SPEC_FILE).read_text())
-            except (OSError, ValueError):
-                spec = {}
-            key = pack_key(spec.get("config") or {})
-            alone = bool(spec.get("test")) or not spec.get("config")
+                spec = TrialSpec.read(trial_dir)
+            except (OSError, ValueError, TypeError):
+                spec = None  # run alone, where the worker records what is wrong with it
+            key = pack_key(spec.config or {}) if spec else ""
+            alone = spec is None or spec.test or not spec.config
             if self.running and (alone or key != self.key):
                 return  # it runs once the pack is empty
             self.waiting.popleft()
@@ -244,7 +245,7 @@ class PackedWorker:
         finally:
             self.tee.close(trial_dir)
 
-    def _join(self, trial_dir: Path, spec: dict, key: str) -> None:
+    def _join(self, trial_dir: Path, spec: TrialSpec, key: str) -> None:
         from .model import import_libraries
         from .pack import Pack
         from .settings import finetune_config_from_dict
@@ -254,25 +255,25 @@ class PackedWorker:
         self._write_started(trial_dir)
         startup = self._startup()
         try:
-            import_libraries(quantized=(spec["config"].get("model") or {}).get("quantization", "none") != "none")
+            import_libraries(quantized=spec.quantized)
             started = time.time()
-            cfg = finetune_config_from_dict(spec["config"], str(trial_dir / SPEC_FILE))
+            cfg = finetune_config_from_dict(spec.config, str(trial_dir / SPEC_FILE))
             load_s = self._load(spec, cfg)
             if self.pack is None or self.key != key:
                 self.pack, self.key = Pack(*self.cache.base_and_data()), key
-            hooks = _Hooks(trial_dir, bool(spec.get("await_verdict")))
-            trial = self.pack.add(f"trial_{spec['index']}", cfg, hooks)
+            hooks = _Hooks(trial_dir, spec.await_verdict)
+            trial = self.pack.add(f"trial_{spec.index}", cfg, hooks)
         except BaseException as exc:  # noqa: BLE001 - every way a trial can end becomes a recorded state
             self._end_unjoined(trial_dir, lock, result_from_exception(exc))
             return
         self.running[trial_dir] = _Running(trial_dir, spec, lock, hooks, trial, started, load_s,
                                            None if startup is None else (self.imported_at or started) - startup)
 
-    def _load(self, spec: dict, cfg) -> float:
+    def _load(self, spec: TrialSpec, cfg) -> float:
         """The base and data for this trial, from the cache or loaded now; the seconds loading took."""
         from .trial_dir import base_key
 
-        load_s = self.cache.load_base(cfg, base_key(spec["config"]))
+        load_s = self.cache.load_base(cfg, base_key(spec.config))
         self.cache.load_data(cfg)
         return load_s
 
@@ -308,8 +309,7 @@ class PackedWorker:
         ended = [r for r in self.running.values() if r.trial.done]
         if not ended:
             return
-        endings = [(r.trial, Ending(r.spec.get("measure_inference", False), r.spec.get("answer", 0),
-                                    r.spec.get("max_new_tokens"))) for r in ended]
+        endings = [(r.trial, Ending(r.spec.measure_inference, r.spec.answer, r.spec.max_new_tokens)) for r in ended]
         try:
             metrics = finish(self.pack, endings)
         except BaseException as exc:  # noqa: BLE001 - their endings failed together (answers, saving)

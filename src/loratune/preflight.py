@@ -37,7 +37,7 @@ def check_output(paths: StudyPaths, output: str | Path) -> None:
 def check_no_foreign_files(paths: StudyPaths, where: str) -> None:
     """Nothing of the names a study writes lies there unless a loratune study wrote it: neither a study
     nor ``--overwrite`` replaces a user's own files."""
-    foreign = paths.not_a_studys()
+    foreign = paths.foreign_files()
     if foreign:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign)
         them = "it" if len(foreign) == 1 else "them"
@@ -73,13 +73,18 @@ def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None,
     pass (``check_model``): what would otherwise fail every trial, one by one. Quantized loading is
     checked where trials run: on this machine (in a child process), not for a Ray cluster's nodes.
     Returns the warnings of a study that would run but measure little (``data_warnings``), one line each."""
+    train, validation = load_checked_data(cfg)
+    check_model(cfg, space, origin, quantization="child" if trials_run_here else "skip")
+    return data_warnings(cfg, train, validation, space, origin)
+
+
+def load_checked_data(cfg: FinetuneConfig) -> tuple[list, list]:
+    """(training, validation) examples as a trial gets them, rendered with the model's tokenizer: loading
+    them is the check that the data and its chat template work."""
     from .data import load_examples
     from .model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
-    train, validation = load_examples(tokenizer, cfg.data, cfg.training.seed)
-    check_model(cfg, space, origin, quantization="child" if trials_run_here else "skip")
-    return data_warnings(cfg, train, validation, space, origin)
+    return load_examples(load_tokenizer(cfg), cfg.data, cfg.training.seed)
 
 
 TINY_VALIDATION = 2  # examples: at most this many, a trial's validation loss is mostly the examples' own noise
@@ -114,9 +119,21 @@ def _ends_cut(cfg: FinetuneConfig, train: list, validation: list, space: SearchS
         return None
     longest = max(e.answer_end for e in [*train, *validation])
     every = ", so no trial learns where an answer ends" if cut[0] == len(train) else ""
+    context = _context(cfg)
+    if context and longest > context:  # no max_length keeps them all: say how far the model goes
+        shorten = f"shorten the examples whose answer ends beyond {context} tokens (the longest at {longest})"
+        raise_to = (f"raise it to {context}, as far as the model's positions reach, and {shorten}" if length < context
+                    else f"the model's positions reach no further: {shorten}")
+    else:
+        raise_to = f"raise it to {longest} to keep every answer's end"
     return (f"{at}: {length} tokens cuts off the answer's end (its end of turn) in {cut[0]} of {len(train)} "
-            f"training and {cut[1]} of {len(validation)} validation examples{every}; raise it to {longest} to keep "
-            "every answer's end")
+            f"training and {cut[1]} of {len(validation)} validation examples{every}; {raise_to}")
+
+
+def _context(cfg: FinetuneConfig) -> int | None:
+    from .model import model_limits
+
+    return model_limits(cfg)[1]
 
 
 def check_model(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,

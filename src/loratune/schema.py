@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -26,7 +28,7 @@ class Origin:
     fields: dict[str, str] = field(default_factory=dict)  # dotted field (or section) -> label
 
     def label(self, dotted: str) -> str | None:
-        parts = dotted.split(".")
+        parts = re.sub(r"\[\d+\]", "", dotted).split(".")  # a list's item comes from where the list came from
         for n in range(len(parts), 0, -1):
             if ".".join(parts[:n]) in self.fields:
                 return self.fields[".".join(parts[:n])]
@@ -51,17 +53,51 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        name = _type_name(item)
+        return f"a list of {name.removeprefix('a ').removeprefix('an ')}s" if item in (int, str) else f"a list of {name}"
     if origin is dict:
-        return f"a mapping of {' to '.join(_type_name(a).removeprefix('a ').removeprefix('an ') + 's' for a in typing.get_args(tp))}"
+        key, value = typing.get_args(tp)
+        if value is Any or typing.get_origin(value) is not None:  # where a value inside is wrong, its own error names it
+            return "a mapping"
+        return f"a mapping of {' to '.join(_type_name(a).removeprefix('a ').removeprefix('an ') + 's' for a in (key, value))}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " or ".join(repr(m.value) for m in tp)
     return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
-            dict: "a mapping"}.get(tp, str(tp))
+            dict: "a mapping", list: "a list"}.get(tp, str(tp))
+
+
+class BadValue(ValueError):
+    """A value inside a mapping or a list that is not of its type: where (``.key``, ``[3]``), its type, the value."""
+
+    def __init__(self, path: str, tp: Any, value: Any):
+        super().__init__(path)
+        self.path, self.tp, self.value = path, tp, value
+
+
+def _inside(path: str, tp: Any, value: Any, convert) -> Any:
+    """``convert()``, a value at ``path`` within its container: a failure names that value, not the container."""
+    try:
+        return convert()
+    except BadValue as exc:
+        raise BadValue(path + exc.path, exc.tp, exc.value) from None
+    except ValueError:
+        raise BadValue(path, tp, value) from None
 
 
 def coerce(value: Any, tp: Any) -> Any:
-    """Return value as type tp, or raise ValueError. Ints are accepted where floats are; a float is
-    never infinite or NaN; a whole float is accepted where an int is."""
+    """Return value as type tp, or raise ValueError (``BadValue`` naming the value inside a mapping or a
+    list). Ints are accepted where floats are; a float is never infinite or NaN; a whole float is accepted
+    where an int is; in a union, a value keeps its own type where the union has it (``int | float``)."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        if any(value == m.value and type(value) is type(m.value) for m in tp):
+            return tp(value)
+        raise ValueError
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
@@ -70,27 +106,31 @@ def coerce(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        args = sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value))
+        inside = None  # a container of the right kind with a wrong value inside says more than "expected A or B"
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return coerce(value, arg)
+            except BadValue as exc:
+                inside = inside or exc
             except ValueError:
                 pass
-        raise ValueError
-    if tp is dict:
-        if not isinstance(value, dict):
+        raise inside or ValueError()
+    if tp in (dict, list):
+        if not isinstance(value, tp):
             raise ValueError
         return value
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError
         key_type, value_type = typing.get_args(tp)
-        return {coerce(k, key_type): coerce(v, value_type) for k, v in value.items()}
+        return {_inside(f".{k}", key_type, k, lambda k=k: coerce(k, key_type)):
+                _inside(f".{k}", value_type, v, lambda v=v: coerce(v, value_type)) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ValueError
-        return [coerce(v, typing.get_args(tp)[0]) for v in value]
+        item_type = typing.get_args(tp)[0]
+        return [_inside(f"[{i}]", item_type, v, lambda v=v: coerce(v, item_type)) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -131,6 +171,11 @@ def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
         raise LoratuneError(f"{origin.at(prefix.rstrip('.') or 'config')}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    required = [name for name, f in fields.items() if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = next((name for name in required if name not in data), None)
+    if missing is not None:
+        raise LoratuneError(f"{origin.at(prefix.rstrip('.')) if prefix else origin.default or 'config'}: missing '{missing}'")
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -142,6 +187,8 @@ def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
             continue
         try:
             kwargs[key] = coerce(value, tp)
+        except BadValue as exc:  # a value inside a mapping or a list, named by where it is
+            raise LoratuneError(f"{origin.at(dotted + exc.path)}: expected {_type_name(exc.tp)}, got {exc.value!r}") from None
         except ValueError:
             raise LoratuneError(f"{origin.at(dotted)}: expected {_type_name(tp)}, got {value!r}") from None
     return cls(**kwargs)

@@ -117,10 +117,12 @@ def load_study_config(config: str | Path | StudyConfig | None = None, overrides:
     return validate_study(cfg, origin, custom_metrics, scorer_names), origin
 
 
-def load_finetune_config(config: str | Path | FinetuneConfig, overrides: Iterable[Override] = ()) -> FinetuneConfig:
-    """A training config (``loratune finetune --config``), with overrides applied, validated once."""
+def load_finetune_config(config: str | Path | FinetuneConfig,
+                         overrides: Iterable[Override] = ()) -> tuple[FinetuneConfig, Origin]:
+    """A training config (``loratune finetune --config``), with overrides applied, validated once. Returns
+    the config and where each setting came from."""
     cfg, origin = _settings(FinetuneConfig, config, overrides)
-    return validate(cfg, origin)
+    return validate(cfg, origin), origin
 
 
 def finetune_config_from_dict(data: dict, source: str | None = None) -> FinetuneConfig:

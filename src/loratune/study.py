@@ -8,26 +8,25 @@ so a study killed at any moment resumes without losing or repeating a finished t
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from datetime import datetime
 
 from . import checkpoint, results
 from .checkpoint import StoredStudy, StudyPaths
 from .config import get_field, to_dict
 from .console import StudyConsole
 from .data import test_source
-from .early_stopping import EarlyStoppingCallback
+from .early_stopping import EarlyStopping
 from .errors import LoratuneError, StudyAborted
 from .executors import Event, Executor, TrialSpec, create_executor, pack_size
 from .listeners import AdapterPruning, Listeners
-from .optimizer import PROGRESSION_SCALE, Optimizer
+from .optimizer import Optimizer
+from .outcome import Outcomes
 from .rules import needed_metrics
-from .scoring import Scorer, ScoringError, score_answers
+from .scoring import Scorer
 from .search_space import study_space
 from .tracking import Tracker
-from .trial import Evaluation, TrialRecord, TrialResult, TrialState, check_metrics, failure_message, with_loss
+from .trial import Evaluation, TrialRecord, TrialResult, TrialState, failure_message, with_loss
 from .trial_dir import awaits_verdict
 
 
@@ -43,9 +42,8 @@ class Study:
         self.executor = executor  # None: the one the settings ask for (benchmarks give their own)
         self.cfg = stored.config
         self.space = study_space(self.cfg)
-        es = self.cfg.early_stopping
-        self.threshold_rule = None if es.threshold is None else \
-            EarlyStoppingCallback(es.threshold, es.check_at)
+        self.stopping = EarlyStopping(self.cfg, optimizer)
+        self.outcomes = Outcomes(self.cfg, self.scorers, optimizer, self.stopping)
         self.failures_in_a_row = 0
         self.session_start = started or time.time()  # this session's clock starts when the caller began
         self.elapsed_before, self.optimizer_before = stored.elapsed_s, stored.optimizer_s  # earlier sessions
@@ -206,7 +204,7 @@ class Study:
                                   answer, self.cfg.scoring.max_new_tokens,
                                   # loratune's own worker waits, as a command's LoratuneCallback does; a
                                   # Python evaluate= is not asked to
-                                  await_verdict=self.stored.evaluation is not Evaluation.CALLABLE and self._stoppable(record)))
+                                  await_verdict=self.stored.evaluation is not Evaluation.CALLABLE and self.stopping.may_stop(record)))
         running[record.index] = record
         self.started_at[record.index] = time.monotonic()
         self.listeners.trial_started(record)
@@ -253,23 +251,12 @@ class Study:
         self.queue = sorted([*self.queue, record], key=lambda r: r.index)  # its pack's trials first
         return True
 
-    def _stoppable(self, record: TrialRecord) -> bool:
-        """Whether an early-stopping rule may stop the trial (never the baseline: the reference every trial
-        is measured against always runs to the end)."""
-        return not record.baseline and (self.threshold_rule is not None or self.cfg.early_stopping.percentile is not None)
-
     def _on_point(self, record: TrialRecord, point: dict, executor: Executor) -> None:
         record.curve.append(with_loss(point))
         self.listeners.trial_progress(record, point=point)
-        if not self._stoppable(record):
+        if not self.stopping.may_stop(record):
             return
-        objective = self.cfg.objectives[0]
-        baseline = next((r.curve for r in self.records if r.baseline), None)
-        stop = bool(self.threshold_rule and self.threshold_rule.should_stop(record.curve, baseline))
-        if self.cfg.early_stopping.percentile is not None and isinstance(point.get(objective), int | float):
-            progression = max(1, round(point["progress"] * PROGRESSION_SCALE))
-            self.opt.progress(record.index, {objective: point[objective]}, progression)
-            stop = stop or self.opt.should_stop(record.index)
+        stop = self.stopping.judge(record, point, next((r.curve for r in self.records if r.baseline), None))
         if not awaits_verdict(point):
             return
         if stop:
@@ -279,54 +266,9 @@ class Study:
             executor.go_on(record.index)
 
     def _on_result(self, record: TrialRecord, result: TrialResult) -> None:
-        result = self._scored(result)
-        if result.state is TrialState.COMPLETED:  # a number of any kind, finite, for every objective
-            checked = check_metrics(result.metrics, self.cfg.objectives)
-            result = dataclasses.replace(result, state=checked.state, metrics=checked.metrics,
-                                         reason=checked.reason or result.reason)
-        record.state, record.metrics, record.reason = result.state, result.metrics, result.reason
-        record.ended_at, record.extra = checkpoint.now(), result.extra or {}
-        record.duration_s = (datetime.fromisoformat(record.ended_at) - datetime.fromisoformat(record.started_at)).total_seconds()
-        if result.curve:  # the trial's own account: a stopped trial's last point is on the whole validation set
-            record.curve = [with_loss(p) for p in result.curve]
-        if result.state is TrialState.EARLY_STOPPED:
-            reached = record.curve[-1]["progress"] if record.curve else 0.0
-            record.training_saved = round(1.0 - reached, 6)  # share of this trial's training not spent
-        self._tell_ax(record)
-        self.failures_in_a_row = self.failures_in_a_row + 1 if result.state.is_failure else 0
+        self.outcomes.finish(record, result)
+        self.failures_in_a_row = self.failures_in_a_row + 1 if record.state.is_failure else 0
         self.listeners.trial_ended(record, [r for r in self.records if r.state is not TrialState.QUEUED])
-
-    def _scored(self, result: TrialResult) -> TrialResult:
-        """A completed trial's answers scored by the study's scorers, the scores among its metrics (the
-        answers themselves stay in its directory, in metrics.json)."""
-        answers = (result.extra or {}).pop("answers", None)
-        if not self.scorers or result.state is not TrialState.COMPLETED or answers is None:
-            return result
-        try:
-            scores = score_answers(self.scorers, answers)
-        except ScoringError as exc:
-            return dataclasses.replace(result, state=TrialState.FAILED, reason=str(exc))
-        return dataclasses.replace(result, metrics={**result.metrics, **scores})
-
-    def _tell_ax(self, record: TrialRecord) -> None:
-        index, state = record.index, record.state
-        if state is TrialState.COMPLETED:
-            names = [m for m in needed_metrics(self.cfg) if m in self.cfg.objectives or m in record.metrics]
-            self.opt.complete(index, {m: record.metrics[m] for m in names})
-        elif state is TrialState.EARLY_STOPPED:
-            objective = self.cfg.objectives[0]
-            points = [p for p in record.curve if isinstance(p.get(objective), int | float)]
-            if not points:  # stopped before its first point: nothing for Ax to learn from
-                self.opt.abandoned(index)
-                return
-            if self.cfg.early_stopping.percentile is None:  # curves were not streamed to Ax: send the last point
-                last = points[-1]
-                self.opt.progress(index, {objective: last[objective]}, max(1, round(last["progress"] * PROGRESSION_SCALE)))
-            self.opt.early_stopped(index)
-        elif state is TrialState.OUT_OF_MEMORY:
-            self.opt.abandoned(index)  # deterministic: never propose this point again
-        else:
-            self.opt.failed(index, record.reason or "failed")
 
     def _final_test(self, executor: Executor) -> None:
         """The best trial and the baseline scored on the test split (evaluation.py), on the study's own

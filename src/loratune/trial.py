@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import LoratuneError, first_line
+from .schema import Origin, build
 
 
 class TrialState(enum.StrEnum):
@@ -68,7 +69,7 @@ class TrialRecord:
     state: TrialState = TrialState.RUNNING
     baseline: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
-    curve: list[dict] = field(default_factory=list)  # validation points: {step, progress, val_loss, loss, ...}
+    curve: list[dict[str, int | float | None]] = field(default_factory=list)  # validation points: {step, progress, val_loss, loss, ...}
     reason: str | None = None  # why it failed or stopped
     directory: str = ""  # its files, relative to the study directory
     started_at: str | None = None  # ISO 8601, UTC
@@ -99,45 +100,22 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TrialRecord:
-        """A record read from a checkpoint or results file, checked as strictly as a config."""
+        """A record read from a checkpoint or results file, checked by the builder that checks a config
+        (``schema.build``: names, types, numbers finite), errors named ``where: field``. A null is the
+        field's default (a metric's null, how a non-finite number is stored, is no metric); a field this
+        version does not know is left out."""
         if not isinstance(data, dict):
             raise LoratuneError(f"{where}: expected a mapping, got {type(data).__name__}")
+        if "state" not in data:  # the one field with a default that every written record has
+            raise LoratuneError(f"{where}: missing 'state'")
         known = {f.name for f in fields(cls)}
-        for key in ("index", "params", "state"):
-            if key not in data:
-                raise LoratuneError(f"{where}: missing '{key}'")
-        index, params, state = data["index"], data["params"], data["state"]
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise LoratuneError(f"{where}: index must be a non-negative integer, got {index!r}")
-        if not isinstance(params, dict):
-            raise LoratuneError(f"{where}: params must be a mapping, got {params!r}")
-        if state not in {s.value for s in TrialState}:
-            raise LoratuneError(f"{where}: unknown state {state!r} (known: {', '.join(s.value for s in TrialState)})")
-        checks = {"metrics": dict, "curve": list, "extra": dict, "baseline": bool, "restarts": int, "reason": str,
-                  "directory": str, "started_at": str, "ended_at": str}
-        for key, kind in checks.items():
-            if key in data and data[key] is not None and not isinstance(data[key], kind):
-                raise LoratuneError(f"{where}: {key} must be a {kind.__name__}, got {data[key]!r}")
-        for key in ("duration_s", "training_saved", "stop_requested_at"):
-            if data.get(key) is not None and not _finite(data[key]):
-                raise LoratuneError(f"{where}: {key} must be a finite number, got {data[key]!r}")
-        for name, value in (data.get("metrics") or {}).items():
-            if value is not None and not _finite(value):  # null: how a non-finite number is stored
-                raise LoratuneError(f"{where}: metrics.{name} must be a finite number, got {value!r}")
-        for k, point in enumerate(data.get("curve") or []):
-            if not isinstance(point, dict):
-                raise LoratuneError(f"{where}: curve[{k}] must be a mapping, got {point!r}")
-            bad = next((f for f, v in point.items() if isinstance(v, bool) or not isinstance(v, int | float | None)), None)
-            if bad is not None:
-                raise LoratuneError(f"{where}: curve[{k}].{bad} must be a number, got {point[bad]!r}")
         values = {k: v for k, v in data.items() if k in known and v is not None}
-        values["state"] = TrialState(state)
-        values["metrics"] = {k: v for k, v in (data.get("metrics") or {}).items() if v is not None}
-        return cls(**values)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(values.get("metrics"), dict):
+            values["metrics"] = {k: v for k, v in values["metrics"].items() if v is not None}
+        record = build(cls, values, Origin(where))
+        if record.index < 0:
+            raise LoratuneError(f"{where}: index: expected a non-negative integer, got {record.index}")
+        return record
 
 
 def with_loss(point: dict) -> dict:

@@ -23,10 +23,15 @@ a Ray actor read these files without the training libraries.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .storage import atomic_write_json
 
 STOP_FILE, PROGRESS_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "STOP", "progress.jsonl", "result.json", "trial.json", "log.txt"
 PREVIOUS_LOG_FILE = "previous_log.txt"
@@ -35,6 +40,45 @@ TRIAL_DIR_ENV = "LORATUNE_TRIAL_DIR"  # a user's command finds its trial's direc
 STEP_INTERVAL_S = 1.0  # ``step`` events are written at most this often (and at a trial's last step)
 VERDICT_POLL_S = 0.005  # how often a trial waiting for a verdict looks for it
 STARTED, EVAL, STEP = "started", "eval", "step"  # kinds of progress events
+
+
+@dataclass
+class TrialSpec:
+    """What a trial runs and measures: written as its directory's ``trial.json`` before it starts, and read
+    back only through this class (``read``), by the worker, a Ray actor or a user's ``LoratuneCallback``."""
+
+    index: int
+    params: dict[str, Any]
+    directory: Path  # where the trial's files live; not in trial.json (it is the file's own directory)
+    config: dict | None = None  # the resolved training config, for fine-tune trials
+    measure_inference: bool = False  # time generation (when inference_time is an objective or a constraint)
+    answer: int = 0  # validation prompts to answer, for task scores (scoring.subset)
+    max_new_tokens: int | None = None  # the longest answer (scoring.max_new_tokens)
+    test: bool = False  # a final test job: score the trial's adapter on the test split (retrained without one)
+    adapter: str | None = None  # for a test job, the trial's saved adapter
+    await_verdict: bool = False  # the study may stop it early: it waits for the verdict at each curve point
+
+    def payload(self) -> dict:
+        """The fields ``trial.json`` holds (all but the directory)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "directory"}
+
+    @classmethod
+    def from_payload(cls, payload: dict, directory: Path) -> TrialSpec:
+        names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        return cls(directory=Path(directory), **{k: v for k, v in payload.items() if k in names})
+
+    def write(self) -> None:
+        atomic_write_json(self.directory / SPEC_FILE, self.payload())
+
+    @classmethod
+    def read(cls, directory: Path) -> TrialSpec:
+        """The spec in ``directory``'s ``trial.json``; raises OSError or ValueError where there is none to read."""
+        return cls.from_payload(json.loads((Path(directory) / SPEC_FILE).read_text()), directory)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether its training config loads the base quantized (the worker imports bitsandbytes then)."""
+        return ((self.config or {}).get("model") or {}).get("quantization", "none") != "none"
 
 
 def started(trial_dir: Path) -> bool:

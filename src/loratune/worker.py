@@ -36,6 +36,7 @@ from .trial_dir import (  # noqa: E402
     STEP,
     STEP_INTERVAL_S,
     STOP_FILE,
+    TrialSpec,
     await_verdict,
     awaits_verdict,
     base_key,
@@ -76,7 +77,7 @@ class _Progress:
     """A trial's progress file as it trains: its curve points, its steps (at most one a
     ``STEP_INTERVAL_S``), and the verdicts it waits for at a point the study judges."""
 
-    def __init__(self, trial_dir: Path, spec: dict):
+    def __init__(self, trial_dir: Path, spec: TrialSpec):
         self.trial_dir, self.spec = trial_dir, spec
         self.file = open(trial_dir / PROGRESS_FILE, "a")
         self.last_step = 0.0
@@ -88,7 +89,7 @@ class _Progress:
 
     def on_eval(self, point) -> bool:
         self.write({"kind": EVAL, **asdict(point)})
-        if not self.spec.get("await_verdict") or not awaits_verdict(asdict(point)):
+        if not self.spec.await_verdict or not awaits_verdict(asdict(point)):
             return False
         self.judged += 1
         return await_verdict(self.trial_dir, self.judged)  # stop exactly here when the study says so
@@ -117,17 +118,16 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
     started = time.time()
     progress = _Progress(trial_dir, spec)
     try:
-        cfg = finetune_config_from_dict(spec["config"], str(trial_dir / SPEC_FILE))
-        test = spec.get("test", False)
-        if cache is None and test:
+        cfg = finetune_config_from_dict(spec.config, str(trial_dir / SPEC_FILE))
+        if cache is None and spec.test:
             cache = Cache()  # a test job with a base of its own: loaded once for the examples and the adapter
         base, data, load_s = _cached_base_and_data(cache, cfg, spec)
-        if test:
+        if spec.test:
             return _test_job(cfg, spec, base, data, started)
         m = training.run_training(cfg, overwrite=True, on_eval=progress.on_eval, on_step=progress.on_step,
                                   stop_requested=(trial_dir / STOP_FILE).exists,
-                                  measure_inference=spec.get("measure_inference", False), base=base, data=data,
-                                  answer=spec.get("answer", 0), max_new_tokens=spec.get("max_new_tokens"))
+                                  measure_inference=spec.measure_inference, base=base, data=data,
+                                  answer=spec.answer, max_new_tokens=spec.max_new_tokens)
     except BaseException as exc:  # every way a trial can end becomes a recorded state
         return result_from_exception(exc)
     finally:
@@ -135,24 +135,24 @@ def run_trial(trial_dir: Path, cache: Cache | None = None, process_start: float 
     return _training_result(m, load_s if cache is not None else m.load_time_s, started, process_start)
 
 
-def _read_spec(trial_dir: Path) -> dict:
+def _read_spec(trial_dir: Path) -> TrialSpec:
     """The trial's spec, with the libraries it needs imported: here, not where first used, so that a fresh
     process's start-up is timed as such."""
     from .model import import_libraries
 
-    spec = json.loads((trial_dir / SPEC_FILE).read_text())
-    import_libraries(quantized=(spec["config"].get("model") or {}).get("quantization", "none") != "none")
+    spec = TrialSpec.read(trial_dir)
+    import_libraries(quantized=spec.quantized)
     return spec
 
 
-def _cached_base_and_data(cache: Cache | None, cfg, spec: dict) -> tuple[Any, Any, float]:
+def _cached_base_and_data(cache: Cache | None, cfg, spec: TrialSpec) -> tuple[Any, Any, float]:
     """(base, data, seconds loading the base took) from ``cache``; (None, None, 0.0) without one, for the
     training to load its own."""
     if cache is None:
         return None, None, 0.0
-    load_s = cache.load_base(cfg, base_key(spec["config"]))
+    load_s = cache.load_base(cfg, base_key(spec.config))
     data = None
-    if not (spec.get("test", False) and spec.get("adapter")):  # scoring a saved adapter needs no training data
+    if not (spec.test and spec.adapter):  # scoring a saved adapter needs no training data
         data = cache.load_data(cfg)
     return cache.base[1], data, load_s
 
@@ -176,7 +176,7 @@ def _training_result(m, load_s: float, started: float, process_start: float | No
                        extra={**extra, "timings": timings, "memory_after": memory})
 
 
-def _test_job(cfg, spec: dict, base, data, started: float) -> TrialResult:
+def _test_job(cfg, spec: TrialSpec, base, data, started: float) -> TrialResult:
     """The final test of a study (the only job that reads the test split): a saved adapter, or a retrain of
     the trial's config where its adapter was not kept, scored on the test split; the answers go back to the
     study's scorers."""
@@ -187,17 +187,17 @@ def _test_job(cfg, spec: dict, base, data, started: float) -> TrialResult:
     if found is None:
         raise ValueError("the study's data has no test split")
     examples, source = found
-    answer = bool(spec.get("answer"))  # answers are generated only for a study's scorers
-    if spec.get("adapter"):
-        scored = training.score_adapter(cfg, base, spec["adapter"], examples, answer, spec.get("max_new_tokens"))
+    answer = bool(spec.answer)  # answers are generated only for a study's scorers
+    if spec.adapter:
+        scored = training.score_adapter(cfg, base, spec.adapter, examples, answer, spec.max_new_tokens)
     else:
         trained = training.run_training(cfg, overwrite=True, base=base, data=data, test=examples, test_answers=answer,
-                                        max_new_tokens=spec.get("max_new_tokens"))
+                                        max_new_tokens=spec.max_new_tokens)
         scored = {**trained.test, "validation_loss": trained.val_loss}
     metrics = {"loss": scored["loss"], **{k: scored[k] for k in ("generation_s", "validation_loss") if k in scored}}
     return TrialResult(TrialState.COMPLETED, metrics, extra={
         "answers": scored.get("answers", []), "examples": scored["examples"], "source": source,
-        "retrained": not spec.get("adapter"), "timings": {"trial_s": time.time() - started}})
+        "retrained": not spec.adapter, "timings": {"trial_s": time.time() - started}})
 
 
 def _run_in(trial_dir: Path, cache: Cache | None, process_start: float | None) -> TrialResult:

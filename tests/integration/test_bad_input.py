@@ -137,9 +137,9 @@ def test_resume_refuses_what_would_change_what_the_study_measures(tmp_path, earl
 @pytest.mark.parametrize(("edit", "fragment"), [
     (lambda c: c["records"].__setitem__(0, "trial zero"), "records[0]: expected a mapping, got str"),
     (lambda c: c["records"][1].pop("state"), "records[1]: missing 'state'"),
-    (lambda c: c["records"][1].__setitem__("state", "bogus"), "records[1]: unknown state 'bogus'"),
+    (lambda c: c["records"][1].__setitem__("state", "bogus"), "records[1]: state: expected 'queued' or 'running' or 'completed'"),
     (lambda c: c["records"][1].__setitem__("index", 0), "records[1]: trial 0 is recorded twice"),
-    (lambda c: c["records"][1].__setitem__("params", [16]), "records[1]: params must be a mapping"),
+    (lambda c: c["records"][1].__setitem__("params", [16]), "records[1]: params: expected a mapping, got [16]"),
     (lambda c: c.pop("ax"), "checkpoint is incomplete ('ax' missing"),
     (lambda c: c["config"].__setitem__("trials", "many"), "config.trials: expected an integer"),
 ])

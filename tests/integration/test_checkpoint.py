@@ -55,11 +55,11 @@ def refused(argv: list[str], capsys, code: int = 2) -> str:
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d["records"][0]["params"].update(lora_rank="banana"),
      "records[0].params: 'banana' is not one of lora_rank's values [8, 16, 32, 64]"),
-    (lambda d: d["records"][1]["metrics"].update(loss="lots"), "records[1]: metrics.loss must be a finite number, got 'lots'"),
+    (lambda d: d["records"][1]["metrics"].update(loss="lots"), "records[1]: metrics.loss: expected a finite number, got 'lots'"),
     (lambda d: d["records"][1]["params"].update(lora_rank=8 if d["records"][1]["params"]["lora_rank"] != 8 else 64),
      "records[1]: trial 1 has parameters"),
     (lambda d: d["records"][0]["params"].update(dropout=0.1), "records[0].params: dropout is not a searched parameter"),
-    (lambda d: d["records"][0].update(curve=[{"step": "one"}]), "records[0]: curve[0].step must be a number, got 'one'"),
+    (lambda d: d["records"][0].update(curve=[{"step": "one"}]), "records[0]: curve[0].step: expected an integer or a finite number, got 'one'"),
     (lambda d: d["records"].append(dict(d["records"][0])), "records[2]: trial 0 is recorded twice"),
     (lambda d: d.update(pack_limit=0), "pack_limit must be a positive integer or null, got 0"),
 ], ids=["param", "metric", "params-differ-from-ax", "unknown-param", "curve", "twice", "pack-limit"])

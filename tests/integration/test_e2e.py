@@ -40,12 +40,12 @@ def test_module_commands_end_to_end(tiny_model, tmp_path):
     exported = cli("-m", "loratune.cli", "export", str(out), "--trial", str(other["index"]), "--output",
                        str(out / "other.yaml"))
     assert exported.returncode == 0, exported.stderr
-    assert load_finetune_config(out / "other.yaml").lora.rank == other["params"]["lora_rank"]
+    assert load_finetune_config(out / "other.yaml")[0].lora.rank == other["params"]["lora_rank"]
 
     retrain = run_cli(str(ROOT / "finetune_lora.py"), "--config", str(best_config), "--quiet")
     assert retrain.returncode == 0, retrain.stderr
     metrics = json.loads((out / "best_model" / "metrics.json").read_text())
-    assert metrics["steps"] == load_finetune_config(best_config).training.plan(148)[1] == 111  # 3 epochs of 148 at 4 per step
+    assert metrics["steps"] == load_finetune_config(best_config)[0].training.plan(148)[1] == 111  # 3 epochs of 148 at 4 per step
     assert metrics["val_loss"] < best["metrics"]["loss"]  # three epochs beat one
     assert (out / "best_model" / "adapter" / "adapter_model.safetensors").exists()
 

@@ -83,3 +83,28 @@ def test_the_cli_prints_both_warnings_before_the_first_trial_and_the_study_runs(
     assert max(warned) < first_trial
     trials = json.loads((tmp_path / "study" / "optimization_results.json").read_text())["trials"]
     assert [t["state"] for t in trials] == ["completed"]
+
+
+def test_the_raise_to_figure_stops_where_the_models_positions_reach(tiny_model, tmp_path, monkeypatch):
+    long = max(full_length(r) for r in LONG)
+    monkeypatch.setattr(preflight, "_context", lambda cfg: long - 4)  # a model whose positions end before the answers
+    (below,) = warnings(tmp_path, LONG, "data.validation_size=5", f"data.max_length={long - 8}")
+    assert below.endswith(f"; raise it to {long - 4}, as far as the model's positions reach, and shorten the examples "
+                          f"whose answer ends beyond {long - 4} tokens (the longest at {long - 1})")
+    (at_the_end,) = warnings(tmp_path, LONG, "data.validation_size=5", f"data.max_length={long - 4}")
+    assert at_the_end.endswith(f"; the model's positions reach no further: shorten the examples whose answer ends "
+                               f"beyond {long - 4} tokens (the longest at {long - 1})")
+
+
+def test_a_finetune_prints_the_same_warnings_before_it_trains(tiny_model, tmp_path, capsys):
+    from loratune import finetune
+
+    data = write_jsonl(tmp_path / "d.jsonl", LONG[:6])
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"data: {{path: {data}, validation_size: 2, max_length: 40}}\n"
+                      f"training: {{epochs: 0.5}}\noutput_dir: {tmp_path / 'run'}\n")
+    assert finetune(config, quiet=False)["steps"] > 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert [line.split(":", 3)[2].strip() for line in err] == ["data.validation_size", "data.max_length"]
+    assert err[0].startswith(f"warning: {config}: data.validation_size: the validation split holds 2 examples")
+    assert "4 of 4 training and 2 of 2 validation examples" in err[1]

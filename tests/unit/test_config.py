@@ -29,18 +29,18 @@ def test_defaults_are_the_demo():
     from loratune.data import _validation_path, test_source
 
     default = FinetuneConfig()
-    demo = load_finetune_config(ROOT / "configs" / "demo_finetune.yaml")
+    demo = load_finetune_config(ROOT / "configs" / "demo_finetune.yaml")[0]
     assert (default.model, default.lora, default.training) == (demo.model, demo.lora, demo.training)
     assert replace(demo.data, validation_path=None) == default.data  # the demo file names the split the default finds
     assert _validation_path(default.data) == demo.data.validation_path == "builtin:ai_director_validation"
     assert test_source(default.data) == "builtin:ai_director_test"
-    module4 = load_finetune_config(ROOT / "configs" / "baseline_qwen2.5-7b.yaml")
+    module4 = load_finetune_config(ROOT / "configs" / "baseline_qwen2.5-7b.yaml")[0]
     hyperparameters = lambda c: (c.lora.rank, c.lora.alpha, c.training.learning_rate, c.training.batch_size)  # noqa: E731
     assert hyperparameters(default) == hyperparameters(module4)
 
 
 def test_load_reads_nested_fields_and_yaml_1_1_floats(tmp_path):
-    cfg = load_finetune_config(write(tmp_path, "lora: {rank: 8}\ntraining:\n  learning_rate: 3e-4\n  epochs: 0.5\n"))
+    cfg = load_finetune_config(write(tmp_path, "lora: {rank: 8}\ntraining:\n  learning_rate: 3e-4\n  epochs: 0.5\n"))[0]
     assert cfg.lora.rank == 8
     assert cfg.training.learning_rate == pytest.approx(3e-4)  # YAML reads "3e-4" as a string
     assert cfg.training.epochs == 0.5
@@ -55,6 +55,7 @@ def test_load_reads_nested_fields_and_yaml_1_1_floats(tmp_path):
     ("model: {quantization: 3bit}\n", "model.quantization: expected 'none' or '4bit' or '8bit', got '3bit'"),
     ("training: {gradient_accumulation: some}\n", "training.gradient_accumulation: expected an integer or 'auto'"),
     ("lora: [1, 2]\n", "cfg.yaml: lora: expected a mapping, got list"),
+    ("lora: {target_modules: [q_proj, 7]}\n", "cfg.yaml: lora.target_modules[1]: expected a string, got 7"),
     ("- just\n- a list\n", "expected a mapping of settings at the top level"),
     ("lora: {rank: 8\n", "cfg.yaml:2:1: invalid YAML"),
 ])
@@ -196,3 +197,26 @@ def test_a_flags_help_is_its_fields_own_words():
             continue
         words = docs[f.name].replace("``", "")
         assert words.lower().startswith(helps[f.name].lower()), (f.name, helps[f.name], words)
+
+
+def test_a_record_is_checked_by_the_builder_of_the_settings_naming_the_value_inside():
+    from loratune.trial import TrialRecord, TrialState
+
+    ok = {"index": 3, "params": {"lr": 1e-4}, "state": "completed", "metrics": {"loss": 1, "bleu": None},
+          "curve": [{"step": 2, "progress": 0.5, "val_loss": 1.25}], "from_a_later_version": 1}
+    record = TrialRecord.from_dict(ok, "f.json: records[3]")
+    assert (record.state, record.metrics) == (TrialState.COMPLETED, {"loss": 1.0})  # a null metric is no metric
+    assert [type(v) for v in record.curve[0].values()] == [int, float, float]  # each number keeps its type
+    for edit, message in [
+        ({"index": -1}, "index: expected a non-negative integer, got -1"),
+        ({"index": True}, "index: expected an integer, got True"),
+        ({"state": "done"}, "state: expected 'queued' or 'running' or 'completed'"),
+        ({"metrics": {"loss": "low"}}, "metrics.loss: expected a finite number, got 'low'"),
+        ({"curve": [{"step": 1}, {"val_loss": "nan"}]}, "curve[1].val_loss: expected an integer or a finite number, got 'nan'"),
+        ({"duration_s": float("inf")}, "duration_s: expected a finite number, got inf"),
+    ]:
+        with pytest.raises(LoratuneError) as err:
+            TrialRecord.from_dict({**ok, **edit}, "f.json: records[3]")
+        assert str(err.value).startswith(f"f.json: records[3]: {message}"), err.value
+    with pytest.raises(LoratuneError, match=r"^f.json: records\[3\]: missing 'params'$"):
+        TrialRecord.from_dict({"index": 3, "state": "completed"}, "f.json: records[3]")

@@ -6,7 +6,7 @@ import time
 from types import SimpleNamespace
 
 from loratune.integrations import LoratuneCallback, eval_metrics, trial_params
-from loratune.trial_dir import LAST_EVAL_FILE, PROGRESS_FILE, SPEC_FILE, STOP_FILE, TRIAL_DIR_ENV, go_on
+from loratune.trial_dir import LAST_EVAL_FILE, PROGRESS_FILE, STOP_FILE, TRIAL_DIR_ENV, TrialSpec, go_on
 
 METRICS = {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_runtime": 0.04, "eval_samples_per_second": 900.0, "epoch": 0.3}
 
@@ -20,8 +20,7 @@ def control():
 
 
 def in_a_trial(tmp_path, monkeypatch, await_verdict: bool):
-    (tmp_path / SPEC_FILE).write_text(json.dumps({"params": {"learning_rate": 3e-4, "lora_rank": 8},
-                                                  "await_verdict": await_verdict}))
+    TrialSpec(1, {"learning_rate": 3e-4, "lora_rank": 8}, tmp_path, await_verdict=await_verdict).write()
     monkeypatch.setenv(TRIAL_DIR_ENV, str(tmp_path))
     return LoratuneCallback()
 

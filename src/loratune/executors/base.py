@@ -6,31 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..trial import TrialResult
-from ..trial_dir import EVAL, STEP
-
-
-@dataclass
-class TrialSpec:
-    index: int
-    params: dict[str, Any]
-    directory: Path
-    config: dict | None = None  # the resolved training config, for fine-tune trials
-    measure_inference: bool = False  # time generation (when inference_time is an objective or a constraint)
-    answer: int = 0  # validation prompts to answer, for task scores (scoring.subset)
-    max_new_tokens: int | None = None  # the longest answer (scoring.max_new_tokens)
-    test: bool = False  # a final test job: score the trial's adapter on the test split (retrained without one)
-    adapter: str | None = None  # for a test job, the trial's saved adapter
-    await_verdict: bool = False  # the study may stop it early: it waits for the verdict at each curve point
-
-    def payload(self) -> dict:
-        """What a worker reads from the trial's ``trial.json`` (see worker.py)."""
-        return {"index": self.index, "params": self.params, "config": self.config,
-                "measure_inference": self.measure_inference, "answer": self.answer, "max_new_tokens": self.max_new_tokens,
-                "test": self.test, "adapter": self.adapter, "await_verdict": self.await_verdict}
+from ..trial_dir import EVAL, STEP, TrialSpec
 
 
 @dataclass

@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..processes import fresh_trial_dir
-from ..storage import atomic_write_json
-from ..trial_dir import SPEC_FILE, VERDICT_POLL_S, ProgressReader, worker_env
+from ..trial_dir import VERDICT_POLL_S, ProgressReader, worker_env
 from .base import Event, TrialSpec, progress_events
 from .command import CommandRunner
 from .serving import WORKER_COMMAND, ServingWorker
@@ -101,7 +100,7 @@ class LocalExecutor:
             return
         runner = next((r for r in takers if r.holds(config)), takers[0])
         d = fresh_trial_dir(spec.directory)
-        atomic_write_json(d / SPEC_FILE, spec.payload())  # a command's LoratuneCallback reads it too
+        spec.write()  # a command's LoratuneCallback reads it too
         runner.start(d, spec.params if self.command else config)
         self.running[spec.index] = _Running(runner, spec, ProgressReader(d))
 

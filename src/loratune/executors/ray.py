@@ -80,7 +80,6 @@ class _SlotActor:
             getattr(self.worker, method)(*args)
 
     def run(self, payload: dict, shared_dir: str | None, progress, signals) -> dict:
-        import json
         import os
         import shutil
         import tempfile
@@ -90,26 +89,27 @@ class _SlotActor:
         from loratune.processes import fresh_trial_dir
         from loratune.trial_dir import (
             EVAL,
-            SPEC_FILE,
             VERDICT_POLL_S,
             ProgressReader,
+            TrialSpec,
             awaits_verdict,
         )
 
         base = Path(shared_dir) if shared_dir else Path(tempfile.mkdtemp(prefix=f"{TRIAL_DIR_PREFIX}{os.getpid()}-"))
         trial_dir = fresh_trial_dir(base / str(payload["index"]))
-        config = dict(payload["config"], output_dir=str(trial_dir))
-        (trial_dir / SPEC_FILE).write_text(json.dumps({**payload, "config": config}))
-        self._start_when_free(trial_dir, config)
+        spec = TrialSpec.from_payload(payload, trial_dir)
+        spec.config = dict(spec.config, output_dir=str(trial_dir))  # the adapter is saved where the trial runs
+        spec.write()
+        self._start_when_free(trial_dir, spec.config)
         reader, last_check, points, went_on = ProgressReader(trial_dir), 0.0, 0, 0
         while (result := self._result(trial_dir)) is None:
             for event in reader.read():  # the first, "started", tells the driver the trial was taken
-                progress.put((payload["index"], event))
+                progress.put((spec.index, event))
                 points += event.get("kind") == EVAL and awaits_verdict(event)
-            awaiting = payload.get("await_verdict") and went_on < points  # the trial waits on this loop
+            awaiting = spec.await_verdict and went_on < points  # the trial waits on this loop
             if awaiting or time.monotonic() - last_check > 0.5:
                 last_check = time.monotonic()
-                asked, go = ray.get(signals.asked.remote(payload["index"]))
+                asked, go = ray.get(signals.asked.remote(spec.index))
                 if asked is not None and asked[0] == "cancel":
                     self._call("cancel", trial_dir, asked[1])
                 elif asked is not None:
@@ -119,7 +119,7 @@ class _SlotActor:
                 went_on = max(went_on, go)
             time.sleep(VERDICT_POLL_S if awaiting else 0.1)
         for event in reader.read():
-            progress.put((payload["index"], event))
+            progress.put((spec.index, event))
         packed = None
         if not shared_dir:  # bring the files home to the driver
             buffer = io.BytesIO()
