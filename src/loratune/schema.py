@@ -103,34 +103,9 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        args = sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value))
-        inside = None  # a container of the right kind with a wrong value inside says more than "expected A or B"
-        for arg in args:
-            try:
-                return coerce(value, arg)
-            except BadValue as exc:
-                inside = inside or exc
-            except ValueError:
-                pass
-        raise inside or ValueError()
-    if tp in (dict, list):
-        if not isinstance(value, tp):
-            raise ValueError
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError
-        key_type, value_type = typing.get_args(tp)
-        return {_inside(f".{k}", key_type, k, lambda k=k: coerce(k, key_type)):
-                _inside(f".{k}", value_type, v, lambda v=v: coerce(v, value_type)) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ValueError
-        item_type = typing.get_args(tp)[0]
-        return [_inside(f"[{i}]", item_type, v, lambda v=v: coerce(v, item_type)) for i, v in enumerate(value)]
+        return _coerce_union(value, typing.get_args(tp))
+    if tp in (dict, list) or origin in (dict, list):
+        return _coerce_container(value, tp)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -155,6 +130,36 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError
     raise TypeError(f"unsupported config type {tp}")
+
+
+def _coerce_union(value: Any, args: tuple) -> Any:
+    if value is None and type(None) in args:
+        return None
+    args = sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value))
+    inside = None  # a container of the right kind with a wrong value inside says more than "expected A or B"
+    for arg in args:
+        try:
+            return coerce(value, arg)
+        except BadValue as exc:
+            inside = inside or exc
+        except ValueError:
+            pass
+    raise inside or ValueError()
+
+
+def _coerce_container(value: Any, tp: Any) -> Any:
+    """A mapping or a list, and each value inside it as its type (``dict[str, float]``, ``list[str]``)."""
+    kind = typing.get_origin(tp) or tp
+    if not isinstance(value, dict if kind is dict else list | tuple):
+        raise ValueError
+    if tp is kind:  # a plain dict or list: anything inside
+        return value
+    if kind is dict:
+        key_type, value_type = typing.get_args(tp)
+        return {_inside(f".{k}", key_type, k, lambda k=k: coerce(k, key_type)):
+                _inside(f".{k}", value_type, v, lambda v=v: coerce(v, value_type)) for k, v in value.items()}
+    item_type = typing.get_args(tp)[0]
+    return [_inside(f"[{i}]", item_type, v, lambda v=v: coerce(v, item_type)) for i, v in enumerate(value)]
 
 
 def unknown_field_message(name: str, known: Iterable[str]) -> str:
