@@ -269,8 +269,8 @@ class StudyConfig:
     """Trials each worker trains together, in one pass over one loaded base model (``auto``: 4 for a small model
     on the CPU, where it measured faster; else 1). Packed trials each keep their own adapter, optimizer, seed,
     data order and curve, and get the loss they get alone. ``auto`` is 4 where trials train on the CPU and the
-    model has under 10M parameters (the demo model's 20-trial study: 46-47 s instead of 61-71 s, the same best
-    loss; per trial, points chosen four at a time search worse: 3x the regret after 20 trials on one benchmark
+    model has under 10M parameters (the demo model's 20-trial study ran in about two thirds of its unpacked
+    time, the same best loss; per trial, points chosen four at a time searched worse on one benchmark
     surface), else 1: SmolLM2-135M on a CPU gained nothing, and no GPU has measured it yet (docs/benchmarks.md,
     "Packed trials"). On Ray, each actor trains up to ``pack`` trials together; ``auto`` is 1 there (the nodes'
     devices are not known to the driver). A study of a ``command`` or an ``evaluate=`` function, one without

@@ -12,8 +12,8 @@ from .base import Event, Executor, TrialSpec, run_to_end
 __all__ = ["Event", "Executor", "TrialSpec", "create_executor", "pack_size", "run_to_end"]
 
 # What pack: auto comes to, where packing measured faster (docs/benchmarks.md, "Packed trials"): on a CPU, for
-# a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study 46-47 s packed in
-# fours against 61-71 s one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
+# a model below SMALL_MODEL parameters (the 0.4M-parameter demo model: its 20-trial study packed in fours took
+# about two thirds of its time one at a time). SmolLM2-135M on a CPU gained nothing (0.99x: its passes are compute-bound), and
 # no GPU has measured packing yet: one trial per worker there.
 AUTO_PACK, SMALL_MODEL = 4, 10_000_000
 OWN_MEASURES = ("train_time", "peak_memory_gb", "tokens_per_s")  # a packed trial measures its pack's
