@@ -24,6 +24,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from loratune.integrations import LoratuneCallback, trial_params
@@ -56,6 +57,7 @@ def main() -> None:
                                           truncation=True, max_length=256),
                     remove_columns=data["train"].column_names)
 
+    set_seed(0)  # before the adapter is made: its initial weights are drawn here, not under Trainer's seed
     model = AutoModelForCausalLM.from_pretrained(model_name)
     model = get_peft_model(model, LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"],
                                              task_type="CAUSAL_LM"))

@@ -17,6 +17,7 @@ import argparse
 
 from datasets import load_dataset
 from peft import LoraConfig
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from loratune.integrations import LoratuneCallback, trial_params
@@ -49,6 +50,7 @@ def main() -> None:
         eval_strategy="steps", eval_steps=args.eval_steps, logging_steps=args.eval_steps,
         save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
     )
+    set_seed(0)  # before SFTTrainer makes the model and its adapter (their initial weights), not only for training
     trainer = SFTTrainer(model=model_name, args=training, train_dataset=data["train"], eval_dataset=data["validation"],
                          peft_config=LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"], task_type="CAUSAL_LM"),
                          callbacks=[LoratuneCallback()])
