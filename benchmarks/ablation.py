@@ -62,6 +62,7 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.constraints import parse_constraint
     from loratune.optimizer import Optimizer, seam
+    from loratune.optimizer.variants import use_lighter_acquisition_search
     from loratune.search_space import SearchSpace, _encode_for_products, parse_search_space
 
     v = VARIANTS[variant]
@@ -98,7 +99,7 @@ def run_variant(problem: se.Problem, trials: int, seed: int, variant: str) -> li
                 p.log2_encoded = True
     opt = Variant.create(space, ["value"], [True], [], seed=seed)
     if v.get("lighter_search"):
-        opt.use_lighter_acquisition_search()
+        use_lighter_acquisition_search(opt)
     rng, history = random.Random(seed), []
     if attach and problem.baseline is not None:
         index = opt.attach(problem.baseline, baseline=attach == "baseline")

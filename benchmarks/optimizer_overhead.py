@@ -30,6 +30,7 @@ from pathlib import Path
 
 from loratune.config import FinetuneConfig, default_search_space
 from loratune.optimizer import Optimizer
+from loratune.optimizer.variants import use_lighter_acquisition_search
 from loratune.search_space import parse_search_space
 
 CONSTRAINT = "lora_rank * batch_size <= 128"
@@ -69,7 +70,7 @@ def optimizer_with(n: int, constrained: bool, seed: int = 0) -> Optimizer:
     opt = Optimizer.create(space, ["loss"], [True], [], seed=seed, init_trials=n if WARM_START else 1,
                            prior=prior if WARM_START else None)
     if LIGHTER:
-        opt.use_lighter_acquisition_search()
+        use_lighter_acquisition_search(opt)
     for point, loss in zip(points, losses, strict=True) if not WARM_START else ():
         index = opt.attach(point)
         opt.complete(index, {"loss": loss})

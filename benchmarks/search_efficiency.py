@@ -155,10 +155,11 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
     while the trial before it still runs (pending in Ax), as a study that overlaps the suggestion with
     training would; otherwise after it completed. ``parameterization``: the study setting; ``prior``: an
     earlier study's trials (``warm_start.PriorTrial``), as ``warm_start`` gives them; ``tasks``: modelled as
-    a task of their own (``Optimizer.model_earlier_studies_as_tasks``); ``pack``: as a packed study, the
+    a task of their own (``variants.MultiTaskOptimizer``); ``pack``: as a packed study, the
     points of each pack asked for in one call once the last pack has completed (in index order)."""
     from loratune.config import FinetuneConfig, default_search_space
     from loratune.optimizer import Optimizer
+    from loratune.optimizer.variants import MultiTaskOptimizer
     from loratune.search_space import SearchSpace, parse_search_space
 
     if problem.name == "tabular" or (parameterization != "raw" and problem.params == surfaces.SPACE):
@@ -166,7 +167,7 @@ def run_loratune(problem: Problem, trials: int, seed: int, ahead: bool = False,
         space = parse_search_space(default_search_space(), [], FinetuneConfig(), parameterization=parameterization)
     else:
         space = SearchSpace([_loratune_param(p) for p in problem.params])
-    opt = Optimizer.create(space, ["value"], [True], [], seed=seed, prior=prior)
+    opt = (MultiTaskOptimizer if tasks else Optimizer).create(space, ["value"], [True], [], seed=seed, prior=prior)
     if tasks:
         opt.model_earlier_studies_as_tasks({i: "earlier study" for i in range(len(prior or []))})
     rng, history, running = random.Random(seed), [], []  # running: (index, params) in the order they started

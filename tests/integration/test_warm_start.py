@@ -102,9 +102,10 @@ def test_the_command_line_takes_several_earlier_studies(tmp_path, capsys):
 
 @pytest.mark.slow  # the benchmarks' variant: two fits of a multi-task GP
 def test_earlier_trials_modelled_as_a_task_of_their_own_fit_a_multi_task_model_once_this_study_has_data():
-    """The variant the benchmarks compare (``Optimizer.model_earlier_studies_as_tasks``): Ax's TrialAsTask
+    """The variant the benchmarks compare (``optimizer.variants.MultiTaskOptimizer``): Ax's TrialAsTask
     transform gives the earlier study's trials their own task, and BoTorch a MultiTaskGP."""
     from loratune.config import FinetuneConfig, default_search_space
+    from loratune.optimizer.variants import MultiTaskOptimizer
     from loratune.search_space import parse_search_space
     from loratune.warm_start import PriorTrial
 
@@ -113,7 +114,7 @@ def test_earlier_trials_modelled_as_a_task_of_their_own_fit_a_multi_task_model_o
               for r, a, lr, b in [(8, 16, 1e-5, 1), (16, 32, 1e-4, 2), (32, 64, 3e-4, 4), (64, 128, 5e-4, 1),
                                   (8, 128, 2e-5, 2), (64, 16, 4e-4, 4)]]
     prior = [PriorTrial(p, {"value": fake_loss(p) + 0.05}, f"v1#{i}") for i, p in enumerate(points)]
-    opt = Optimizer.create(space, ["value"], [True], [], seed=0, prior=prior)
+    opt = MultiTaskOptimizer.create(space, ["value"], [True], [], seed=0, prior=prior)
     opt.model_earlier_studies_as_tasks({i: "earlier study" for i in range(len(prior))})
 
     def model() -> str:

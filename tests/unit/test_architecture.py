@@ -80,7 +80,7 @@ def test_imports_flow_one_way():
 
 def test_each_heavy_library_stays_in_its_room():
     rooms = {"ax": {"loratune.optimizer", "loratune.optimizer.seam", "loratune.optimizer.snapshot",
-                    "loratune.optimizer.analyses", "loratune.optimizer.encoding"},
+                    "loratune.optimizer.analyses", "loratune.optimizer.encoding", "loratune.optimizer.variants"},
              "botorch": {"loratune.optimizer.seam"},
              "transformers": {"loratune.model", "loratune.training", "loratune.pack", "loratune.data", "loratune.integrations",
                               "loratune.demo.tiny_model", "loratune.demo.smollm2"},

@@ -59,7 +59,7 @@ def _acquisition_search(opt: Optimizer) -> list[dict]:
 
 
 def test_the_acquisition_search_is_axs_own_with_or_without_constraints():
-    from loratune.optimizer import LIGHTER_ACQUISITION_SEARCH
+    from loratune.optimizer.variants import LIGHTER_ACQUISITION_SEARCH, use_lighter_acquisition_search
     from loratune.search_space import parse_search_space
 
     free = parse_search_space(SPACE, [], StudyConfig().base())
@@ -68,7 +68,7 @@ def test_the_acquisition_search_is_axs_own_with_or_without_constraints():
     opt = Optimizer.create(constrained, ["loss"], [True], [], seed=0)
     assert _acquisition_search(opt) == [None]
     assert _acquisition_search(Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)) == [None]
-    opt.use_lighter_acquisition_search()  # what the benchmarks compare it with: saved with the strategy
+    use_lighter_acquisition_search(opt)  # what the benchmarks compare it with: saved with the strategy
     restored = Optimizer.restore(json.loads(json.dumps(opt.snapshot())), constrained, seed=0)
     assert _acquisition_search(restored) == [LIGHTER_ACQUISITION_SEARCH]
 

@@ -44,7 +44,6 @@ def quiet_ax() -> None:
 # A lighter acquisition search for BoTorch (Ax: 1024 raw samples, 20 restarts), for the benchmarks
 # only. loratune keeps Ax's settings, with or without constraints: the lighter one is cheaper but its
 # regret was no better (docs/benchmarks-history.md, "Against the current default", for the figures).
-LIGHTER_ACQUISITION_SEARCH = {"raw_samples": 512, "num_restarts": 10}
 
 
 def objective_string(objectives: list[str], minimize: list[bool]) -> str:
@@ -72,7 +71,6 @@ class Optimizer:
         self.notes: list[str] = []  # what the user should hear about the optimizer (shown once, as the study starts)
         self.busy_s = 0.0  # seconds spent in Ax by this process (set-up, suggestions, updates, snapshots)
         self._snapshots = Snapshots()
-        self._tasks: dict[int, str] = {}  # warm-start trials modelled as tasks of their own (benchmarks only)
 
     @classmethod
     def create(cls, space: SearchSpace, objectives: list[str], minimize: list[bool], outcome_constraints: list[str],
@@ -121,40 +119,8 @@ class Optimizer:
                                                   use_existing_trials_for_initialization=False,
                                                   allow_exceeding_initialization_budget=True)
 
-    def use_lighter_acquisition_search(self) -> None:
-        """512 raw samples and 10 restarts for BoTorch's acquisition search instead of Ax's 1024 and 20
-        (benchmarks compare the two). Set through Ax's ``model_gen_options`` on the Bayesian
-        optimization node, so it is saved with the generation strategy."""
-        for spec in self._model_specs():
-            options = spec.generator_gen_kwargs.setdefault("model_gen_options", {})
-            options.setdefault("optimizer_kwargs", {}).update(LIGHTER_ACQUISITION_SEARCH)
-
-    def model_earlier_studies_as_tasks(self, tasks: dict[int, str]) -> None:
-        """Model the given trials ({Ax trial index: its study}, a warm start's) as tasks of their own: Ax's
-        ``TrialAsTask`` transform makes each study a task and BoTorch fits a ``MultiTaskGP``, which learns how
-        far the earlier studies agree with this one, instead of taking their values as this study's.
-        For the benchmarks only: on five related surfaces it was worse than the default after 20 trials on
-        three (docs/benchmarks.md, "A search that knows LoRA"). Until this study has data of its own, the trials
-        are modelled together."""
-        self._tasks = dict(tasks)
-
-    def _set_tasks(self) -> None:
-        """Before each suggestion: the task of every trial Ax knows (the map must name every trial with data,
-        and Ax's target task is this study's), given as a new dict so that Ax refits with it."""
-        from ax.adapter.registry import MBM_MTGP_trans
-
-        experiment = seam.experiment(self.client)
-        with_data = {int(i) for i in experiment.lookup_data().df["trial_index"].unique()}
-        own = sorted(i for i in with_data if i not in self._tasks)
-        for spec in self._model_specs():
-            configs = {k: v for k, v in spec.generator_kwargs.get("transform_configs", {}).items() if k != "TrialAsTask"}
-            if not own:
-                spec.generator_kwargs.pop("transforms", None)
-            else:
-                spec.generator_kwargs["transforms"] = MBM_MTGP_trans
-                levels = {i: self._tasks.get(i, "this study") for i in experiment.trials}
-                configs["TrialAsTask"] = {"trial_level_map": {"study": levels}, "target_trial": own[0]}
-            spec.generator_kwargs["transform_configs"] = configs
+    def _before_ask(self) -> None:
+        """What a variant of the search (``variants.py``, the benchmarks') changes before each suggestion."""
 
     def _model_specs(self) -> list:
         """The generator specs of Bayesian optimization (BoTorch) in the generation strategy."""
@@ -170,8 +136,7 @@ class Optimizer:
         from ax.exceptions.core import DataRequiredError, SearchSpaceExhausted
         from ax.exceptions.generation_strategy import MaxParallelismReachedException
 
-        if self._tasks:
-            self._set_tasks()
+        self._before_ask()
         try:
             trials = self.client.get_next_trials(max_trials=n)
         except (DataRequiredError, MaxParallelismReachedException):
