@@ -135,7 +135,9 @@ def coerce(value: Any, tp: Any) -> Any:
 def _coerce_union(value: Any, args: tuple) -> Any:
     if value is None and type(None) in args:
         return None
-    args = sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value))
+    args = [a for a in args if a is not type(None)]
+    if not isinstance(value, str):  # a number keeps its own type (int | float); a string is read in order ("2e-4")
+        args.sort(key=lambda a: a is not type(value))
     inside = None  # a container of the right kind with a wrong value inside says more than "expected A or B"
     for arg in args:
         try:
@@ -150,7 +152,7 @@ def _coerce_union(value: Any, args: tuple) -> Any:
 def _coerce_container(value: Any, tp: Any) -> Any:
     """A mapping or a list, and each value inside it as its type (``dict[str, float]``, ``list[str]``)."""
     kind = typing.get_origin(tp) or tp
-    if not isinstance(value, dict if kind is dict else list | tuple):
+    if not isinstance(value, dict if kind is dict else list if tp is list else list | tuple):
         raise ValueError
     if tp is kind:  # a plain dict or list: anything inside
         return value

@@ -26,7 +26,9 @@ class MultiTaskOptimizer(Optimizer):
     (docs/benchmarks.md, "A search that knows LoRA"). Until this study has data of its own, the trials are
     modelled together."""
 
-    tasks: dict[int, str] = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tasks: dict[int, str] = {}  # Ax trial index -> its study; empty: no task of their own
 
     def model_earlier_studies_as_tasks(self, tasks: dict[int, str]) -> None:
         self.tasks = dict(tasks)
