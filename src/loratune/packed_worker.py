@@ -178,8 +178,8 @@ class PackedWorker:
         self.tee = _Tee()
 
     def serve(self, commands: queue.Queue) -> None:
-        """Run trials as their directories arrive on ``commands`` (None: stdin closed) until it closes and
-        every trial has ended."""
+        """Run trials as their directories arrive on ``commands`` (lists of directories, each what one
+        write of the study handed over; None: stdin closed) until it closes and every trial has ended."""
         closed = False
         while not (closed and not self.running and not self.waiting):
             block = not self.running and not self.waiting and not closed
@@ -206,8 +206,8 @@ class PackedWorker:
                     closed = True
                     if self.running:
                         kill_own_group()
-                elif command:
-                    self.waiting.append(Path(command))
+                else:  # the trials of one hand-over, in order
+                    self.waiting.extend(Path(d) for d in command)
         except queue.Empty:
             pass
         return closed if arrived else None

@@ -170,16 +170,17 @@ def unknown_field_message(name: str, known: Iterable[str]) -> str:
     return f"unknown field '{name}'{hint}"
 
 
-def build(cls: type, data: Any, origin: Origin, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
+def build(cls: type, data: Any, origin: Origin, prefix: str = "", require: Iterable[str] = ()) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking names and types field by field. A field without a
+    default must be given, and so must those in ``require`` (a record read back has its ``state``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise LoratuneError(f"{origin.at(prefix.rstrip('.') or 'config')}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    required = [name for name, f in fields.items() if f.init and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]
+    required = [name for name, f in fields.items() if name in require or (
+        f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)]
     missing = next((name for name in required if name not in data), None)
     if missing is not None:
         raise LoratuneError(f"{origin.at(prefix.rstrip('.')) if prefix else origin.default or 'config'}: missing '{missing}'")

@@ -169,8 +169,9 @@ class Study:
         between two of its rounds train every round together, and their answers are generated together."""
         if records:
             self.save()
-        for record in records:
-            self._submit(executor, record, running)
+        with executor.together():
+            for record in records:
+                self._submit(executor, record, running)
         records.clear()
 
     def _unproposed(self, busy: int) -> int:

@@ -45,8 +45,8 @@ class TrialResult:
     """How one trial ended, as its process (or thread) reports it."""
 
     state: TrialState
-    metrics: dict[str, float] = field(default_factory=dict)
-    curve: list[dict] = field(default_factory=list)  # [{step, progress, val_loss, ...}]
+    metrics: dict[str, Any] = field(default_factory=dict)  # as reported; the study checks them (check_metrics)
+    curve: list[dict[str, int | float | None]] = field(default_factory=list)  # [{step, progress, val_loss, ...}]
     reason: str | None = None  # why it failed or stopped
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (tokens/s, ...)
 
@@ -56,8 +56,10 @@ class TrialResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrialResult:
-        return cls(TrialState(d["state"]), d.get("metrics") or {}, d.get("curve") or [], d.get("reason"), d.get("extra") or {})
+    def from_dict(cls, data: Any, where: str) -> TrialResult:
+        """A result as a worker wrote it (``result.json``, a Ray actor's reply), checked by the builder
+        that checks a config; errors named ``where: field``. A field this version does not know is left out."""
+        return _read(cls, data, where)
 
 
 @dataclass
@@ -104,18 +106,23 @@ class TrialRecord:
         (``schema.build``: names, types, numbers finite), errors named ``where: field``. A null is the
         field's default (a metric's null, how a non-finite number is stored, is no metric); a field this
         version does not know is left out."""
-        if not isinstance(data, dict):
-            raise LoratuneError(f"{where}: expected a mapping, got {type(data).__name__}")
-        if "state" not in data:  # the one field with a default that every written record has
-            raise LoratuneError(f"{where}: missing 'state'")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known and v is not None}
-        if isinstance(values.get("metrics"), dict):
-            values["metrics"] = {k: v for k, v in values["metrics"].items() if v is not None}
-        record = build(cls, values, Origin(where))
-        if record.index < 0:
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None}
+            if isinstance(data.get("metrics"), dict):
+                data["metrics"] = {k: v for k, v in data["metrics"].items() if v is not None}
+        record = _read(cls, data, where)
+        if record.index < 0:  # the one value rule beyond types, as the settings' rules sit beside their builder
             raise LoratuneError(f"{where}: index: expected a non-negative integer, got {record.index}")
         return record
+
+
+def _read(cls: type, data: Any, where: str) -> Any:
+    """``cls`` built from what loratune wrote: every field checked, ``state`` required (a record without
+    one was not written by loratune), fields of a later version left out."""
+    if not isinstance(data, dict):
+        raise LoratuneError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    return build(cls, {k: v for k, v in data.items() if k in known}, Origin(where), require=("state",))
 
 
 def with_loss(point: dict) -> dict:

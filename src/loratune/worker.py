@@ -228,17 +228,28 @@ def _redirect_output(log: IO) -> None:
     os.dup2(log.fileno(), 2)
 
 
+def read_commands(fd: int, commands: queue.Queue) -> None:
+    """Put the trial directories that arrive on ``fd`` on ``commands`` until it closes, the lines of one
+    read as one list. By read, not by line: the study writes a pack's trials at once, so they start
+    together whenever this thread is scheduled (``--seed``: the same packs, the same losses)."""
+    rest = b""
+    while chunk := os.read(fd, 65536):
+        *lines, rest = (rest + chunk).split(b"\n")
+        if lines:
+            commands.put([d for line in lines if (d := line.decode(errors="replace").strip())])
+
+
 def serve(preload: bool = False, quantized: bool = False, pack: int = 1) -> None:
-    """Run trials as their directories arrive on stdin (one per line), keeping the base model loaded.
+    """Run trials as their directories arrive on stdin (one per line; the lines of one write arrive
+    together, so a pack handed over at once starts together), keeping the base model loaded.
     ``preload``: import torch, transformers and peft before the first trial arrives (a worker started
     while the study sets up); a failure there is left for the first trial to meet and report. ``pack``:
     train up to this many trials at once (packed_worker.py), else one after another."""
-    commands: queue.Queue[str | None] = queue.Queue()
+    commands: queue.Queue[list[str] | None] = queue.Queue()
     busy = threading.Event()
 
     def read_stdin() -> None:
-        for line in sys.stdin:
-            commands.put(line.strip())
+        read_commands(sys.stdin.fileno(), commands)
         if busy.is_set():  # stdin closed mid-trial: the study is gone, and so is this trial
             kill_own_group()
         commands.put(None)
@@ -260,12 +271,13 @@ def serve(preload: bool = False, quantized: bool = False, pack: int = 1) -> None
         return
     cache, first = Cache(), True
     while (command := commands.get()) is not None:
-        if first and preload:  # the first trial's start-up: the imports, not the wait for it
-            process_start += time.time() - imported
-        busy.set()
-        _run_in(Path(command), cache, process_start if first else None)  # the first pays for the imports
-        first = False
-        busy.clear()
+        for trial_dir in command:
+            if first and preload:  # the first trial's start-up: the imports, not the wait for it
+                process_start += time.time() - imported
+            busy.set()
+            _run_in(Path(trial_dir), cache, process_start if first else None)  # the first pays for the imports
+            first = False
+            busy.clear()
 
 
 def main() -> None:

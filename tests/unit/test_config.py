@@ -220,3 +220,19 @@ def test_a_record_is_checked_by_the_builder_of_the_settings_naming_the_value_ins
         assert str(err.value).startswith(f"f.json: records[3]: {message}"), err.value
     with pytest.raises(LoratuneError, match=r"^f.json: records\[3\]: missing 'params'$"):
         TrialRecord.from_dict({"index": 3, "state": "completed"}, "f.json: records[3]")
+
+
+def test_a_trial_result_is_checked_by_the_builder_and_names_its_file():
+    """A worker's ``result.json`` is read through the settings' builder, as a record is: a missing
+    ``state`` or a wrong value inside says which, in which file; a field of a later version is left out."""
+    from loratune.trial import TrialResult, TrialState
+
+    where = "trials/3/result.json"
+    with pytest.raises(LoratuneError, match=r"^trials/3/result.json: missing 'state'$"):
+        TrialResult.from_dict({"metrics": {"loss": 0.5}}, where)
+    with pytest.raises(LoratuneError, match=r"^trials/3/result.json: curve\[0\]\.val_loss: expected .*got 'x'$"):
+        TrialResult.from_dict({"state": "completed", "curve": [{"val_loss": "x"}]}, where)
+    with pytest.raises(LoratuneError, match=r"^trials/3/result.json: state: expected 'queued' or .*got 'done'$"):
+        TrialResult.from_dict({"state": "done"}, where)
+    result = TrialResult.from_dict({"state": "completed", "metrics": {"loss": None}, "later": 1}, where)
+    assert result.state is TrialState.COMPLETED and result.metrics == {"loss": None}  # a non-finite loss, as stored

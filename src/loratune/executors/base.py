@@ -4,6 +4,7 @@ parameters, training configs and directories."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,10 @@ class Executor(Protocol):
 
     def submit(self, spec: TrialSpec) -> None:
         """Start the trial; its events come from ``poll``."""
+
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the trials submitted start together at its end (a pack's, on one worker);
+        an executor that never packs trials starts each as it is submitted."""
 
     def poll(self, timeout: float) -> list[Event]:
         """Events since the last call, waiting up to ``timeout`` seconds for the first one."""

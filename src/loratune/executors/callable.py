@@ -3,6 +3,7 @@ this process."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import queue
 import threading
@@ -91,6 +92,9 @@ class CallableExecutor:
 
     def limit_pack(self, size: int) -> None:
         """Its trials never pack: nothing to limit."""
+
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # its trials never pack: each starts as submitted
 
     def shutdown(self) -> None:
         for event in self._stop.values():

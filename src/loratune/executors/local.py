@@ -7,10 +7,12 @@ trials together, else a fresh process per trial; every way it can end is written
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..processes import fresh_trial_dir
@@ -90,6 +92,20 @@ class LocalExecutor:
             if isinstance(runner, ServingWorker):
                 runner.limit_pack(self.pack)
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """The trials submitted inside reach each worker in one write at the end: a pack's trials train
+        from its first round together, however late the worker is scheduled (``--seed``)."""
+        serving = [r for r in self.runners if isinstance(r, ServingWorker)]
+        for runner in serving:
+            runner.holding = True
+        try:
+            yield
+        finally:
+            for runner in serving:
+                runner.holding = False
+                runner.send()
+
     def submit(self, spec: TrialSpec) -> None:
         """Start the trial on a worker that holds its base (packed with its trials, if any), else on one that
         runs nothing; else it waits for one (a trial of another base or data than every running one)."""
@@ -116,8 +132,9 @@ class LocalExecutor:
                     events += progress_events(index, self.running[index].reader.read())
                     events.append(Event(index, result=result))
                     del self.running[index]
-            for spec in self._take_waiting():
-                self.submit(spec)
+            with self.together():
+                for spec in self._take_waiting():
+                    self.submit(spec)
             if events or time.monotonic() >= deadline:
                 return events
             # a trial waiting for a verdict waits on this loop: look again soon

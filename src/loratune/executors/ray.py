@@ -12,6 +12,7 @@ worker processes with them, when the driver ends, however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import time
@@ -295,7 +296,10 @@ class RayExecutor:
                 tar.extractall(spec.directory, filter="data")
         elif self.shared_dir:
             atomic_write_json(spec.directory / "location.json", {"shared_dir": str(Path(self.shared_dir) / str(spec.index))})
-        return TrialResult.from_dict(out["result"])
+        try:
+            return TrialResult.from_dict(out["result"], f"trial {spec.index}: the Ray actor's result")
+        except LoratuneError as exc:
+            return TrialResult(TrialState.FAILED, reason=str(exc))
 
     def stop(self, index: int) -> None:
         self.signals.ask.remote(index, "stop")
@@ -310,6 +314,10 @@ class RayExecutor:
             self.cancelled[index] = (reason, time.monotonic())
             self.signals.ask.remote(index, "cancel", reason)
         self.waiting = [s for s in self.waiting if s.index != index]  # never started: nothing to end
+
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        # each trial is its own actor call: an actor's pack takes what reached it between two rounds
+        return contextlib.nullcontext()
 
     def limit_pack(self, size: int) -> None:
         """Train at most ``size`` trials together on an actor from now on (a pack ran out of memory)."""

@@ -23,7 +23,6 @@ With ``reuse=False`` every trial gets a fresh process and the same rules hold.
 
 from __future__ import annotations
 
-import json
 import shlex
 import signal
 import subprocess
@@ -31,7 +30,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LoratuneError
 from ..processes import die_with_parent, oom_kill_count, signal_group
+from ..storage import read_json
 from ..trial import TrialResult, TrialState, result_from_exit
 from ..trial_dir import CANCEL_FILE, LOG_FILE, RESULT_FILE, STOP_FILE, base_key, go_on, pack_key, started
 
@@ -67,6 +68,8 @@ class ServingWorker:
         self.packed: str | None = None  # what its trials share (``trial_dir.pack_key``), while it holds any
         self.trials = 0  # trials handed to this process
         self.held: dict[Path, _Held] = {}  # the trials in its hands
+        self.unsent: list[Path] = []  # handed over, not yet written to the process
+        self.holding = False  # keep what is handed over for one ``send`` (``LocalExecutor.together``)
         self.draining = False  # one of its trials failed: it takes no other, and goes once its trials end
 
     @property
@@ -103,12 +106,14 @@ class ServingWorker:
             with open(trial_dir / LOG_FILE, "a") as log:  # before the worker writes there: which command
                 log.write(f"$ {shlex.join(self.process.args)}\n")
         self.packed = pack_key(config)
-        if kept and self._send(trial_dir):
-            self.held[trial_dir] = held
+        self.held[trial_dir] = held
+        if kept:
+            self.unsent.append(trial_dir)
             self.trials += 1
         else:
-            self.held[trial_dir] = held
             self._start_fresh(base_key(config))
+        if not self.holding:
+            self.send()
 
     def prestart(self, config: dict, quantized: bool) -> None:
         """Start a kept worker now, before it has a trial, so that its imports overlap the study's set-up;
@@ -125,13 +130,21 @@ class ServingWorker:
     def _pack_args(self) -> list[str]:
         return ["--pack", str(self.pack)] if self.pack > 1 else []
 
-    def _send(self, trial_dir: Path) -> bool:
-        try:
-            self.process.stdin.write(f"{trial_dir}\n")
-            self.process.stdin.flush()
-            return True
-        except OSError:  # the pipe broke: it ended since it was last seen
-            return False
+    def send(self) -> None:
+        """Write the trials handed over and not yet sent, in one write, which the worker reads as one
+        command: a pack's trials start training together, whatever the scheduling (``--seed``)."""
+        for attempt in range(2):
+            if not self.unsent:
+                return
+            lines = "".join(f"{d}\n" for d in self.unsent)
+            self.unsent = []
+            try:
+                self.process.stdin.write(lines)
+                self.process.stdin.flush()
+                return
+            except OSError:  # the pipe broke: it ended since it was last seen; once more, on a fresh one
+                if attempt == 0:  # (a fresh one that dies at once too is seen by poll)
+                    self._start_fresh(self.key)
 
     def _start_fresh(self, key: str) -> None:
         """A fresh process for the trials held (those handed to one that ended before taking them)."""
@@ -147,10 +160,9 @@ class ServingWorker:
                                             stdin=subprocess.PIPE if self.reuse else subprocess.DEVNULL,
                                             start_new_session=True, preexec_fn=die_with_parent())
         self.key, self.trials, self.draining = key, len(self.held), False
-        for trial_dir, held in self.held.items():
+        self.unsent = list(self.held) if self.reuse else []
+        for held in self.held.values():
             held.fresh = True
-            if self.reuse:
-                self._send(trial_dir)  # one that dies at once is seen by poll
 
     def poll(self) -> dict[Path, TrialResult]:
         """The results of the trials that have ended since the last call (none for one that starts again,
@@ -171,6 +183,7 @@ class ServingWorker:
                 self.draining = True
         if again and len(again) == len(self.held):  # the others' endings first
             self._start_fresh(self.key)
+            self.send()
         if not self.held and (not self.reuse or self.draining):  # whatever a trial's process left goes with it
             self.close()
         return ended
@@ -180,7 +193,10 @@ class ServingWorker:
             return TrialResult(TrialState.FAILED, reason=held.cancelled) if code is not None else None
         result = trial_dir / RESULT_FILE
         if result.exists():
-            return TrialResult.from_dict(json.loads(result.read_text()))
+            try:  # written by our own worker; one that does not read back fails its trial, not the study
+                return TrialResult.from_dict(read_json(result, "trial result"), str(result))
+            except LoratuneError as exc:
+                return TrialResult(TrialState.FAILED, reason=str(exc))
         if code is None:
             return None
         took = started(trial_dir)
@@ -226,7 +242,7 @@ class ServingWorker:
                     self.process.stdin.close()
                 except OSError:  # a pipe whose reader is gone
                     pass
-        self.process, self.key, self.draining = None, None, False
+        self.process, self.key, self.draining, self.unsent = None, None, False, []
         if not keep:
             self.held.clear()
 
