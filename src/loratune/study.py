@@ -165,8 +165,8 @@ class Study:
         return started
 
     def _start(self, executor: Executor, records: list[TrialRecord], running: dict) -> None:
-        """Save, then hand the trials over one right after another: a pack's trials that reach its worker
-        between two of its rounds train every round together, and their answers are generated together."""
+        """Save, then hand the trials over together (``executor.together``): a pack's trials reach its worker
+        at once, train every round together from the first, and their answers are generated together."""
         if records:
             self.save()
         with executor.together():

@@ -133,18 +133,19 @@ class ServingWorker:
     def send(self) -> None:
         """Write the trials handed over and not yet sent, in one write, which the worker reads as one
         command: a pack's trials start training together, whatever the scheduling (``--seed``)."""
-        for attempt in range(2):
-            if not self.unsent:
-                return
-            lines = "".join(f"{d}\n" for d in self.unsent)
-            self.unsent = []
-            try:
-                self.process.stdin.write(lines)
-                self.process.stdin.flush()
-                return
-            except OSError:  # the pipe broke: it ended since it was last seen; once more, on a fresh one
-                if attempt == 0:  # (a fresh one that dies at once too is seen by poll)
-                    self._start_fresh(self.key)
+        if self.unsent and not self._write():  # the pipe broke: it ended since it was last seen
+            self._start_fresh(self.key)  # its trials go to a fresh one (one that dies at once too, poll sees)
+            if self.unsent:
+                self._write()
+
+    def _write(self) -> bool:
+        lines, self.unsent = "".join(f"{d}\n" for d in self.unsent), []
+        try:
+            self.process.stdin.write(lines)
+            self.process.stdin.flush()
+            return True
+        except OSError:
+            return False
 
     def _start_fresh(self, key: str) -> None:
         """A fresh process for the trials held (those handed to one that ended before taking them)."""
