@@ -7,6 +7,8 @@ way executors run the worker module. The trial's parameter ``act`` chooses what 
   parameters (``loss`` when given);
 - ``fail``: reports a failed trial, as a non-finite loss does;
 - ``oom``: reports an out-of-memory trial;
+- ``bad_result``: completes, with a curve point whose loss is not a number: its result file (or a Ray
+  actor's reply) does not read back;
 - ``crash``: the process dies in the middle of the trial (``os._exit(1)``);
 - ``hang``: trains "forever": ends early-stopped when asked to stop, or is killed;
 - ``curve``: three validation points before the last; a trial that awaits verdicts waits at each for
@@ -61,6 +63,9 @@ def scripted_trial(trial_dir: Path, cache=None, process_start=None) -> TrialResu
             return TrialResult(TrialState.FAILED, reason="non-finite loss: validation loss is nan at step 1", extra=extra)
         if act == "oom":
             return TrialResult(TrialState.OUT_OF_MEMORY, reason="OutOfMemoryError: CUDA out of memory", extra=extra)
+        if act == "bad_result":
+            point = {"step": 2, "progress": 1.0, "val_loss": "low", "train_loss": 1.0, "subset": 37}
+            return TrialResult(TrialState.COMPLETED, {"loss": 1.0}, [point], extra=extra)
         loss = float(params.get("loss", scripted_loss(params)))
         point = {"step": 2, "progress": 1.0, "val_loss": loss, "train_loss": loss, "subset": 37}
         progress.write(json.dumps({"kind": "eval", **point}) + "\n")

@@ -140,6 +140,19 @@ def test_a_reported_failure_is_recorded_and_the_next_trial_runs_on_a_fresh_worke
 
 
 @pytest.mark.parametrize("kind", EXECUTORS)
+def test_a_result_that_does_not_read_back_fails_its_trial_and_the_study_goes_on(make, kind):
+    """A kept worker's result file (a Ray actor's reply) whose curve holds a loss that is not a number:
+    that trial fails with the reason and where, and the next trial completes."""
+    t = make(kind)
+    t.submit(0, "bad_result")
+    bad = t.result(0)
+    assert bad.state is TrialState.FAILED
+    assert "val_loss" in bad.reason and ("result.json" in bad.reason or "Ray actor's result" in bad.reason), bad.reason
+    t.submit(1)
+    assert t.result(1).state is TrialState.COMPLETED
+
+
+@pytest.mark.parametrize("kind", EXECUTORS)
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "fresh"])
 @pytest.mark.parametrize("how", ["crash", "kill -9"])
 def test_a_worker_that_dies_during_a_trial_fails_that_trial_only(make, kind, reuse, how):
