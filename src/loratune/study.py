@@ -110,6 +110,11 @@ class Study:
         """Trials that were running or queued when an earlier session died run again, first; a new study
         starts with its baseline. The checkpoint says so before any of them starts."""
         interrupted = [r for r in self.records if r.state in (TrialState.RUNNING, TrialState.QUEUED)]
+        rerun = [r.index for r in interrupted if r.state is TrialState.RUNNING]
+        if rerun:  # what the earlier session trained of them is lost: say so before they start
+            trials = f"trial {rerun[0]} was" if len(rerun) == 1 else f"trials {', '.join(map(str, rerun))} were"
+            self.console.print(f"[yellow]note[/]: {trials} running when the earlier session ended: "
+                               f"{'it runs' if len(rerun) == 1 else 'they run'} again from the start, as the same Ax trial")
         for record in interrupted:
             _requeue(record, restarted=record.state is TrialState.RUNNING)
         baseline = self._baseline() if not self.records else None

@@ -167,7 +167,7 @@ def test_more_interrupted_trials_than_workers_wait_their_turn(tmp_path):
     assert [t["restarts"] for t in results["trials"]] == [0, 0, 1, 1]
 
 
-def test_a_trial_running_at_a_crash_is_run_again(tmp_path):
+def test_a_trial_running_at_a_crash_is_run_again_and_resume_says_so(tmp_path, capsys):
     optimize(tmp_path, trials=3)
     checkpoint = tmp_path / "study" / "optimization_checkpoint.json"
     data = json.loads(checkpoint.read_text())
@@ -178,7 +178,10 @@ def test_a_trial_running_at_a_crash_is_run_again(tmp_path):
     data["records"].append({**data["records"][-1], "index": index, "params": params, "state": "running",
                             "metrics": {}, "baseline": False, "restarts": 0})
     checkpoint.write_text(json.dumps(data))
-    results = resume_optimization(checkpoint, evaluate=fake_loss, quiet=True)
+    capsys.readouterr()
+    results = resume_optimization(checkpoint, evaluate=fake_loss, report=False)
+    assert f"note: trial {index} was running when the earlier session ended: it runs again from the start, as the " \
+           "same Ax trial" in " ".join(capsys.readouterr().out.split())
     rerun = results["trials"][3]
     assert rerun["index"] == index and rerun["state"] == "completed" and rerun["restarts"] == 1
     assert [t["state"] for t in results["trials"]] == ["completed"] * 4
