@@ -336,7 +336,7 @@ def finetune(config: str | Path | FinetuneConfig, *, output_dir: str | None = No
     preflight.check_model(cfg, origin=origin)
     check_output_dir(cfg.output_dir, overwrite)  # before the progress bar draws anything
     data = preflight.load_checked_data(cfg)
-    for text in [] if quiet else preflight.data_warnings(cfg, *data, origin=origin):
+    for text in [] if quiet else preflight.data_warnings(cfg, *data, origin=origin, study=False):
         print(f"warning: {text}", file=sys.stderr)  # a run that will measure little runs all the same
     try:
         with TrainingProgress(quiet) as on_step:

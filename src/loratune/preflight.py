@@ -91,26 +91,28 @@ TINY_VALIDATION = 2  # examples: at most this many, a trial's validation loss is
 
 
 def data_warnings(cfg: FinetuneConfig, train: list, validation: list, space: SearchSpace | None = None,
-                  origin: Origin | None = None) -> list[str]:
-    """What makes every trial measure little while it still runs, one line each naming the setting to
-    change: a validation split of one or two examples, answers whose end ``data.max_length`` cuts off."""
+                  origin: Origin | None = None, study: bool = True) -> list[str]:
+    """What makes every trial (``study``; else the one fine-tune) measure little while it still runs, one
+    line each naming the setting to change: a validation split of one or two examples, answers whose end
+    ``data.max_length`` cuts off."""
     origin = origin or Origin()
-    lines = [_tiny_validation(cfg, len(validation), origin), _ends_cut(cfg, train, validation, space, origin)]
+    lines = [_tiny_validation(cfg, len(validation), origin, study), _ends_cut(cfg, train, validation, space, origin, study)]
     return [line for line in lines if line]
 
 
-def _tiny_validation(cfg: FinetuneConfig, n: int, origin: Origin) -> str | None:
+def _tiny_validation(cfg: FinetuneConfig, n: int, origin: Origin, study: bool) -> str | None:
     if n > TINY_VALIDATION:
         return None
     d = cfg.data
     field = "data.validation_split" if d.validation_split else "data.validation_path" if d.validation_path \
         else "data.validation_size"
-    return (f"{origin.at(field)}: the validation split holds {n} example{'' if n == 1 else 's'}: a trial's "
-            "validation loss rests on so few that trials can hardly be told apart; give it more rows")
+    says = ("a trial's validation loss rests on so few that trials can hardly be told apart" if study
+            else "the validation loss rests on so few that it says little about the adapter")
+    return f"{origin.at(field)}: the validation split holds {n} example{'' if n == 1 else 's'}: {says}; give it more rows"
 
 
 def _ends_cut(cfg: FinetuneConfig, train: list, validation: list, space: SearchSpace | None,
-              origin: Origin) -> str | None:
+              origin: Origin, study: bool) -> str | None:
     """Examples (training, validation) whose last answer's end of turn lies beyond ``data.max_length``
     tokens at its smallest value, searched or not: the model would learn answers that never end."""
     length, at = min(_values(cfg, "data.max_length", space, origin), key=lambda value_at: value_at[0])
@@ -118,7 +120,8 @@ def _ends_cut(cfg: FinetuneConfig, train: list, validation: list, space: SearchS
     if not any(cut):
         return None
     longest = max(e.answer_end for e in [*train, *validation])
-    every = ", so no trial learns where an answer ends" if cut[0] == len(train) else ""
+    every = "" if cut[0] < len(train) else ", so no trial learns where an answer ends" if study \
+        else ", so the model never learns where an answer ends"
     context = _context(cfg)
     if context and longest > context:  # no max_length keeps them all: say how far the model goes
         shorten = f"shorten the examples whose answer ends beyond {context} tokens (the longest at {longest})"

@@ -48,6 +48,18 @@ def test_a_validation_split_of_one_or_two_examples_is_one_warning(tiny_model, tm
     assert warnings(tmp_path, SHORT, "data.validation_size=3") == []
 
 
+def test_a_single_fine_tune_is_warned_of_its_own_loss_not_of_trials(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", LONG[:6])
+    cfg, origin = load_study_config(None, [("data.path", str(data), "--data"), ("data.validation_path", None, "--data"),
+                                           ("data.validation_size", 2, "--set"), ("data.max_length", 40, "--set")])
+    lines = preflight.data_warnings(cfg.base(), *preflight.load_checked_data(cfg.base()), origin=origin, study=False)
+    assert lines[0] == ("--set: data.validation_size: the validation split holds 2 examples: the validation loss rests "
+                        "on so few that it says little about the adapter; give it more rows")
+    assert lines[1].endswith("so the model never learns where an answer ends; raise it to "
+                             f"{max(full_length(r) for r in LONG[:6]) - 1} to keep every answer's end")
+    assert not any("trial" in line for line in lines)
+
+
 def test_answers_whose_end_max_length_cuts_off_are_one_warning_with_how_many(tiny_model, tmp_path):
     short, long = max(full_length(r) for r in SHORT), max(full_length(r) for r in LONG)
     assert short + 10 < long
