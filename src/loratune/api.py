@@ -158,7 +158,7 @@ def _checks(cfg: StudyConfig, space, origin: Origin, evaluation: Evaluation, eva
             scorers: dict | None, listeners: Any) -> tuple[list, list[str], list]:
     """The checks a study passes before it starts, new or resumed: (its scorers, the warnings of a study that
     will measure little, its listeners). Raises LoratuneError at the first problem."""
-    preflight.check_evaluation(cfg, space, evaluate)
+    preflight.check_evaluation(cfg, space, evaluate, origin)
     scorer_list = preflight.resolve_scorers(cfg, scorers, origin.at("scoring"), finetune=evaluation is Evaluation.FINETUNE)
     warnings = []
     if evaluation is Evaluation.FINETUNE:

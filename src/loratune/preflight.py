@@ -45,14 +45,18 @@ def check_no_foreign_files(paths: StudyPaths, where: str) -> None:
                             f"replace {them} (--overwrite too); move {them}, or choose another --output")
 
 
-def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | None) -> None:
-    """A Python function must be callable; a command must run; Ray runs loratune's own trainer only."""
+def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | None, origin: Origin | None = None) -> None:
+    """A Python function must be callable; a command must run; Ray runs loratune's own trainer only; a
+    fine-tune setting given to a study of the user's own evaluation must reach it."""
     if evaluate is not None and not callable(evaluate):
         raise LoratuneError(f"evaluate: expected a function of the parameters, got {type(evaluate).__name__} {evaluate!r}")
     if evaluate is not None and cfg.command:
         raise LoratuneError("evaluate and command: give one way to evaluate a trial, not both")
     if cfg.command:
         check_command(cfg.command, space.names)
+    if evaluate is not None or cfg.command:
+        _check_settings_reach_the_evaluation(space, origin or Origin(), "a --command study trains what its command "
+                                             "trains" if cfg.command else "evaluate= trains what the function trains")
     if cfg.tracking == "mlflow":
         from .tracking import check_available
 
@@ -65,6 +69,20 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
             import ray  # noqa: F401
         except ImportError:
             raise LoratuneError("executor: ray needs Ray: pip install 'loratune[ray]'") from None
+
+
+FINETUNE_SECTIONS = ("model", "lora", "data", "training")
+
+
+def _check_settings_reach_the_evaluation(space: SearchSpace, origin: Origin, why: str) -> None:
+    """A fine-tune setting given as a flag, ``--set`` or an argument (``--model``, ``--set lora.dropout=0``)
+    configures loratune's own trainer, which a study of the user's own evaluation never runs: refuse it
+    rather than drop it unsaid. A searched setting stays: its given value is the baseline's."""
+    searched = {p.target for p in space.params}
+    for dotted in origin.fields:
+        if dotted.split(".")[0] in FINETUNE_SECTIONS and dotted not in searched:
+            raise LoratuneError(f"{origin.at(dotted)}: {why}, so this setting would not reach it; give it to "
+                                "the trial's own code, or search it (search_space)")
 
 
 def check_training_inputs(cfg: FinetuneConfig, space: SearchSpace | None = None, origin: Origin | None = None,

@@ -69,6 +69,9 @@ def listing(directory):
     (["--set", "training.lerning_rate=1e-4"], None, ["did you mean 'training.learning_rate'"]),
     (["--set", "nonsense"], None, ["--set: expected section.field=value, got 'nonsense'"]),
     (["--set", "trials=0"], None, ["--set: trials: must be at least 1, got 0"]),
+    (["--command", "true {lora_rank}", "--set", "model.name=Qwen/Qwen2.5-7B-Instruct"], None,
+     ["--set: model.name: a --command study trains what its command trains, so this setting would not reach it"]),
+    (["--command", "true {lora_rank}", "--data", "d.jsonl"], None, ["--data: data.path: a --command study trains"]),
 ])
 def test_bad_input_ends_before_the_earlier_study_is_touched(tmp_path, earlier_study, args, config_text, fragments):
     results, before, files = earlier_study
@@ -167,6 +170,9 @@ def test_an_edited_checkpoint_is_one_line_and_stays_as_it_was(tmp_path, earlier_
     ({"training": {"epochs": "x"}}, "training: training.epochs: expected a finite number, got 'x'"),
     ({"search_space": [1, 2]}, "search_space: expected a mapping"),
     ({"config": 5}, "config: expected a YAML path or a StudyConfig, got int"),
+    ({"model_name": "Qwen/Qwen2.5-7B-Instruct"}, "model_name: model.name: evaluate= trains what the function trains, "
+                                                 "so this setting would not reach it"),
+    ({"training": {"epochs": 2}}, "training: training.epochs: evaluate= trains what the function trains"),
 ])
 def test_api_arguments_are_validated_like_yaml(tmp_path, kwargs, message):
     kwargs.setdefault("evaluate", fake_loss)
@@ -278,6 +284,17 @@ def test_restarts_count_every_interrupted_run(tmp_path, monkeypatch):
     monkeypatch.undo()
     results = resume_optimization(tmp_path, evaluate=fake_loss, quiet=True)
     assert results["trials"][1]["restarts"] == 6 and results["trials"][1]["state"] == "completed"
+
+
+def test_a_searched_setting_given_to_a_command_study_is_its_baseline(tmp_path):
+    """The one fine-tune setting that reaches a --command study: a searched one, whose value is trial 0's."""
+    script = tmp_path / "train.py"
+    script.write_text("import json, sys\nprint(json.dumps({'loss': 1 / int(sys.argv[1])}))\n")
+    proc = optimize_cli(tmp_path, "--command", f"{sys.executable} {script} {{lora_rank}}", "--set", "lora.rank=8",
+                        "--set", 'search_space={"lora_rank": [8, 16, 32]}', "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    trials = json.loads((tmp_path / "study" / "optimization_results.json").read_text())["trials"]
+    assert trials[0]["baseline"] and trials[0]["params"] == {"lora_rank": 8}
 
 
 def test_a_shell_script_command_gets_its_values_quoted(tmp_path):
