@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from .checkpoint import StudyPaths
-from .config import FinetuneConfig, StudyConfig
+from .config import SECTIONS, FinetuneConfig, StudyConfig
 from .errors import LoratuneError
 from .executors.command import check_command
 from .schema import Origin
@@ -71,16 +71,13 @@ def check_evaluation(cfg: StudyConfig, space: SearchSpace, evaluate: Callable | 
             raise LoratuneError("executor: ray needs Ray: pip install 'loratune[ray]'") from None
 
 
-FINETUNE_SECTIONS = ("model", "lora", "data", "training")
-
-
 def _check_settings_reach_the_evaluation(space: SearchSpace, origin: Origin, why: str) -> None:
     """A fine-tune setting given as a flag, ``--set`` or an argument (``--model``, ``--set lora.dropout=0``)
     configures loratune's own trainer, which a study of the user's own evaluation never runs: refuse it
     rather than drop it unsaid. A searched setting stays: its given value is the baseline's."""
     searched = {p.target for p in space.params}
     for dotted in origin.fields:
-        if dotted.split(".")[0] in FINETUNE_SECTIONS and dotted not in searched:
+        if dotted.split(".")[0] in SECTIONS and dotted not in searched:
             raise LoratuneError(f"{origin.at(dotted)}: {why}, so this setting would not reach it; give it to "
                                 "the trial's own code, or search it (search_space)")
 
